@@ -1,0 +1,156 @@
+"""LISA: layerwise importance sampling for memory-efficient fine-tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Set
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_peft.layers import LayerStack, find_layers
+from lightning_peft.trainable import TrainableSetCallback, agree_seed
+
+__all__ = ["LISA"]
+
+
+class LISA(TrainableSetCallback):
+    """Layerwise Importance Sampled AdamW (LISA): train the embeddings, head and a few sampled blocks.
+
+    Paper: Pan et al. 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient Large Language Model
+    Fine-Tuning", https://arxiv.org/abs/2403.17919.
+
+    Everything outside the block stack (embeddings, final norm, head) always trains, unless the user's module froze
+    it. Every ``interval`` optimizer steps, ``n_layers`` blocks are sampled uniformly without replacement and the
+    other blocks are frozen; one LR schedule runs across periods. The optimizer state of frozen blocks is released
+    (the paper treats it as discarded at each period), which is where the memory saving over full fine-tuning comes
+    from; a block sampled again starts with fresh state. The blocks are found by
+    :func:`lightning_peft.layers.find_layers`; freezing goes through the shared
+    :class:`~lightning_peft.trainable.TrainableSetController`, so LISA composes with the other methods (a parameter
+    trains only if every method allows it) and with gradient accumulation (sets change only between optimizer
+    steps). Under DDP all ranks sample the same blocks with no extra configuration.
+
+    Logs ``trainable_params`` whenever the set changes; with ``verbose``, prints the sampled block indices.
+
+    Args:
+        n_layers: number of blocks trained in each period (the paper's γ: 2; 4 for 70B models).
+        interval: optimizer steps between two samplings (the paper's K; LMFlow's default is 20).
+        layers: dotted path of the block container, when the automatic search picks the wrong one
+            (``"model.layers"``).
+        release_optimizer_state: release the optimizer state of blocks that stop training. ``False`` keeps it, as
+            public implementations do (more memory, state carried across periods); kept for comparison.
+        seed: seed of the sampler. ``None`` uses the ``seed_everything`` seed when one was set, else a random one;
+            rank 0's seed is used by every rank.
+        verbose: print the sampled block indices at each sampling.
+
+    Raises:
+        ValueError: if ``n_layers`` or ``interval`` is below 1 (at construction), or ``n_layers`` exceeds the
+            number of blocks of the model (at setup).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_peft.callbacks import LISA
+        >>> trainer = pl.Trainer(callbacks=[LISA(n_layers=2, interval=20)], max_steps=100, logger=False)
+
+    In a LightningCLI YAML file::
+
+        trainer:
+          callbacks:
+            - class_path: LISA
+              init_args: {n_layers: 2, interval: 20}
+    """
+
+    def __init__(
+        self,
+        n_layers: int = 2,
+        interval: int = 20,
+        layers: str | None = None,
+        release_optimizer_state: bool = True,
+        seed: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(release_optimizer_state=release_optimizer_state)
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(
+                f"`n_layers` must be an integer >= 1 (blocks trained per period), got {n_layers!r}."
+                " HINT: the paper uses 2 (4 for 70B models)."
+            )
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(
+                f"`interval` must be an integer >= 1 (optimizer steps between samplings), got {interval!r}."
+                " HINT: the paper's K; 20 is a good default."
+            )
+        self.n_layers = n_layers
+        self.interval = interval
+        self.layers = layers
+        self.seed = seed
+        self.verbose = verbose
+        self.stack: LayerStack | None = None
+        self.sampled: list[int] | None = None
+        self._sampled_at: int | None = None
+        self._generator: torch.Generator | None = None
+        self._allowed: frozenset[str] | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.stack = find_layers(pl_module, self.layers)
+        n_blocks = len(self.stack)
+        if self.n_layers > n_blocks:
+            raise ValueError(
+                f"`n_layers` must be between 1 and {n_blocks} (the model has {n_blocks} blocks at"
+                f" {self.stack.path!r}), got {self.n_layers}. HINT: lower `n_layers`, or pass `layers=` if a"
+                " different container holds the blocks."
+            )
+        if self.n_layers == n_blocks:
+            rank_zero_warn(
+                f"LISA samples all {n_blocks} blocks (`n_layers={self.n_layers}`): this is full fine-tuning."
+            )
+        if self._generator is None:  # not restored from a checkpoint
+            self._generator = torch.Generator().manual_seed(agree_seed(trainer, self.seed))
+        self._allowed = None
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:
+        due = step % self.interval == 0 and step != self._sampled_at
+        if self.sampled is None or due:
+            self._sample(step)
+        if self._allowed is None:
+            assert self.stack is not None and self.sampled is not None
+            names = set(self.stack.outside_parameter_names())
+            for index in self.sampled:
+                names.update(self.stack.block_parameter_names(index))
+            self._allowed = frozenset(names)
+        return self._allowed
+
+    def _sample(self, step: int) -> None:
+        assert self.stack is not None and self._generator is not None
+        order = torch.randperm(len(self.stack), generator=self._generator)
+        self.sampled = sorted(order[: self.n_layers].tolist())
+        self._sampled_at = step
+        self._allowed = None
+        if self.verbose:
+            rank_zero_info(f"LISA step {step}: training blocks {self.sampled} of {len(self.stack)}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sampled": self.sampled,
+            "sampled_at": self._sampled_at,
+            "generator": None if self._generator is None else self._generator.get_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampled = state_dict.get("sampled")
+        self._sampled_at = state_dict.get("sampled_at")
+        generator_state = state_dict.get("generator")
+        if generator_state is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(generator_state)
+        self._allowed = None

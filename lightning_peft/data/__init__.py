@@ -1,0 +1,4 @@
+from lightning_peft.data.digits import Digits
+from lightning_peft.data.tweet_sentiment import TweetSentiment
+
+__all__ = ["Digits", "TweetSentiment"]

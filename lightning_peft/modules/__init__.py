@@ -1,0 +1,4 @@
+from lightning_peft.modules.image_classifier import ImageClassifier
+from lightning_peft.modules.text_classifier import TextClassifier
+
+__all__ = ["ImageClassifier", "TextClassifier"]

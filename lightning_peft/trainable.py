@@ -1,0 +1,216 @@
+"""The trainable-set controller: the one place that changes which parameters train.
+
+Method callbacks (LISA, Half Fine-Tuning, IST, ...) subclass :class:`TrainableSetCallback` and say which
+parameters they allow to train; they never flip ``requires_grad`` themselves. A single
+:class:`TrainableSetController`, added to the Trainer by the first such callback, combines the wishes (a
+parameter trains only if every callback allows it) and applies them at optimizer-step boundaries, so a mask never
+changes in the middle of gradient accumulation. It owns what changing the trainable set implies:
+
+* the optimizer state of a parameter that stops training is released (``optimizer.state.pop``) and its ``.grad``
+  set to ``None`` -- this is where LISA's memory saving comes from;
+* a parameter that starts training again starts with fresh optimizer state;
+* param groups are never edited, so LR schedulers keep working; the optimizer is built by the user's
+  ``configure_optimizers`` over every candidate parameter (freezing happens afterwards, at train start), so
+  parameters sampled later are really updated;
+* under DDP every rank uses the same seed (:func:`agree_seed`), DDP is told that some parameters go unused
+  (``find_unused_parameters=True``), and nothing is frozen before DDP wraps the model, so no parameter is ever
+  left out of gradient synchronisation;
+* at the end of ``fit`` the parameters it froze are trainable again, as the user gave them.
+
+Candidates are the parameters with ``requires_grad=True`` when training starts: what the user's module froze
+(e.g. a peft base model) stays frozen and is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Set
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+__all__ = ["TrainableSetCallback", "TrainableSetController", "agree_seed"]
+
+
+def agree_seed(trainer: pl.Trainer, seed: int | None) -> int:
+    """Return a seed that every rank agrees on.
+
+    Without an explicit ``seed`` it derives one from ``seed_everything`` (``PL_GLOBAL_SEED``) when the user called
+    it, so seeded runs stay reproducible, else from the operating system. Either way rank 0's value is broadcast,
+    so all ranks sample the same layers.
+    """
+    if seed is None:
+        env = os.environ.get("PL_GLOBAL_SEED")
+        seed = int(env) if env is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    return int(trainer.strategy.broadcast(seed, src=0))
+
+
+class TrainableSetCallback(Callback):
+    """Base class of callbacks that decide which parameters train.
+
+    A subclass implements :meth:`trainable_parameters`; the controller calls it at every optimizer-step boundary
+    and intersects the answers of all such callbacks. Subclasses that override ``setup`` must call
+    ``super().setup(...)``, which attaches the controller.
+
+    Args:
+        release_optimizer_state: release the optimizer state of parameters this callback freezes. If any
+            attached callback asks for it, the controller releases.
+
+    Example::
+
+        >>> class TrainOnlyBiases(TrainableSetCallback):
+        ...     def trainable_parameters(self, trainer, pl_module, step):
+        ...         if not hasattr(self, "_biases"):
+        ...             self._biases = frozenset(n for n, _ in pl_module.named_parameters() if n.endswith("bias"))
+        ...         return self._biases
+    """
+
+    def __init__(self, release_optimizer_state: bool = True) -> None:
+        self.release_optimizer_state = release_optimizer_state
+        self.controller: TrainableSetController | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.controller = TrainableSetController.attach(trainer, self)
+
+    def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:
+        """Names of the parameters (as in ``pl_module.named_parameters()``) this callback lets train at ``step``.
+
+        Called once per optimizer step, before the first batch of that step. Return ``None`` for "no
+        restriction". Return the *same object* while nothing changes: the controller skips all work when every
+        callback returns what it returned last time, which keeps its cost per step in microseconds.
+        """
+        raise NotImplementedError
+
+
+class TrainableSetController(Callback):
+    """Applies the combined trainable set of all :class:`TrainableSetCallback` s at optimizer-step boundaries.
+
+    Added automatically by the first such callback (one controller per Trainer); users do not create it. It logs
+    ``trainable_params`` (the number of parameter elements that train) whenever the set changes.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_peft.callbacks import LISA
+        >>> trainer = pl.Trainer(callbacks=[LISA(n_layers=1)], logger=False)  # the controller joins at setup
+    """
+
+    def __init__(self) -> None:
+        self.participants: list[TrainableSetCallback] = []
+        self.candidates: dict[str, nn.Parameter] = {}
+        self.num_trainable = 0
+        self._last_step: int | None = None
+        self._last_wishes: list[Set[str] | None] | None = None
+
+    @property
+    def release_optimizer_state(self) -> bool:
+        """Whether state of parameters that stop training is released (any participant asking is enough)."""
+        return any(p.release_optimizer_state for p in self.participants)
+
+    @classmethod
+    def attach(cls, trainer: pl.Trainer, participant: TrainableSetCallback) -> TrainableSetController:
+        """Return the Trainer's controller (creating and adding it if needed) with ``participant`` registered."""
+        controller = next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+        if controller is None:
+            _check_strategy(trainer, participant)
+            controller = cls()
+            trainer.callbacks.append(controller)
+        if participant not in controller.participants:
+            controller.participants.append(participant)
+        return controller
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.candidates = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = [name for name, p in self.candidates.items() if id(p) not in in_optimizer]
+        if trainer.optimizers and missing:
+            rank_zero_warn(
+                f"{len(missing)} trainable parameters are in no optimizer (first: {missing[:3]}); they will never"
+                " be updated when sampled. HINT: build the optimizer over every parameter with requires_grad=True"
+                " (do not filter by requires_grad after freezing)."
+            )
+        self._last_step = None
+        self._last_wishes = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # inside an accumulation window: never change the set here
+            return
+        self._last_step = step
+        wishes = [p.trainable_parameters(trainer, pl_module, step) for p in self.participants]
+        last = self._last_wishes
+        if last is not None and len(last) == len(wishes) and all(a is b for a, b in zip(wishes, last, strict=True)):
+            return
+        self._last_wishes = wishes
+        allowed = set(self.candidates)
+        for wish in wishes:
+            if wish is not None:
+                allowed &= wish if isinstance(wish, (set, frozenset)) else set(wish)
+        self._apply(trainer, allowed)
+        pl_module.log("trainable_params", float(self.num_trainable), on_step=True, on_epoch=False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _apply(self, trainer: pl.Trainer, allowed: Set[str]) -> None:
+        release = self.release_optimizer_state
+        optimizers = trainer.optimizers
+        total = 0
+        for name, param in self.candidates.items():
+            want = name in allowed
+            if want:
+                total += param.numel()
+            if param.requires_grad == want:
+                continue
+            param.requires_grad_(want)
+            param.grad = None
+            if release:  # frozen: free its state; reactivated: start from fresh state
+                for optimizer in optimizers:
+                    optimizer.state.pop(param, None)
+        self.num_trainable = total
+
+    def _restore(self) -> None:
+        for param in self.candidates.values():
+            param.requires_grad_(True)
+
+
+def _check_strategy(trainer: pl.Trainer, participant: Callback) -> None:
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise ValueError(
+            f"`{type(participant).__name__}` changes which parameters train during the run, which"
+            f" `{type(strategy).__name__}` does not support (it flattens parameters and optimizer state)."
+            ' HINT: use `strategy="ddp"`; with LISA the memory saving comes from frozen layers\' released'
+            " optimizer state, so sharding is rarely needed."
+        )
+    if isinstance(strategy, DDPStrategy):
+        # Frozen layers produce no gradients; DDP must know, or the reducer waits for them and crashes.
+        # Lightning keeps the DDP constructor's keyword arguments here until it wraps the model.
+        kwargs = strategy._ddp_kwargs
+        if not kwargs.get("find_unused_parameters"):
+            kwargs["find_unused_parameters"] = True
+            rank_zero_info(
+                f"{type(participant).__name__}: set DDP `find_unused_parameters=True` (frozen layers produce"
+                " no gradients)."
+            )
+        if kwargs.get("static_graph"):
+            raise ValueError(
+                "`static_graph=True` in the DDP strategy contradicts a trainable set that changes during the run."
+                " HINT: remove `static_graph` from the DDPStrategy arguments."
+            )

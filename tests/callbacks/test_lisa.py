@@ -1,0 +1,144 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import TinyBlockModel, changed, snapshot, trainer_kwargs
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_peft.callbacks import LISA
+
+OUTSIDE = {"embed.weight", "embed.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"}
+
+
+def _block_names(model, indices):
+    return {n for n, _ in model.named_parameters() if n.startswith("blocks.") and int(n.split(".")[1]) in indices}
+
+
+class History(Callback):
+    def __init__(self, lisa):
+        self.lisa = lisa
+        self.sampled = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sampled.append(tuple(self.lisa.sampled))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_layers": 0}, r"`n_layers` must be an integer >= 1.*got 0.*HINT"),
+        ({"n_layers": 1.5}, r"`n_layers` must be an integer"),
+        ({"interval": 0}, r"`interval` must be an integer >= 1.*got 0.*HINT"),
+    ],
+)
+def test_misconfiguration_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LISA(**kwargs)
+
+
+def test_too_many_layers_for_the_model(tmp_path):
+    trainer = pl.Trainer(callbacks=[LISA(n_layers=5)], max_steps=1, **trainer_kwargs(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"`n_layers` must be between 1 and 4 \(the model has 4 blocks at 'blocks'\), got 5"
+    ):
+        trainer.fit(TinyBlockModel())
+
+
+def test_wrong_layers_path(tmp_path):
+    trainer = pl.Trainer(callbacks=[LISA(layers="encoder.layer")], max_steps=1, **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"`layers='encoder.layer'`.*Candidate container paths: \['blocks'\]"):
+        trainer.fit(TinyBlockModel())
+
+
+def test_only_sampled_blocks_and_outside_change_within_an_interval(tmp_path):
+    model = TinyBlockModel()
+    before = snapshot(model)
+    lisa = LISA(n_layers=2, interval=50, seed=3)
+    trainer = pl.Trainer(callbacks=[lisa], max_steps=6, **trainer_kwargs(tmp_path))
+    trainer.fit(model)
+    assert len(lisa.sampled) == 2
+    assert changed(before, model) == OUTSIDE | _block_names(model, lisa.sampled)
+    expected = sum(p.numel() for n, p in model.named_parameters() if n in OUTSIDE | _block_names(model, lisa.sampled))
+    assert trainer.callback_metrics["trainable_params"].item() == expected
+    assert all(p.requires_grad for p in model.parameters())  # given back as it came after fit
+
+
+def test_every_block_is_sampled_over_a_run_and_resampled_on_schedule(tmp_path):
+    lisa = LISA(n_layers=1, interval=3, seed=0)
+    history = History(lisa)
+    trainer = pl.Trainer(callbacks=[lisa, history], max_steps=36, **trainer_kwargs(tmp_path))
+    trainer.fit(TinyBlockModel())
+    assert {b for s in history.sampled for b in s} == {0, 1, 2, 3}
+    for start in range(0, 36, 3):  # constant within each period
+        assert len(set(history.sampled[start : start + 3])) == 1
+
+
+def test_seed_makes_runs_reproducible_and_verbose_prints(tmp_path, capsys, caplog):
+    runs = []
+    for _ in range(2):
+        lisa = LISA(n_layers=2, interval=2, seed=11, verbose=True)
+        history = History(lisa)
+        pl.Trainer(callbacks=[lisa, history], max_steps=8, **trainer_kwargs(tmp_path)).fit(TinyBlockModel())
+        runs.append(history.sampled)
+    assert runs[0] == runs[1]
+    assert "LISA step 2: training blocks" in caplog.text + capsys.readouterr().err
+
+
+def test_seed_everything_seed_is_used_without_explicit_seed(tmp_path):
+    runs = []
+    for _ in range(2):
+        pl.seed_everything(5)
+        lisa = LISA(n_layers=1, interval=1)
+        history = History(lisa)
+        pl.Trainer(callbacks=[lisa, history], max_steps=10, **trainer_kwargs(tmp_path)).fit(TinyBlockModel())
+        runs.append(history.sampled)
+    assert runs[0] == runs[1]
+
+
+def test_resume_mid_interval_matches_uninterrupted_run(tmp_path):
+    # 12 batches per epoch, interval 5: the epoch-end checkpoint at step 12 falls in the middle of a period.
+    torch.manual_seed(0)
+    reference = TinyBlockModel()
+    start = snapshot(reference)
+    pl.Trainer(callbacks=[LISA(n_layers=2, interval=5, seed=7)], max_epochs=3, **trainer_kwargs(tmp_path / "a")).fit(
+        reference
+    )
+
+    first = TinyBlockModel()
+    first.load_state_dict(start)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kw = trainer_kwargs(tmp_path / "b", enable_checkpointing=True)
+    pl.Trainer(callbacks=[LISA(n_layers=2, interval=5, seed=7), checkpoint], max_epochs=1, **kw).fit(first)
+
+    resumed = TinyBlockModel()
+    lisa = LISA(n_layers=2, interval=5, seed=999)  # the checkpoint's sampler state must win over this seed
+    trainer = pl.Trainer(callbacks=[lisa, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=3, **kw)
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 36
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(param, dict(resumed.named_parameters())[name], rtol=0, atol=0, msg=name)
+
+
+class RankDump(Callback):
+    def __init__(self, lisa, path):
+        self.lisa, self.path, self.sampled = lisa, path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sampled.append(tuple(self.lisa.sampled))
+
+    def on_train_end(self, trainer, pl_module):
+        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        torch.save({"sampled": self.sampled, "weights": weights}, f"{self.path}/rank{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_sample_the_same_blocks_and_stay_identical(tmp_path):
+    lisa = LISA(n_layers=1, interval=2)  # no seed, no seed_everything: ranks must still agree
+    trainer = pl.Trainer(
+        callbacks=[lisa, RankDump(lisa, tmp_path)],
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_steps=8),
+    )
+    trainer.fit(TinyBlockModel())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["sampled"] == ranks[1]["sampled"]
+    assert len(set(ranks[0]["sampled"])) > 1  # it did resample
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(weight, ranks[1]["weights"][name], msg=name)

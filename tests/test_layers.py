@@ -1,0 +1,162 @@
+import lightning.pytorch as pl
+import peft
+import pytest
+import timm
+import transformers as tf
+from torch import nn
+
+from lightning_peft.layers import find_layers
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+
+
+def _llama_like(config_cls):
+    return tf.AutoModelForCausalLM.from_config(
+        config_cls(**TINY, num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    )
+
+
+FAMILIES = {
+    "timm_vit": (lambda: timm.create_model("vit_tiny_patch16_224", depth=3), "blocks", 3),
+    "timm_deit": (lambda: timm.create_model("deit_tiny_distilled_patch16_224", depth=3), "blocks", 3),
+    "timm_swin": (
+        lambda: timm.create_model(
+            "swin_tiny_patch4_window7_224", depths=(1, 1, 2, 1), embed_dim=32, num_heads=(1, 2, 4, 8)
+        ),
+        "layers",
+        5,
+    ),
+    "timm_convnext": (lambda: timm.create_model("convnext_atto"), "stages", 12),
+    "hf_bert": (
+        lambda: tf.BertForSequenceClassification(tf.BertConfig(**TINY, vocab_size=128)),
+        "bert.encoder.layer",
+        3,
+    ),
+    "hf_vit": (
+        lambda: tf.ViTForImageClassification(tf.ViTConfig(**TINY, image_size=32, patch_size=8)),
+        "vit.layers",
+        3,
+    ),
+    "hf_ast": (
+        lambda: tf.ASTForAudioClassification(tf.ASTConfig(**TINY, num_mel_bins=32, max_length=64)),
+        "audio_spectrogram_transformer.layers",
+        3,
+    ),
+    "hf_llama": (lambda: _llama_like(tf.LlamaConfig), "model.layers", 3),
+    "hf_mistral": (lambda: _llama_like(tf.MistralConfig), "model.layers", 3),
+    "hf_qwen2": (lambda: _llama_like(tf.Qwen2Config), "model.layers", 3),
+    "hf_gpt2": (
+        lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=128)),
+        "transformer.h",
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_finds_blocks_of_each_family(family):
+    build, path, n_blocks = FAMILIES[family]
+    model = build()
+    stack = find_layers(model)
+    assert stack.path == path
+    assert len(stack) == n_blocks
+    # every parameter is either in exactly one block or outside
+    all_names = [n for n, _ in model.named_parameters()]
+    in_blocks = [n for i in range(len(stack)) for n in stack.block_parameter_names(i)]
+    assert sorted(in_blocks + stack.outside_parameter_names()) == sorted(all_names)
+    assert stack.outside_parameter_names(), "embeddings / head must sit outside the blocks"
+    assert all(stack.block_of(n) is None for n in stack.outside_parameter_names())
+
+
+def test_stages_flatten_in_depth_order():
+    model = timm.create_model("convnext_atto")
+    stack = find_layers(model)
+    assert stack.names[:3] == ("stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0")
+    # the downsample layers between stages train with the "outside" parameters
+    assert any(n.startswith("stages.1.downsample") for n in stack.outside_parameter_names())
+
+
+@pytest.mark.parametrize("family", ["timm_vit", "hf_llama", "hf_bert"])
+def test_peft_wrapped_and_lightning_module(family):
+    build, path, n_blocks = FAMILIES[family]
+    target = {"timm_vit": ["qkv"], "hf_llama": ["q_proj", "v_proj"], "hf_bert": ["query", "value"]}[family]
+    wrapped = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=target))
+    stack = find_layers(wrapped)
+    assert len(stack) == n_blocks
+    assert stack.path.startswith("base_model.model.")
+
+    class Holder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = wrapped
+
+    holder_stack = find_layers(Holder())
+    assert holder_stack.path == "net." + stack.path
+    assert holder_stack.block_parameter_names(0)[0].startswith("net.base_model.model.")
+
+
+def test_explicit_path_and_suffix_override():
+    model = tf.BertForSequenceClassification(tf.BertConfig(**TINY, vocab_size=128))
+    assert find_layers(model, "bert.encoder.layer").path == "bert.encoder.layer"
+    assert find_layers(model, "encoder.layer").path == "bert.encoder.layer"
+
+
+def test_explicit_path_errors_list_candidates():
+    model = tf.BertForSequenceClassification(tf.BertConfig(**TINY, vocab_size=128))
+    with pytest.raises(ValueError, match=r"`layers='decoder.layers'`.*no module has that name.*bert.encoder.layer"):
+        find_layers(model, "decoder.layers")
+    with pytest.raises(ValueError, match=r"not a ModuleList/Sequential.*HINT"):
+        find_layers(model, "bert.embeddings")
+
+
+def test_nothing_fits_lists_candidates():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Candidate container paths seen: \[''\].*HINT: pass `layers=`"):
+        find_layers(model)
+
+
+def test_fallback_longest_same_class_list():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.towers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.trunk = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.GELU()) for _ in range(5))
+
+    stack = find_layers(Odd())
+    assert stack.path == "trunk" and len(stack) == 5
+
+
+ROLES = {
+    "hf_llama": ["q", "k", "v", "o", "gate", "up", "down", "norm", "norm"],
+    "hf_bert": ["q", "k", "v", "o", "norm", "up", "down", "norm"],
+    "hf_vit": ["q", "k", "v", "o", "norm", "norm", "up", "down"],
+    "timm_vit": ["norm", "qkv", "o", "norm", "up", "down"],
+    "hf_gpt2": ["norm", "qkv", "o", "norm", "up", "down"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(ROLES))
+def test_unit_roles(family):
+    stack = find_layers(FAMILIES[family][0]())
+    assert [u.role for u in stack.units(1)] == ROLES[family]
+    categories = {u.category for u in stack.units(1)}
+    assert categories == {"attention", "mlp", "norm"}
+
+
+def test_units_fold_lora_into_wrapped_module():
+    wrapped = peft.get_peft_model(FAMILIES["hf_llama"][0](), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    units = find_layers(wrapped).units(0)
+    q = next(u for u in units if u.role == "q")
+    assert q.name == "self_attn.q_proj"
+    assert len(q.parameters) == 3  # base weight + lora_A + lora_B
+    assert [u.role for u in units] == ROLES["hf_llama"]
+
+
+def test_multihead_attention_in_proj_is_fused_qkv():
+    layer = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), num_layers=2)
+    stack = find_layers(layer)
+    roles = {u.name: u.role for u in stack.units(0)}
+    assert roles["self_attn.in_proj"] == "qkv"
+    assert roles["self_attn.out_proj"] == "o"
+    assert roles["norm1"] == "norm"

@@ -1,0 +1,158 @@
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import TinyBlockModel, changed, snapshot, trainer_kwargs
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from lightning_peft.trainable import TrainableSetCallback, TrainableSetController
+
+
+class Schedule(TrainableSetCallback):
+    """Allows a fixed sequence of parameter-name sets: `plan[step]` (last one repeats)."""
+
+    def __init__(self, plan, release_optimizer_state=True):
+        super().__init__(release_optimizer_state=release_optimizer_state)
+        self.plan = [frozenset(p) if p is not None else None for p in plan]
+        self.calls = []
+
+    def trainable_parameters(self, trainer, pl_module, step):
+        self.calls.append(step)
+        return self.plan[min(step, len(self.plan) - 1)]
+
+
+def _block(i):
+    return {f"blocks.{i}.{n}" for n in ("norm.weight", "norm.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
+
+
+OUTSIDE = {"embed.weight", "embed.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"}
+
+
+class Recorder(Callback):
+    """Records at each batch end which parameters trained in that batch and what the optimizer holds after it."""
+
+    def __init__(self):
+        self.trainable, self.state, self.steps = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self.steps.append(trainer.global_step)
+        self.trainable.append({n for n, p in pl_module.named_parameters() if p.requires_grad})
+        self.state.append({names[id(p)] for p in trainer.optimizers[0].state})
+
+
+def _adam_steps(trainer):
+    optimizer = trainer.optimizers[0]
+    return {
+        n: float(optimizer.state[p]["step"])
+        for n, p in trainer.lightning_module.named_parameters()
+        if p in optimizer.state
+    }
+
+
+def _fit(tmp_path, callbacks, model=None, **kw):
+    model = model or TinyBlockModel()
+    recorder = Recorder()
+    trainer = pl.Trainer(callbacks=[*callbacks, recorder], **trainer_kwargs(tmp_path, **kw))
+    trainer.fit(model)
+    return model, trainer, recorder
+
+
+def test_frozen_parameters_lose_optimizer_state_and_reactivated_start_fresh(tmp_path):
+    plan = [OUTSIDE | _block(0), OUTSIDE | _block(0), OUTSIDE | _block(1), OUTSIDE | _block(0)]
+    _, trainer, rec = _fit(tmp_path, [Schedule(plan)], max_steps=5)
+    assert rec.trainable[:3] == [OUTSIDE | _block(0), OUTSIDE | _block(0), OUTSIDE | _block(1)]
+    # the optimizer only ever holds state for what trains: block 0's state is released when it freezes
+    assert rec.state == rec.trainable
+    # block 0 reactivated at step 3 with fresh state: its Adam step counter restarted (steps 3 and 4 only)
+    steps = _adam_steps(trainer)
+    assert steps["blocks.0.fc1.weight"] == 2.0
+    assert steps["head.weight"] == 5.0
+
+
+def test_keeping_state_when_release_is_off(tmp_path):
+    plan = [OUTSIDE | _block(0), OUTSIDE | _block(1), OUTSIDE | _block(0)]
+    _, trainer, rec = _fit(tmp_path, [Schedule(plan, release_optimizer_state=False)], max_steps=4)
+    assert rec.state[1] == OUTSIDE | _block(0) | _block(1)  # block 0's state survives its freezing
+    assert _adam_steps(trainer)["blocks.0.fc1.weight"] == 3.0  # steps 0, 2, 3: state carried across periods
+
+
+def test_masks_combine_by_intersection(tmp_path):
+    a = Schedule([OUTSIDE | _block(0) | _block(1)])
+    b = Schedule([OUTSIDE | _block(1) | _block(2)])
+    model = TinyBlockModel()
+    before = snapshot(model)
+    _, trainer, rec = _fit(tmp_path, [a, b], model=model, max_steps=3)
+    assert rec.trainable[0] == OUTSIDE | _block(1)
+    assert changed(before, model) == OUTSIDE | _block(1)
+    assert sum(isinstance(cb, TrainableSetController) for cb in trainer.callbacks) == 1
+
+
+def test_changes_only_at_accumulation_boundaries(tmp_path):
+    plan = [OUTSIDE | _block(i % 4) for i in range(10)]
+    sched = Schedule(plan)
+    _, trainer, rec = _fit(tmp_path, [sched], max_steps=4, accumulate_grad_batches=3)
+    assert rec.steps == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4]  # recorded after each batch
+    for window in range(4):
+        sets = rec.trainable[3 * window : 3 * window + 3]
+        assert all(s == OUTSIDE | _block(window) for s in sets)
+    assert sched.calls == [0, 1, 2, 3]  # asked once per optimizer step
+
+
+def test_scheduler_steps_every_group_and_param_groups_untouched(tmp_path):
+    model = TinyBlockModel(scheduler=True)
+    plan = [OUTSIDE | _block(0), OUTSIDE | _block(1)]
+    _, trainer, _ = _fit(tmp_path, [Schedule(plan)], model=model, max_steps=4)
+    optimizer = trainer.optimizers[0]
+    assert len(optimizer.param_groups) == 1
+    assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
+
+
+def test_user_frozen_parameters_stay_frozen_and_flags_restored_after_fit(tmp_path):
+    model = TinyBlockModel(freeze_head=True)
+    before = snapshot(model)
+    _fit(tmp_path, [Schedule([None])], model=model, max_steps=2)
+    assert "head.weight" not in changed(before, model)
+    assert not model.head.weight.requires_grad  # never made trainable by the controller
+    model2 = TinyBlockModel()
+    _fit(tmp_path, [Schedule([OUTSIDE])], model=model2, max_steps=2)
+    assert all(p.requires_grad for p in model2.parameters())  # what it froze is trainable again after fit
+
+
+def test_bitsandbytes_adamw8bit(tmp_path):
+    model = TinyBlockModel(optimizer="adamw8bit", width=32)
+    before = snapshot(model)
+    plan = [OUTSIDE | _block(0), OUTSIDE | _block(2)]
+    _, trainer, rec = _fit(tmp_path, [Schedule(plan)], model=model, max_steps=4)
+    assert changed(before, model) == OUTSIDE | _block(0) | _block(2)
+    assert rec.state[-1] == OUTSIDE | _block(2)
+    assert type(trainer.optimizers[0]).__name__ == "AdamW8bit"
+
+
+def test_ddp_strategy_is_told_about_unused_parameters(tmp_path):
+    strategy = DDPStrategy()
+    trainer = pl.Trainer(strategy=strategy, callbacks=[Schedule([None])], **trainer_kwargs(tmp_path))
+    TrainableSetController.attach(trainer, trainer.callbacks[0])
+    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+    static = DDPStrategy(static_graph=True)
+    trainer = pl.Trainer(strategy=static, **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match="static_graph"):
+        TrainableSetController.attach(trainer, Schedule([None]))
+
+
+def test_sharded_strategies_are_refused_with_a_hint(tmp_path):
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[])  # FSDP needs a GPU to build a Trainer
+    with pytest.raises(ValueError, match=r"`Schedule` changes which parameters train.*HINT: use `strategy=\"ddp\"`"):
+        TrainableSetController.attach(trainer, Schedule([None]))
+
+
+def test_warns_when_a_candidate_is_in_no_optimizer(tmp_path):
+    class Partial(TinyBlockModel):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+    with pytest.warns(UserWarning, match="in no optimizer"):
+        _fit(tmp_path, [Schedule([None])], model=Partial(), max_steps=1)
