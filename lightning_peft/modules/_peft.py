@@ -1,0 +1,187 @@
+"""Internals shared by the ready LightningModules.
+
+- :func:`build_peft_config` turns the ``peft`` argument (a dict from YAML, or a ``peft.PeftConfig``) into a checked
+  ``PeftConfig``; :func:`apply_peft` wraps a network with it, keeping the classification head trainable.
+- :class:`ClassifierModule` holds the training/validation/test steps, the accuracy metrics and the optimizer set-up
+  that every classifier of this package shares.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+
+def build_peft_config(peft: Mapping[str, Any] | PeftConfig | None, default_task_type: str | None = None):
+    """Check the ``peft`` argument of a module and return it as a fresh ``PeftConfig`` (or None).
+
+    Args:
+        peft: An HF peft config as a dict (``{"peft_type": "LORA", "r": 8, ...}``), a ``PeftConfig``, or None.
+        default_task_type: Task type to set when the config names none (e.g. ``"SEQ_CLS"``).
+
+    Returns:
+        A copy of the config (the caller's object is never changed), or None when ``peft`` is None.
+
+    Raises:
+        TypeError: If ``peft`` is neither a dict nor a ``PeftConfig``.
+        ValueError: If the dict has no known ``peft_type`` or has keys that its config class rejects.
+    """
+    if peft is None:
+        return None
+    if isinstance(peft, PeftConfig):
+        config = copy.deepcopy(peft)
+    elif isinstance(peft, Mapping):
+        fields = dict(peft)
+        allowed = ", ".join(str(t.value) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        if "peft_type" not in fields:
+            raise ValueError(
+                f"`peft` must name its method in a `peft_type` key, got keys {sorted(fields)}."
+                f" HINT: add e.g. `peft_type: LORA` (one of {allowed})."
+            )
+        fields["peft_type"] = str(fields["peft_type"]).upper()
+        if fields["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            raise ValueError(
+                f"`peft.peft_type` must be one of {allowed}, got {peft['peft_type']!r}."
+                " HINT: use `LORA` for LoRA adapters."
+            )
+        config_class = PEFT_TYPE_TO_CONFIG_MAPPING[fields["peft_type"]]
+        try:
+            config = config_class(**fields)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"`peft` is not a valid {config_class.__name__}: {err}."
+                f" HINT: keep only the fields of `peft.{config_class.__name__}` in the dict."
+            ) from err
+    else:
+        raise TypeError(
+            f"`peft` must be a dict or a `peft.PeftConfig`, got {type(peft).__name__}."
+            " HINT: pass e.g. {'peft_type': 'LORA', 'r': 8, 'target_modules': ['qkv']}."
+        )
+    if default_task_type is not None and getattr(config, "task_type", None) is None:
+        config.task_type = default_task_type
+    return config
+
+
+def apply_peft(model: nn.Module, config: PeftConfig, head_names: Sequence[str] = ()) -> PeftModel:
+    """Wrap ``model`` with ``config``, adding ``head_names`` to ``modules_to_save`` when the config sets none.
+
+    Args:
+        model: The network to adapt.
+        config: A config from :func:`build_peft_config`; it is changed in place.
+        head_names: Module names of the classification head, kept fully trainable.
+
+    Returns:
+        The ``PeftModel``: only the adapter and ``modules_to_save`` parameters require gradients.
+
+    Raises:
+        ValueError: If peft cannot place the adapters (e.g. no ``target_modules`` for a non-HF model); the message
+            lists the Linear layer names that could be targeted.
+    """
+    if head_names and hasattr(config, "modules_to_save") and not config.modules_to_save:
+        config.modules_to_save = list(head_names)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        linear_names = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ValueError(
+            f"peft could not adapt {type(model).__name__}: {err}"
+            f" HINT: set `target_modules` in `peft` to some of the model's Linear layers: {linear_names}."
+        ) from err
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Return every parameter of ``module`` with ``requires_grad=True``, in registration order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class ClassifierModule(pl.LightningModule):
+    """Steps, accuracy metrics and optimizer set-up shared by the classifiers; subclasses give the logits.
+
+    A subclass stores its network as ``self.model`` and implements :meth:`logits_and_labels`.
+
+    Args:
+        num_classes: Number of classes of the accuracy metrics.
+        optimizer: Builds the optimizer from an iterable of parameters.
+        scheduler: Builds a learning-rate scheduler from the optimizer, stepped after every optimizer step
+            (``ReduceLROnPlateau`` is stepped per epoch on ``val/loss``).
+    """
+
+    def __init__(
+        self, num_classes: int, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None = None
+    ) -> None:
+        super().__init__()
+        if not callable(optimizer):
+            raise TypeError(
+                f"`optimizer` must be a callable that builds an optimizer from parameters, got {optimizer!r}."
+                " HINT: pass a class such as `torch.optim.AdamW` or `functools.partial(torch.optim.AdamW, lr=1e-4)`."
+            )
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(
+                f"`scheduler` must be None or a callable that builds a scheduler from the optimizer, got {scheduler!r}."
+                " HINT: pass e.g. `functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=1000)`."
+            )
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def logits_and_labels(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Run the network on a batch and return ``(logits, labels)``."""
+        raise NotImplementedError
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits, labels = self.logits_and_labels(batch)
+        loss = F.cross_entropy(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc)
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits, labels = self.logits_and_labels(batch)
+        self.val_acc(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        logits, labels = self.logits_and_labels(batch)
+        self.test_acc(logits, labels)
+        self.log("test/loss", F.cross_entropy(logits, labels))
+        self.log("test/acc", self.test_acc, on_epoch=True)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        # Built over everything trainable *now*: callbacks that freeze layers do so after this point and need
+        # every candidate parameter in the optimizer to unfreeze it later.
+        params = trainable_parameters(self)
+        if not params:
+            raise RuntimeError(
+                f"{type(self).__name__} has no parameter with requires_grad=True to optimize."
+                " HINT: do not freeze the whole model before `Trainer.fit`; let a callback freeze layers instead."
+            )
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler_config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
+        else:
+            scheduler_config = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
