@@ -1,0 +1,221 @@
+"""8-bit storage formats for tensors: ``int8`` and FP8 (E4M3 / E5M2), each with one scale per group.
+
+A tensor is read as a flat sequence in its memory order and cut into groups of ``group_size`` consecutive
+elements. For a contiguous tensor whose last dimension is a multiple of ``group_size`` these are exactly groups
+along the last dimension; otherwise groups continue into the next row and only the last group is padded. Each
+group stores its absolute maximum as a float32 scale, so a group's largest magnitude maps to the format's
+largest value (127 for int8, 448 for E4M3, 57344 for E5M2).
+
+The work is vectorised over groups; large tensors are processed in chunks of ``chunk_numel`` elements so that
+the float32 temporaries of the forward stay small next to the tensor itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["FORMATS", "QuantizedTensor", "dequantize", "quantize"]
+
+
+@dataclass(frozen=True)
+class _FormatSpec:
+    storage_dtype: torch.dtype
+    # largest magnitude the scaled values may take
+    max_value: float
+    # FP8 only: explicit mantissa bits and the exponent of the smallest normal number (for stochastic rounding)
+    mantissa_bits: int = 0
+    min_normal_exponent: int = 0
+
+
+_SPECS: dict[str, _FormatSpec] = {
+    "int8": _FormatSpec(torch.int8, 127.0),
+    "fp8_e4m3": _FormatSpec(torch.float8_e4m3fn, 448.0, mantissa_bits=3, min_normal_exponent=-6),
+    "fp8_e5m2": _FormatSpec(torch.float8_e5m2, 57344.0, mantissa_bits=2, min_normal_exponent=-14),
+}
+
+#: The storage formats understood by :func:`quantize`.
+FORMATS: tuple[str, ...] = tuple(_SPECS)
+
+_DEFAULT_CHUNK_NUMEL = 1 << 24
+
+
+class QuantizedTensor:
+    """A tensor stored in 8 bits with one float32 scale per group; :func:`dequantize` restores it.
+
+    Attributes:
+        data: the 8-bit values, flat, padded to a whole number of groups.
+        scale: one float32 scale per group (the value of one step of the format's grid).
+        shape: shape of the original tensor.
+        dtype: dtype of the original tensor (the dtype :func:`dequantize` returns).
+        format: one of :data:`FORMATS`.
+        group_size: elements per group.
+    """
+
+    __slots__ = ("data", "dtype", "format", "group_size", "scale", "shape")
+
+    def __init__(
+        self, data: Tensor, scale: Tensor, shape: torch.Size, dtype: torch.dtype, format: str, group_size: int
+    ) -> None:
+        self.data = data
+        self.scale = scale
+        self.shape = shape
+        self.dtype = dtype
+        self.format = format
+        self.group_size = group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the quantized values and their scales."""
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTensor(format={self.format!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"group_size={self.group_size}, nbytes={self.nbytes})"
+        )
+
+
+def _check_format(format: str) -> _FormatSpec:
+    if format not in _SPECS:
+        raise ValueError(
+            f"`format` must be one of {', '.join(repr(f) for f in FORMATS)}, got {format!r}."
+            " HINT: 'int8' is the most accurate; 'fp8_e4m3' / 'fp8_e5m2' keep more dynamic range per group."
+        )
+    return _SPECS[format]
+
+
+def _stochastic_round_fp8(values: Tensor, spec: _FormatSpec, generator: torch.Generator | None) -> Tensor:
+    """Round float32 ``values`` (already within the format's range) to a neighbouring FP8 grid point at random.
+
+    The probability of rounding up is the distance to the lower grid point in units of the grid spacing, so the
+    rounding is unbiased. The result is exactly representable, so the later cast to FP8 does not round again.
+    """
+    magnitude = values.abs()
+    # frexp: magnitude = m * 2**e with m in [0.5, 1), so floor(log2(magnitude)) = e - 1, exactly
+    _, exponent = torch.frexp(magnitude)
+    exponent = (exponent - 1).clamp_(min=spec.min_normal_exponent)
+    spacing = torch.exp2((exponent - spec.mantissa_bits).to(values.dtype))
+    steps = magnitude.div_(spacing)
+    lower = steps.floor()
+    noise = torch.rand(values.shape, generator=generator, device=values.device, dtype=values.dtype)
+    rounded = lower.add_((steps - lower).gt_(noise)).mul_(spacing)
+    return rounded.copysign_(values)
+
+
+def _quantize_block(
+    block: Tensor,
+    spec: _FormatSpec,
+    stochastic_rounding: bool,
+    generator: torch.Generator | None,
+    out_data: Tensor,
+    out_scale: Tensor,
+) -> None:
+    """Quantize a private float32 ``block`` of shape (groups, group_size) into ``out_data`` / ``out_scale``."""
+    absmax = block.abs().amax(dim=1, keepdim=True)
+    scale = absmax.div_(spec.max_value).clamp_(min=torch.finfo(torch.float32).tiny)
+    values = block.div_(scale)
+    if spec.storage_dtype is torch.int8:
+        if stochastic_rounding:
+            noise = torch.rand(values.shape, generator=generator, device=values.device, dtype=values.dtype)
+            values.add_(noise).floor_()
+        else:
+            values.round_()
+    elif stochastic_rounding:
+        values = _stochastic_round_fp8(values, spec, generator)
+    # float rounding of the division can land just beyond the format's largest value
+    values.clamp_(-spec.max_value, spec.max_value)
+    out_data.copy_(values)
+    out_scale.copy_(scale.squeeze(1))
+
+
+def quantize(
+    tensor: Tensor,
+    format: str = "int8",
+    group_size: int = 128,
+    stochastic_rounding: bool = False,
+    generator: torch.Generator | None = None,
+    chunk_numel: int = _DEFAULT_CHUNK_NUMEL,
+) -> QuantizedTensor:
+    """Quantize a floating-point tensor to 8 bits with one absmax scale per group of ``group_size`` elements.
+
+    Args:
+        tensor: the tensor to store; read in row-major (logical) order.
+        format: ``"int8"`` (symmetric, 255 levels), ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
+        group_size: elements sharing one scale.
+        stochastic_rounding: round up or down at random with probabilities that make the rounding unbiased,
+            instead of to the nearest value.
+        generator: random generator for stochastic rounding (on the tensor's device); the global one if ``None``.
+        chunk_numel: elements processed at once; bounds the float32 temporaries.
+
+    Returns:
+        The :class:`QuantizedTensor`.
+
+    Raises:
+        ValueError: for an unknown ``format``, a ``group_size`` below 1, or a tensor that is not floating-point.
+
+    Example::
+
+        >>> x = torch.randn(4, 256)
+        >>> q = quantize(x, "int8", group_size=128)
+        >>> bool((dequantize(q) - x).abs().max() <= x.abs().max() / 254 + 1e-6)
+        True
+    """
+    spec = _check_format(format)
+    if group_size < 1:
+        raise ValueError(f"`group_size` must be a positive integer, got {group_size}. HINT: 128 is a good default.")
+    if not tensor.is_floating_point():
+        raise ValueError(f"Only floating-point tensors can be quantized, got dtype {tensor.dtype}.")
+    flat = tensor.detach().reshape(-1)
+    numel = flat.numel()
+    n_groups = max(1, -(-numel // group_size))
+    data = torch.empty(n_groups * group_size, dtype=spec.storage_dtype, device=flat.device)
+    scale = torch.empty(n_groups, dtype=torch.float32, device=flat.device)
+    groups_per_chunk = max(1, chunk_numel // group_size)
+    # a loop over chunks of many groups, not over groups: one iteration for all but very large tensors
+    for first in range(0, n_groups, groups_per_chunk):
+        last = min(n_groups, first + groups_per_chunk)
+        start, stop = first * group_size, min(numel, last * group_size)
+        padded = (last - first) * group_size
+        if stop - start == padded:
+            block = flat[start:stop].to(torch.float32, copy=True)
+        else:
+            block = torch.zeros(padded, dtype=torch.float32, device=flat.device)
+            block[: stop - start].copy_(flat[start:stop])
+        _quantize_block(
+            block.view(-1, group_size),
+            spec,
+            stochastic_rounding,
+            generator,
+            data[first * group_size : last * group_size].view(-1, group_size),
+            scale[first:last],
+        )
+    return QuantizedTensor(data, scale, tensor.shape, tensor.dtype, format, group_size)
+
+
+def dequantize(quantized: QuantizedTensor) -> Tensor:
+    """Restore a contiguous tensor of the original shape and dtype from a :class:`QuantizedTensor`.
+
+    bfloat16 tensors are restored in bfloat16 arithmetic (8-bit values convert exactly, and bfloat16 has the
+    range of float32); other dtypes go through float32.
+
+    Args:
+        quantized: the output of :func:`quantize`.
+
+    Returns:
+        The dequantized tensor.
+    """
+    compute_dtype = torch.bfloat16 if quantized.dtype is torch.bfloat16 else torch.float32
+    values = quantized.data.view(-1, quantized.group_size).to(compute_dtype)
+    values.mul_(quantized.scale.to(compute_dtype).unsqueeze(1))
+    flat = values.view(-1)[: quantized.numel()]
+    if compute_dtype is not quantized.dtype:
+        flat = flat.to(quantized.dtype)
+    return flat.view(quantized.shape)

@@ -1,0 +1,476 @@
+"""Quantize the tensors autograd saves for backward, through ``torch.autograd.graph.saved_tensors_hooks``.
+
+The one quantizer of the package: the :class:`~lightning_peft.callbacks.ActivationQuantization` callback and the
+:class:`~lightning_peft.plugins.ActivationQuantizedPrecision` plugin both drive an :class:`ActivationQuantizer`.
+
+What is never quantized (the tensor is kept as it is):
+
+- model parameters and buffers, found by storage; the cast copies of parameters that autocast makes for a
+  Linear or a convolution (a bf16 copy is not a Parameter and lives at another address): a trainable one is
+  recognised by following ``grad_fn`` through casts and views to an ``AccumulateGrad``, a frozen one (no
+  ``grad_fn``) by being a leaf with the shape of a frozen parameter of the attached model;
+- integer, bool and 8-bit tensors; tensor subclasses and non-strided layouts;
+- tensors with fewer than ``min_numel`` elements;
+- tensors saved while a module named in ``exclude_modules`` runs its forward, or inside :func:`skip_quantization`.
+
+A storage saved more than once in a step (e.g. the input of the q, k and v projections) is quantized once, and
+every saved view of it is rebuilt from that copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import threading
+import weakref
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.quantization.formats import QuantizedTensor, _check_format, dequantize, quantize
+
+__all__ = ["DEFAULT_MIN_NUMEL", "ActivationQuantizer", "SavedTensorStats", "skip_quantization"]
+
+#: Tensors with fewer elements are kept as they are (at 2 bytes each, at most 128 KiB to gain per tensor).
+DEFAULT_MIN_NUMEL = 1 << 16
+
+# grad_fn nodes that only cast or re-view their single input: a chain of these ending in an AccumulateGrad means
+# the saved tensor is (a cast / view of) a leaf that requires grad, i.e. a trainable parameter
+_CAST_AND_VIEW_NODES = frozenset(
+    {
+        "ToCopyBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "TBackward0",
+        "NumpyTBackward0",
+        "TransposeBackward0",
+        "TransposeBackward1",
+        "PermuteBackward0",
+        "ExpandBackward0",
+        "AsStridedBackward0",
+        "AsStridedBackward1",
+        "SliceBackward0",
+        "SelectBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "SplitBackward0",
+        "SplitWithSizesBackward0",
+        "UnbindBackward0",
+        "CloneBackward0",
+        "AliasBackward0",
+    }
+)
+_MAX_CHAIN = 8
+
+_exclusion = threading.local()
+
+
+def _excluded() -> bool:
+    return getattr(_exclusion, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def skip_quantization() -> Generator[None, None, None]:
+    """Keep every tensor saved for backward inside this block unquantized.
+
+    Unlike entering another ``saved_tensors_hooks`` context, this does not shadow the hooks of an activation
+    checkpoint around it, so checkpointing stays effective.
+
+    Example::
+
+        >>> with skip_quantization():
+        ...     pass  # e.g. a numerically sensitive layer
+    """
+    _exclusion.depth = getattr(_exclusion, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _exclusion.depth -= 1
+
+
+def _enter_exclusion(*_: Any) -> None:
+    _exclusion.depth = getattr(_exclusion, "depth", 0) + 1
+
+
+def _exit_exclusion(*_: Any) -> None:
+    _exclusion.depth = max(0, getattr(_exclusion, "depth", 0) - 1)
+
+
+@dataclass
+class SavedTensorStats:
+    """What one training step saved for backward, as seen by the pack hook.
+
+    Bytes count each storage once, and leave out the storages of the model's own parameters (they are held
+    anyway). ``bytes_before`` is what autograd would have held without quantization; ``bytes_after`` what it
+    holds with it (8-bit data and scales of quantized tensors, plus every tensor kept as it is).
+
+    Attributes:
+        num_saved: tensors handed to the pack hook.
+        num_quantized: tensors stored quantized (a deduplicated one counts each time).
+        num_deduplicated: saves served by a quantized copy made earlier in the step.
+        bytes_before: unique bytes saved for backward without quantization.
+        bytes_after: unique bytes saved for backward with quantization.
+    """
+
+    num_saved: int = 0
+    num_quantized: int = 0
+    num_deduplicated: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_after / bytes_before`` (1.0 when nothing was saved)."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+
+class _QuantizedStorage:
+    """One quantized copy of saved data; holds no reference to the autograd graph."""
+
+    __slots__ = ("__weakref__", "_restored", "quantized")
+
+    def __init__(self, quantized: QuantizedTensor) -> None:
+        self.quantized = quantized
+        self._restored: weakref.ref[Tensor] | None = None
+
+    def restore(self) -> Tensor:
+        # saves of one storage by several nodes share one dequantized tensor while it is alive
+        restored = self._restored() if self._restored is not None else None
+        if restored is None:
+            restored = dequantize(self.quantized)
+            self._restored = weakref.ref(restored)
+        return restored
+
+
+class _SavedView:
+    """What the pack hook returns for a quantized tensor: the shared copy and how to view it."""
+
+    __slots__ = ("geometry", "storage")
+
+    def __init__(self, storage: _QuantizedStorage, geometry: tuple[torch.Size, tuple[int, ...], int] | None) -> None:
+        self.storage = storage
+        self.geometry = geometry
+
+    def restore(self) -> Tensor:
+        restored = self.storage.restore()
+        if self.geometry is None:
+            return restored
+        size, stride, offset = self.geometry
+        return restored.as_strided(size, stride, offset)
+
+
+def _unpack(packed: Any) -> Tensor:
+    if isinstance(packed, _SavedView):
+        return packed.restore()
+    return packed
+
+
+def _keep(tensor: Tensor) -> Tensor:
+    # Returning a saved *output* unchanged would let the SavedVariable own the tensor, which owns its grad_fn,
+    # which owns the SavedVariable: a cycle through C++ that gc cannot see, leaking the whole graph when a
+    # loss is dropped without backward. A detached alias shares storage and version counter but not grad_fn.
+    return tensor.detach() if tensor.grad_fn is not None else tensor
+
+
+def _is_dense(tensor: Tensor) -> bool:
+    """Whether the elements of ``tensor`` fill a memory range without gaps or overlaps, in any dimension order."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape, strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _derives_from_leaf(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight)."""
+    node = tensor.grad_fn
+    if node is None:
+        return tensor.requires_grad
+    for _ in range(_MAX_CHAIN):
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            return True
+        if name not in _CAST_AND_VIEW_NODES:
+            return False
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
+class ActivationQuantizer:
+    """Stores tensors saved for backward in 8 bits (int8 or FP8, per-group scales) and restores them in backward.
+
+    The idea of ActNN (https://arxiv.org/abs/2104.14129), GACT (https://arxiv.org/abs/2206.11357), Mesa
+    (https://arxiv.org/abs/2111.11124) and COAT (https://arxiv.org/abs/2410.19313), without replacing any layer:
+    every tensor autograd saves goes through the pack hook. The quantizer decides what to quantize (see the module
+    docstring), deduplicates storages within a step and counts the bytes (:class:`SavedTensorStats`).
+
+    Args:
+        format: ``"int8"`` (absmax, 255 levels), ``"fp8_e4m3"`` or ``"fp8_e5m2"`` (absmax-scaled FP8).
+        group_size: consecutive elements sharing one float32 scale (along the last dimension when it is a
+            multiple of ``group_size``).
+        min_numel: tensors with fewer elements are kept as they are.
+        stochastic_rounding: unbiased random rounding instead of round-to-nearest; uses its own generator, so
+            the global RNG (dropout, activation-checkpoint replay) is untouched.
+        exclude_modules: glob patterns of module names (as in ``named_modules()``, e.g. ``"head"`` or
+            ``"blocks.0.*"``) whose saved tensors are kept as they are; needs :meth:`attach`.
+        seed: seed of the stochastic-rounding generators.
+
+    Raises:
+        ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel`` or an
+            ``exclude_modules`` that is not a list of strings.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+        >>> quantizer = ActivationQuantizer("int8", min_numel=1024)
+        >>> quantizer.attach(model)
+        >>> with quantizer.step():
+        ...     loss = model(torch.randn(64, 256)).sum()
+        >>> loss.backward()
+        >>> quantizer.stats.num_quantized > 0
+        True
+    """
+
+    def __init__(
+        self,
+        format: str = "int8",
+        group_size: int = 128,
+        min_numel: int = DEFAULT_MIN_NUMEL,
+        stochastic_rounding: bool = False,
+        exclude_modules: Iterable[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        _check_format(format)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(
+                f"`group_size` must be a positive integer, got {group_size!r}."
+                " HINT: 128 (the default) matches the hidden sizes of most transformers; smaller groups are more"
+                " accurate and store more scales."
+            )
+        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(
+                f"`min_numel` must be an integer >= 0, got {min_numel!r}."
+                f" HINT: use 0 to quantize every floating-point tensor, or {DEFAULT_MIN_NUMEL} (the default)."
+            )
+        if isinstance(exclude_modules, str) or (
+            exclude_modules is not None and not all(isinstance(p, str) for p in exclude_modules)
+        ):
+            raise ValueError(
+                f"`exclude_modules` must be a list of module-name patterns, got {exclude_modules!r}."
+                ' HINT: write `exclude_modules=["head"]` (a list), not `exclude_modules="head"`.'
+            )
+        self.format = format
+        self.group_size = group_size
+        self.min_numel = min_numel
+        self.stochastic_rounding = stochastic_rounding
+        self.exclude_modules = list(exclude_modules or [])
+        self.seed = seed
+        self.stats = SavedTensorStats()
+        # nothing below refers to the model or to the autograd graph: the graph keeps the pack hook alive
+        self._module_ref: weakref.ref[nn.Module] | None = None
+        self._exclusion_handles: list[Any] = []
+        self._param_ptrs: set[int] = set()
+        self._frozen_shapes: set[torch.Size] = set()
+        self._counted: dict[int, weakref.ref] = {}
+        self._kept: dict[int, weakref.ref] = {}
+        self._cache: dict[tuple, tuple[weakref.ref, int, _QuantizedStorage]] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(format={self.format!r}, group_size={self.group_size}, "
+            f"min_numel={self.min_numel}, stochastic_rounding={self.stochastic_rounding})"
+        )
+
+    # ----------------------------------------------------------------------------------------------- model
+    def attach(self, module: nn.Module) -> None:
+        """Know the model: its parameters are never quantized, and ``exclude_modules`` are looked up in it.
+
+        Holds only a weak reference to ``module``. Calling it again replaces the previous attachment.
+
+        Raises:
+            ValueError: if a pattern of ``exclude_modules`` matches no module name.
+        """
+        self.detach()
+        self._module_ref = weakref.ref(module)
+        names = [name for name, _ in module.named_modules() if name]
+        for pattern in self.exclude_modules:
+            matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+            if not matched:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise ValueError(
+                    f"`exclude_modules` pattern {pattern!r} matches no module of {type(module).__name__}."
+                    f" Module names start with: {shown}. HINT: patterns are globs over `named_modules()` names,"
+                    ' e.g. "head" or "blocks.*.attn".'
+                )
+        for name, submodule in module.named_modules():
+            if name and any(fnmatch.fnmatchcase(name, p) for p in self.exclude_modules):
+                self._exclusion_handles.append(submodule.register_forward_pre_hook(_enter_exclusion))
+                self._exclusion_handles.append(submodule.register_forward_hook(_exit_exclusion, always_call=True))
+        self.refresh_parameters()
+
+    def detach(self) -> None:
+        """Forget the model and remove the hooks :meth:`attach` put on it."""
+        for handle in self._exclusion_handles:
+            handle.remove()
+        self._exclusion_handles.clear()
+        self._module_ref = None
+        self._param_ptrs.clear()
+        self._frozen_shapes.clear()
+
+    def refresh_parameters(self) -> None:
+        """Re-read where the attached model's parameters live (they move with ``.to()`` and strategy wrapping)."""
+        module = self._module_ref() if self._module_ref is not None else None
+        self._param_ptrs.clear()
+        self._frozen_shapes.clear()
+        if module is None:
+            return
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.layout is torch.strided and tensor.device.type != "meta":
+                self._param_ptrs.add(tensor.untyped_storage().data_ptr())
+        for param in module.parameters():
+            if not param.requires_grad and param.is_floating_point():
+                self._frozen_shapes.add(param.shape)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def start_step(self) -> None:
+        """Begin a step: fresh statistics and deduplication cache, current parameter addresses."""
+        self.stats = SavedTensorStats()
+        self._counted.clear()
+        self._kept.clear()
+        self._cache.clear()
+        self.refresh_parameters()
+
+    def end_step(self) -> SavedTensorStats:
+        """End a step: drop the deduplication cache (quantized copies live on in the graph); return the stats."""
+        self._counted.clear()
+        self._kept.clear()
+        self._cache.clear()
+        return self.stats
+
+    @property
+    def hooks_active(self) -> bool:
+        """Whether :meth:`enable_hooks` is in effect."""
+        return self._hooks is not None
+
+    def enable_hooks(self) -> None:
+        """Push the pack / unpack hooks (for code that cannot use a ``with`` block, like callbacks)."""
+        if self._hooks is None:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+            self._hooks.__enter__()
+
+    def disable_hooks(self) -> None:
+        """Pop the hooks pushed by :meth:`enable_hooks`; does nothing if they are not active."""
+        if self._hooks is not None:
+            hooks, self._hooks = self._hooks, None
+            hooks.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def saved_tensors_hooks(self) -> Generator[None, None, None]:
+        """Quantize what is saved for backward inside this block (statistics accumulate in :attr:`stats`)."""
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack):
+            yield
+
+    @contextlib.contextmanager
+    def step(self) -> Generator[SavedTensorStats, None, None]:
+        """One forward pass: :meth:`start_step`, the hooks, :meth:`end_step`; yields the step's statistics.
+
+        Run ``backward`` after the block: autograd restores the tensors whether or not the hooks are active.
+        """
+        self.start_step()
+        try:
+            with self.saved_tensors_hooks():
+                yield self.stats
+        finally:
+            self.end_step()
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def _count_once(self, table: dict[int, weakref.ref], storage: torch.UntypedStorage) -> bool:
+        # The weak reference proves the address still belongs to the same storage: after a storage is freed
+        # (e.g. because its only saved copy was quantized), the allocator hands the address to new tensors.
+        ptr = storage.data_ptr()
+        ref = table.get(ptr)
+        if ref is not None and ref() is storage:
+            return False
+        table[ptr] = weakref.ref(storage)
+        return True
+
+    def _is_parameter(self, tensor: Tensor, in_param_storage: bool) -> bool:
+        if in_param_storage or _derives_from_leaf(tensor):
+            return True
+        # autocast's copy of a frozen weight: a leaf without grad_fn (or a view of one) shaped like a frozen param
+        base = tensor._base if tensor._base is not None else tensor
+        return base.grad_fn is None and not base.requires_grad and base.shape in self._frozen_shapes
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if not self.stochastic_rounding:
+            return None
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._generators[device] = generator
+        return generator
+
+    def pack(self, tensor: Tensor) -> Any:
+        """The pack hook: a quantized handle for an activation, the tensor itself (detached) otherwise."""
+        stats = self.stats
+        stats.num_saved += 1
+        if (
+            (type(tensor) is not torch.Tensor and type(tensor) is not nn.Parameter)
+            or tensor.layout is not torch.strided
+            or tensor.device.type == "meta"
+        ):
+            return _keep(tensor)
+        storage = tensor.untyped_storage()
+        in_param_storage = storage.data_ptr() in self._param_ptrs
+        if not in_param_storage and self._count_once(self._counted, storage):
+            stats.bytes_before += storage.nbytes()
+        if (
+            not tensor.is_floating_point()
+            or tensor.element_size() < 2
+            or tensor.numel() < max(1, self.min_numel)
+            or _excluded()
+            or self._is_parameter(tensor, in_param_storage)
+        ):
+            if not in_param_storage and self._count_once(self._kept, storage):
+                stats.bytes_after += storage.nbytes()
+            return _keep(tensor)
+        return self._quantize(tensor, storage)
+
+    def _quantize(self, tensor: Tensor, storage: torch.UntypedStorage) -> _SavedView:
+        stats = self.stats
+        stats.num_quantized += 1
+        ptr, version = storage.data_ptr(), tensor._version
+        geometry = (tensor.shape, tensor.stride(), tensor.storage_offset())
+        # a copy of the whole storage serves every view of it; a partial view only serves the same view again
+        whole_key, view_key = (ptr, tensor.dtype), (ptr, tensor.dtype, *geometry)
+        for key in (whole_key, view_key):
+            cached = self._cache.get(key)
+            if cached is not None and cached[0]() is storage and cached[1] == version:
+                stats.num_deduplicated += 1
+                return _SavedView(cached[2], geometry if key is whole_key else None)
+        covers_storage = _is_dense(tensor) and tensor.numel() * tensor.element_size() == storage.nbytes()
+        with torch.no_grad():
+            # a whole storage is quantized in memory order, so that any view of it can be rebuilt by as_strided
+            source = tensor.as_strided((tensor.numel(),), (1,), 0) if covers_storage else tensor
+            quantized = quantize(
+                source, self.format, self.group_size, self.stochastic_rounding, self._generator(tensor.device)
+            )
+        packed = _QuantizedStorage(quantized)
+        stats.bytes_after += quantized.nbytes
+        self._cache[whole_key if covers_storage else view_key] = (weakref.ref(storage), version, packed)
+        return _SavedView(packed, geometry if covers_storage else None)

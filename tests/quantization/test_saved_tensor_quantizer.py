@@ -1,0 +1,273 @@
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import lightning_peft.quantization.saved_tensors as saved_tensors
+from lightning_peft.quantization import ActivationQuantizer, skip_quantization
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, width=64, depth=4, checkpointed=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(MLPBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return self.head(x)
+
+
+class SharedInput(nn.Module):
+    """q, k and v projections of one input, as in attention: the input is saved three times."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def _recording(quantizer, monkeypatch):
+    """Record (saved tensor, what the pack hook returned) for every save."""
+    records = []
+    pack = quantizer.pack
+
+    def recording_pack(tensor):
+        packed = pack(tensor)
+        records.append((tensor, packed))
+        return packed
+
+    monkeypatch.setattr(quantizer, "pack", recording_pack)
+    return records
+
+
+def _is_kept(tensor, packed):
+    return (
+        isinstance(packed, torch.Tensor) and packed.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    )
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_parameters_and_autocast_copies_are_kept_and_activations_quantized(autocast, frozen, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 8))
+    # a frozen layer in the middle: its weight (or autocast's copy, without grad_fn) is saved for the input grad
+    model[2].requires_grad_(not frozen)
+    quantizer = ActivationQuantizer("int8", min_numel=0)
+    quantizer.attach(model)
+    records = _recording(quantizer, monkeypatch)
+    x = torch.randn(32, 64)
+    with quantizer.step(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(x).sum().backward()
+    weight_shapes = {(128, 64), (64, 128), (8, 64), (64, 8)}
+    kept = [(t, p) for t, p in records if _is_kept(t, p)]
+    quantized = [(t, p) for t, p in records if isinstance(p, saved_tensors._SavedView)]
+    # the weights saved (layers 2 and 4; layer 0 needs none) are kept: the Parameter, or autocast's bf16 copy
+    weights = [t for t, _ in records if tuple(t.shape) in weight_shapes and t.dim() == 2 and t.shape[0] != 32]
+    assert len(weights) == 2 and all(any(t is w for w, _ in kept) for t in weights)
+    if autocast:
+        assert all(t.dtype == torch.bfloat16 for t in weights)  # really the copies, not the fp32 parameters
+    # every activation (batch dimension 32) was quantized
+    activations = [t for t, _ in records if t.shape[0] == 32]
+    assert activations and all(any(t is a for a, _ in quantized) for t in activations)
+
+
+def test_parameters_integer_and_small_tensors_pass_through_untouched():
+    param = nn.Parameter(torch.randn(300, 300))
+    frozen = nn.Parameter(torch.randn(300, 300), requires_grad=False)
+    module = nn.Module()
+    module.a, module.b = param, frozen
+    quantizer = ActivationQuantizer("int8", min_numel=1000)
+    quantizer.attach(module)
+    quantizer.start_step()
+    # identity of the object and of the storage
+    assert quantizer.pack(param) is param
+    assert quantizer.pack(frozen) is frozen
+    assert quantizer.pack(param.t()).untyped_storage().data_ptr() == param.data_ptr()
+    indices = torch.randint(0, 10, (100_000,))
+    mask = torch.rand(100_000) > 0.5
+    assert quantizer.pack(indices) is indices
+    assert quantizer.pack(mask) is mask
+    small = torch.randn(999)
+    assert quantizer.pack(small) is small
+    large = torch.randn(1000)
+    assert isinstance(quantizer.pack(large), saved_tensors._SavedView)
+    assert quantizer.stats.num_quantized == 1
+
+
+def test_a_storage_saved_several_times_is_stored_once():
+    torch.manual_seed(0)
+    model = SharedInput()
+    quantizer = ActivationQuantizer("int8", min_numel=0)
+    quantizer.attach(model)
+    x = torch.randn(16, 8, 64, requires_grad=True)
+    with quantizer.step() as stats:
+        h = x * 2  # an activation saved by q, k and v (as 2-D views of one storage)
+        out = model(h)
+    assert stats.num_deduplicated == 2
+    # bytes: the input once (int8 + scales), plus q(h) and k(h) saved by the product
+    one_copy = 16 * 8 * 64 * (1 + 4 / 128)
+    assert stats.bytes_after == pytest.approx(3 * one_copy)
+    assert stats.bytes_before == 3 * 16 * 8 * 64 * 4
+    out.sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    model(reference * 2).sum().backward()
+    cos = torch.nn.functional.cosine_similarity(x.grad.flatten(), reference.grad.flatten(), dim=0)
+    assert cos > 0.999
+
+
+def test_an_inplace_change_between_saves_is_not_deduplicated():
+    lin1, lin2 = nn.Linear(64, 64), nn.Linear(64, 64)
+    quantizer = ActivationQuantizer("int8", min_numel=0)
+    quantizer.attach(nn.ModuleList([lin1, lin2]))
+    x = torch.randn(32, 64)
+    with quantizer.step() as stats:
+        h = x * 1
+        a = lin1(h)
+        h.add_(10.0)
+        b = lin2(h)
+    assert stats.num_deduplicated == 0
+    (a.sum() + b.sum()).backward()
+    # lin2's weight gradient is computed from the changed tensor: column sums of h + 10
+    torch.testing.assert_close(lin2.weight.grad[0], (x + 10).sum(0), rtol=0.02, atol=0.5)
+    torch.testing.assert_close(lin1.weight.grad[0], x.sum(0), rtol=0.02, atol=0.5)
+
+
+def _live_outputs_after_discarded_step(quantizer, model):
+    refs = []
+    handles = [m.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o))) for m in model.modules()]
+    x = torch.randn(64, 64, requires_grad=True)
+    with quantizer.step():
+        loss = torch.softmax(torch.sigmoid(model(x)), dim=-1).exp().sum()
+    del loss
+    gc.collect()
+    for handle in handles:
+        handle.remove()
+    return sum(ref() is not None for ref in refs), len(refs)
+
+
+@pytest.mark.parametrize("min_numel", [0, 10**9])
+def test_memory_returns_to_baseline_when_a_loss_is_discarded(min_numel, monkeypatch):
+    # min_numel=10**9 keeps every tensor (the pack hook returns them); 0 quantizes them
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Sigmoid())
+    quantizer = ActivationQuantizer("int8", min_numel=min_numel)
+    quantizer.attach(model)
+    _live_outputs_after_discarded_step(quantizer, model)  # warm-up: lazy allocations
+    gc.collect()
+    baseline = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+    live, total = _live_outputs_after_discarded_step(quantizer, model)
+    assert total == 5
+    assert live == 0
+    gc.collect()
+    assert sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()) == baseline
+
+    # the test detects the leak: a pack hook returning kept outputs unchanged forms an uncollectable cycle
+    if min_numel:
+        monkeypatch.setattr(saved_tensors, "_keep", lambda tensor: tensor)
+        live, _ = _live_outputs_after_discarded_step(quantizer, model)
+        assert live > 0
+
+
+def test_checkpointing_still_frees_memory():
+    torch.manual_seed(0)
+    x = torch.randn(32, 16, 64)
+    plain, checkpointed = Stack(), Stack(checkpointed=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    calls = []
+    for block in checkpointed.blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def run(model, hooks_inside_checkpoint=False):
+        quantizer = ActivationQuantizer("int8", min_numel=0)
+        quantizer.attach(model)
+        model.zero_grad()
+        if hooks_inside_checkpoint:
+            # the pitfall: hooks pushed inside a checkpointed region shadow checkpoint's own hooks
+            for block in model.blocks:
+                block.register_forward_pre_hook(lambda *_: quantizer.enable_hooks())
+                block.register_forward_hook(lambda *_: quantizer.disable_hooks())
+        with quantizer.step() as stats:
+            loss = model(x).square().mean()
+        loss.backward()
+        return stats, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_stats, plain_grads = run(plain)
+    calls.clear()
+    ckpt_stats, ckpt_grads = run(checkpointed)
+    # the tensors kept for backward: with checkpointing only each block's input (and the head's) stay
+    assert ckpt_stats.num_saved <= len(checkpointed.blocks) + 3
+    assert ckpt_stats.bytes_after < 0.25 * plain_stats.bytes_after
+    # the blocks really were recomputed in backward, and the gradients are right
+    assert len(calls) == 2 * len(checkpointed.blocks)
+    for name, grad in plain_grads.items():
+        assert torch.nn.functional.cosine_similarity(grad.flatten(), ckpt_grads[name].flatten(), dim=0) > 0.99
+    # control: hooks entered inside the checkpointed regions disable checkpointing (everything is kept)
+    inside_stats, _ = run(Stack(checkpointed=True), hooks_inside_checkpoint=True)
+    assert inside_stats.bytes_after > 0.8 * plain_stats.bytes_after
+
+
+def test_exclusions_keep_tensors_and_do_not_shadow_checkpoint_hooks():
+    torch.manual_seed(0)
+    model = Stack(checkpointed=False)
+    quantizer = ActivationQuantizer("int8", min_numel=0, exclude_modules=["blocks.1", "head"])
+    quantizer.attach(model)
+    x = torch.randn(8, 64)
+    with quantizer.step() as excluded:
+        model(x).sum()
+    with quantizer.step() as skipped, skip_quantization():
+        model(x).sum()
+    quantizer.detach()
+    with quantizer.step() as everything:
+        model(x).sum()
+    assert skipped.num_quantized == 0
+    assert 0 < excluded.num_quantized < everything.num_quantized
+    with pytest.raises(ValueError, match=r"`exclude_modules` pattern 'blocks\.9' matches no module.*HINT"):
+        ActivationQuantizer(exclude_modules=["blocks.9"]).attach(model)
+
+
+def test_stochastic_rounding_leaves_the_global_rng_alone():
+    model = Stack()
+    quantizer = ActivationQuantizer("int8", min_numel=0, stochastic_rounding=True)
+    quantizer.attach(model)
+    x = torch.randn(8, 64)
+    torch.manual_seed(123)
+    with quantizer.step() as stats:
+        model(x).sum()
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert stats.num_quantized > 0
+    assert torch.equal(after, torch.rand(3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"format": "int4"}, r"`format` must be one of 'int8', 'fp8_e4m3', 'fp8_e5m2', got 'int4'.*HINT"),
+        ({"group_size": 0}, r"`group_size` must be a positive integer, got 0.*HINT"),
+        ({"min_numel": -1}, r"`min_numel` must be an integer >= 0, got -1.*HINT"),
+        ({"exclude_modules": "head"}, r"`exclude_modules` must be a list of module-name patterns.*HINT"),
+    ],
+)
+def test_misconfiguration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ActivationQuantizer(**kwargs)
