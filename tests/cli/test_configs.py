@@ -1,0 +1,74 @@
+"""Every config in configs/ builds, the console script runs, and the quickstart meets its bar."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_peft.callbacks import LISA
+from lightning_peft.cli import PeftCLI, cli_main
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "vit_digits_lisa.yaml"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_and_builds(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = PeftCLI(args=["--config", str(config)], run=False)
+    assert isinstance(cli.model, pl.LightningModule)
+    assert isinstance(cli.datamodule, pl.LightningDataModule)
+    text = config.read_text()
+    assert text.startswith("#"), "a config starts with a header comment"
+    assert "lightning-peft fit --config configs/" + config.name in text, "the header gives the exact command"
+    if "class_path: LISA" in text:
+        assert any(isinstance(cb, LISA) for cb in cli.trainer.callbacks)
+
+
+def test_config_typo_fails_with_the_argument_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  callbacks:\n    - class_path: LISA\n      init_args: {n_layers: 0}\n")
+    with pytest.raises(SystemExit):
+        PeftCLI(args=["--config", str(bad)], run=False)
+
+
+def test_cli_fit_runs_a_few_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[2] / "configs" / "vit_digits_lisa.yaml"
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    assert re.search(r"Final validation metrics after 3 steps: .*val/acc=", capsys.readouterr().out)
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("lightning-peft")
+    assert exe is not None, "pip install -e . installs the `lightning-peft` command"
+    result = subprocess.run([exe, "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--config" in result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_its_accuracy(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    cli_main(["fit", "--config", str(config), "--trainer.enable_progress_bar=false"])
+    found = re.search(r"val/acc=([0-9.]+)", capsys.readouterr().out)
+    assert found is not None
+    assert float(found.group(1)) >= 0.65
