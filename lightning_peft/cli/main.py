@@ -41,11 +41,13 @@ class PeftCLI(LightningCLI):
                 print(f"Final validation metrics after {self.trainer.global_step} steps: {shown}", flush=True)
 
 
-def cli_main(args: ArgsType = None) -> PeftCLI:
+def cli_main(args: ArgsType = None) -> None:
     """Run the command line (``lightning-peft``); ``args`` replaces ``sys.argv[1:]`` when given.
+
+    Returns nothing, so the console script exits with status 0 (use :class:`PeftCLI` to keep the objects).
 
     Example::
 
-        >>> cli = cli_main(["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
+        >>> cli_main(["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
     """
-    return PeftCLI(args=args)
+    PeftCLI(args=args)
