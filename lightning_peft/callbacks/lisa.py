@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Set
 from typing import Any
 
@@ -32,7 +33,8 @@ class LISA(TrainableSetCallback):
     trains only if every method allows it) and with gradient accumulation (sets change only between optimizer
     steps). Under DDP all ranks sample the same blocks with no extra configuration.
 
-    Logs ``trainable_params`` whenever the set changes; with ``verbose``, prints the sampled block indices.
+    Logs ``trainable_params`` whenever the set changes; with ``verbose``, prints the sampled block indices; at the
+    end of training saves ``lisa_blocks.png`` (which block trained at which step) in the logger's directory.
 
     Args:
         n_layers: number of blocks trained in each period (the paper's γ: 2; 4 for 70B models).
@@ -44,6 +46,7 @@ class LISA(TrainableSetCallback):
         seed: seed of the sampler. ``None`` uses the ``seed_everything`` seed when one was set, else a random one;
             rank 0's seed is used by every rank.
         verbose: print the sampled block indices at each sampling.
+        plot: save the block-by-step plot at the end of training (needs a logger with a directory).
 
     Raises:
         ValueError: if ``n_layers`` or ``interval`` is below 1 (at construction), or ``n_layers`` exceeds the
@@ -71,6 +74,7 @@ class LISA(TrainableSetCallback):
         release_optimizer_state: bool = True,
         seed: int | None = None,
         verbose: bool = False,
+        plot: bool = True,
     ) -> None:
         super().__init__(release_optimizer_state=release_optimizer_state)
         if not isinstance(n_layers, int) or n_layers < 1:
@@ -88,6 +92,8 @@ class LISA(TrainableSetCallback):
         self.layers = layers
         self.seed = seed
         self.verbose = verbose
+        self.plot = plot
+        self.history: list[tuple[int, list[int]]] = []
         self.stack: LayerStack | None = None
         self.sampled: list[int] | None = None
         self._sampled_at: int | None = None
@@ -134,8 +140,39 @@ class LISA(TrainableSetCallback):
         self.sampled = sorted(order[: self.n_layers].tolist())
         self._sampled_at = step
         self._allowed = None
+        self.history.append((step, self.sampled))
         if self.verbose:
             rank_zero_info(f"LISA step {step}: training blocks {self.sampled} of {len(self.stack)}")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir if trainer.logger is not None else None
+        if self.plot and self.history and log_dir is not None and trainer.is_global_zero:
+            self.plot_history(os.path.join(log_dir, "lisa_blocks.png"), end_step=trainer.global_step)
+
+    def plot_history(self, path: str, end_step: int | None = None) -> str:
+        """Save a picture of which block trained during which steps to ``path`` (PNG) and return the path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        assert self.stack is not None or self.history
+        n_blocks = len(self.stack) if self.stack is not None else 1 + max(max(b) for _, b in self.history)
+        last = max(end_step or 0, self.history[-1][0] + 1)
+        fig, ax = plt.subplots(figsize=(8, 0.3 * n_blocks + 1.5))
+        bounds = [step for step, _ in self.history[1:]] + [last]
+        for (start, blocks), stop in zip(self.history, bounds, strict=True):
+            for block in blocks:
+                ax.broken_barh([(start, stop - start)], (block - 0.4, 0.8), color="tab:blue")
+        ax.set(xlabel="optimizer step", ylabel="block", xlim=(0, last), ylim=(-0.5, n_blocks - 0.5))
+        ax.set_yticks(range(n_blocks))
+        ax.set_title(f"LISA: {self.n_layers} of {n_blocks} blocks, resampled every {self.interval} steps")
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -143,12 +180,14 @@ class LISA(TrainableSetCallback):
             "sampled": self.sampled,
             "sampled_at": self._sampled_at,
             "generator": None if self._generator is None else self._generator.get_state(),
+            "history": self.history,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sampled = state_dict.get("sampled")
         self._sampled_at = state_dict.get("sampled_at")
+        self.history = [(int(step), list(blocks)) for step, blocks in state_dict.get("history", [])]
         generator_state = state_dict.get("generator")
         if generator_state is not None:
             self._generator = torch.Generator()

@@ -142,3 +142,15 @@ def test_ddp_ranks_sample_the_same_blocks_and_stay_identical(tmp_path):
     assert len(set(ranks[0]["sampled"])) > 1  # it did resample
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(weight, ranks[1]["weights"][name], msg=name)
+
+
+def test_plot_of_sampled_blocks_is_saved_in_the_log_dir(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    lisa = LISA(n_layers=1, interval=2, seed=1)
+    kw = trainer_kwargs(tmp_path, logger=CSVLogger(tmp_path, name="run"))
+    trainer = pl.Trainer(callbacks=[lisa], max_steps=8, **kw)
+    trainer.fit(TinyBlockModel())
+    assert [step for step, _ in lisa.history] == [0, 2, 4, 6]
+    png = tmp_path / "run" / "version_0" / "lisa_blocks.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
