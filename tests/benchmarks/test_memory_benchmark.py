@@ -1,0 +1,74 @@
+"""The memory benchmark on tiny models: every method is measured, and LISA really releases optimizer state."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
+
+
+def _load_benchmark():
+    name = "benchmarks_memory"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+memory = _load_benchmark()
+
+
+def test_storage_bytes_counts_a_shared_storage_once():
+    base = torch.zeros(16, 16)
+    assert memory.storage_bytes([base, base.t(), base[:4]]) == 16 * 16 * 4
+    assert memory.storage_bytes([base, torch.zeros(4)]) == 16 * 16 * 4 + 4 * 4
+
+
+def test_saved_tensor_counter_excludes_parameters():
+    layer = nn.Linear(8, 8)
+    counter = memory.SavedTensorCounter({p.untyped_storage().data_ptr() for p in layer.parameters()})
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        layer(x).sum().backward()
+    assert counter.nbytes == x.untyped_storage().nbytes()  # the input, not the weight
+
+
+def test_tiny_run_measures_every_method_and_lisa_releases_state(tmp_path):
+    memory.run(mode="cpu", sizes="tiny", out_dir=tmp_path)
+
+    results = json.loads((tmp_path / "memory_cpu.json").read_text())
+    assert (tmp_path / "memory_cpu.md").read_text().startswith("# Memory and step time")
+    assert set(results["models"]) == {spec.key for spec in memory.SIZES["tiny"]}
+    assert {"torch", "lightning", "device", "date"} <= set(results["environment"])
+    for key, model in results["models"].items():
+        methods = model["methods"]
+        assert set(methods) == set(memory.METHODS), key
+        for method in methods.values():
+            assert method["memory_bytes"] > 0 and method["step_time_ms"] > 0
+            assert len(method["step_times_ms"]) == results["schedule"]["timed"] * results["schedule"]["repeats"]
+        state = {name: m["components"]["optimizer_state_bytes"] for name, m in methods.items()}
+        # Released: only the sampled blocks (and the parts outside the stack) keep AdamW state.
+        assert state["lisa"] < state["lisa_kept"], key
+        assert state["lisa"] < state["full"], key
+        assert methods["lisa"]["blocks_with_state"] == memory.LISA_LAYERS
+        # Kept: run until every block was sampled, so its state is that of full fine-tuning.
+        assert methods["lisa_kept"]["blocks_with_state"] == methods["lisa_kept"]["n_blocks"]
+        assert state["lisa_kept"] == state["full"], key
+        assert methods["lisa"]["components"]["grad_bytes"] < methods["full"]["components"]["grad_bytes"]
+        assert methods["lisa"]["controller"]["steps"] > 0
+    assert results["controller_cost"]["steps"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_mode_without_cuda_says_so(tmp_path):
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        memory.run(mode="gpu", out_dir=tmp_path)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        memory.main(["--mode", "gpu", "--out-dir", str(tmp_path)])
