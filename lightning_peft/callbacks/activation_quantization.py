@@ -46,6 +46,8 @@ class ActivationQuantization(Callback):
         stochastic_rounding: unbiased random rounding (its own generator; global RNG untouched).
         exclude_modules: glob patterns of module names (``named_modules()`` of the LightningModule, e.g.
             ``"model.head"``) whose saved tensors are kept as they are.
+        compile: fuse quantization and dequantization with ``torch.compile`` (recommended on GPU: the eager
+            ops make several passes over memory; the first step compiles).
         log_bytes: log the before / after bytes with ``pl_module.log``.
 
     Raises:
@@ -67,6 +69,7 @@ class ActivationQuantization(Callback):
         min_numel: int = DEFAULT_MIN_NUMEL,
         stochastic_rounding: bool = False,
         exclude_modules: list[str] | None = None,
+        compile: bool = False,
         log_bytes: bool = True,
     ) -> None:
         self.quantizer = ActivationQuantizer(
@@ -75,6 +78,7 @@ class ActivationQuantization(Callback):
             min_numel=min_numel,
             stochastic_rounding=stochastic_rounding,
             exclude_modules=exclude_modules,
+            compile=compile,
         )
         self.log_bytes = log_bytes
         self._reported = False

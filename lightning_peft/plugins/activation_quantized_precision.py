@@ -34,6 +34,7 @@ class ActivationQuantizedPrecision(MixedPrecision):
         min_numel: tensors with fewer elements are kept as they are.
         stochastic_rounding: unbiased random rounding instead of round-to-nearest.
         exclude_modules: glob patterns of module names whose saved tensors are kept as they are.
+        compile: fuse quantization and dequantization with ``torch.compile`` (recommended on GPU).
         device: device type of ``torch.autocast``; ``"cuda"`` when CUDA is available, else ``"cpu"``.
         scaler: a ``torch.amp.GradScaler`` for ``"16-mixed"`` (one is made if ``None``).
 
@@ -64,6 +65,7 @@ class ActivationQuantizedPrecision(MixedPrecision):
         min_numel: int = DEFAULT_MIN_NUMEL,
         stochastic_rounding: bool = False,
         exclude_modules: list[str] | None = None,
+        compile: bool = False,
         device: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
@@ -82,6 +84,7 @@ class ActivationQuantizedPrecision(MixedPrecision):
             min_numel=min_numel,
             stochastic_rounding=stochastic_rounding,
             exclude_modules=exclude_modules,
+            compile=compile,
         )
 
     @property

@@ -6,13 +6,17 @@ along the last dimension; otherwise groups continue into the next row and only t
 group stores its absolute maximum as a float32 scale, so a group's largest magnitude maps to the format's
 largest value (127 for int8, 448 for E4M3, 57344 for E5M2).
 
-The work is vectorised over groups; large tensors are processed in chunks of ``chunk_numel`` elements so that
-the float32 temporaries of the forward stay small next to the tensor itself.
+The eager path is vectorised over groups; large tensors are processed in chunks of ``chunk_numel`` elements so
+that the float32 temporaries stay small next to the tensor itself. With ``compile=True`` the round-to-nearest
+path runs as one ``torch.compile``-fused kernel per direction (no float32 temporaries; on GPU, Triton kernels
+close to the memory-traffic floor), falling back to eager where it does not apply.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,18 +126,79 @@ def _quantize_block(
     absmax = block.abs().amax(dim=1, keepdim=True)
     scale = absmax.div_(spec.max_value).clamp_(min=torch.finfo(torch.float32).tiny)
     values = block.div_(scale)
-    if spec.storage_dtype is torch.int8:
-        if stochastic_rounding:
+    if spec.storage_dtype is torch.int8 and not stochastic_rounding:
+        # |values| <= 127 up to float rounding, which round-to-nearest brings back to 127: no clamp needed
+        values.round_()
+    else:
+        if spec.storage_dtype is torch.int8:
             noise = torch.rand(values.shape, generator=generator, device=values.device, dtype=values.dtype)
             values.add_(noise).floor_()
-        else:
-            values.round_()
-    elif stochastic_rounding:
-        values = _stochastic_round_fp8(values, spec, generator)
-    # float rounding of the division can land just beyond the format's largest value
-    values.clamp_(-spec.max_value, spec.max_value)
+        elif stochastic_rounding:
+            values = _stochastic_round_fp8(values, spec, generator)
+        # float rounding of the division (or rounding up) can land just beyond the format's largest value
+        values.clamp_(-spec.max_value, spec.max_value)
     out_data.copy_(values)
     out_scale.copy_(scale.squeeze(1))
+
+
+def _quantize_groups(
+    groups: Tensor, max_value: float, round_to_int: bool, storage_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Functional form of :func:`_quantize_block` (round-to-nearest) for ``torch.compile`` to fuse."""
+    values = groups.float()
+    scale = (values.abs().amax(dim=1, keepdim=True) / max_value).clamp(min=torch.finfo(torch.float32).tiny)
+    values = values / scale
+    if round_to_int:
+        values = values.round()
+    return values.clamp(-max_value, max_value).to(storage_dtype), scale.squeeze(1)
+
+
+def _dequantize_groups(data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (data.float() * scale.unsqueeze(1)).to(dtype)
+
+
+def _quantize_int8_groups(groups: Tensor) -> tuple[Tensor, Tensor]:
+    return _quantize_groups(groups, 127.0, True, torch.int8)
+
+
+def _quantize_fp8_e4m3_groups(groups: Tensor) -> tuple[Tensor, Tensor]:
+    return _quantize_groups(groups, 448.0, False, torch.float8_e4m3fn)
+
+
+def _quantize_fp8_e5m2_groups(groups: Tensor) -> tuple[Tensor, Tensor]:
+    return _quantize_groups(groups, 57344.0, False, torch.float8_e5m2)
+
+
+def _dequantize_int8_groups(data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return _dequantize_groups(data, scale, dtype)
+
+
+def _dequantize_fp8_e4m3_groups(data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return _dequantize_groups(data, scale, dtype)
+
+
+def _dequantize_fp8_e5m2_groups(data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return _dequantize_groups(data, scale, dtype)
+
+
+# One function (code object) per format, because torch.compile keeps a bounded number of compiled variants per
+# code object; per format the variants are only the tensor dtypes.
+_FUSED = {
+    "int8": (_quantize_int8_groups, _dequantize_int8_groups),
+    "fp8_e4m3": (_quantize_fp8_e4m3_groups, _dequantize_fp8_e4m3_groups),
+    "fp8_e5m2": (_quantize_fp8_e5m2_groups, _dequantize_fp8_e5m2_groups),
+}
+
+
+@functools.cache
+def _compiled(function: Callable) -> Callable:
+    # dynamic shapes: one compilation serves every tensor size
+    return torch.compile(function, dynamic=True)
+
+
+def _use_compiled(compile: bool) -> bool:
+    # inside a region that torch.compile is tracing, the eager ops are traced (and fused) anyway
+    return compile and not torch.compiler.is_compiling()
 
 
 def quantize(
@@ -143,6 +208,7 @@ def quantize(
     stochastic_rounding: bool = False,
     generator: torch.Generator | None = None,
     chunk_numel: int = _DEFAULT_CHUNK_NUMEL,
+    compile: bool = False,
 ) -> QuantizedTensor:
     """Quantize a floating-point tensor to 8 bits with one absmax scale per group of ``group_size`` elements.
 
@@ -153,7 +219,9 @@ def quantize(
         stochastic_rounding: round up or down at random with probabilities that make the rounding unbiased,
             instead of to the nearest value.
         generator: random generator for stochastic rounding (on the tensor's device); the global one if ``None``.
-        chunk_numel: elements processed at once; bounds the float32 temporaries.
+        chunk_numel: elements processed at once by the eager path; bounds the float32 temporaries.
+        compile: use the ``torch.compile``-fused kernel for round-to-nearest when the number of elements is a
+            multiple of ``group_size`` (the first call per format and dtype compiles).
 
     Returns:
         The :class:`QuantizedTensor`.
@@ -175,6 +243,11 @@ def quantize(
         raise ValueError(f"Only floating-point tensors can be quantized, got dtype {tensor.dtype}.")
     flat = tensor.detach().reshape(-1)
     numel = flat.numel()
+    if _use_compiled(compile) and not stochastic_rounding and numel > 0 and numel % group_size == 0:
+        # autocast off: its state is part of what a compiled variant is specialised on (models switch it)
+        with torch.autocast(flat.device.type, enabled=False):
+            data, scale = _compiled(_FUSED[format][0])(flat.view(-1, group_size))
+        return QuantizedTensor(data.view(-1), scale, tensor.shape, tensor.dtype, format, group_size)
     n_groups = max(1, -(-numel // group_size))
     data = torch.empty(n_groups * group_size, dtype=spec.storage_dtype, device=flat.device)
     scale = torch.empty(n_groups, dtype=torch.float32, device=flat.device)
@@ -200,7 +273,7 @@ def quantize(
     return QuantizedTensor(data, scale, tensor.shape, tensor.dtype, format, group_size)
 
 
-def dequantize(quantized: QuantizedTensor) -> Tensor:
+def dequantize(quantized: QuantizedTensor, compile: bool = False) -> Tensor:
     """Restore a contiguous tensor of the original shape and dtype from a :class:`QuantizedTensor`.
 
     bfloat16 tensors are restored in bfloat16 arithmetic (8-bit values convert exactly, and bfloat16 has the
@@ -208,10 +281,17 @@ def dequantize(quantized: QuantizedTensor) -> Tensor:
 
     Args:
         quantized: the output of :func:`quantize`.
+        compile: use the ``torch.compile``-fused kernel (float32 arithmetic, one pass).
 
     Returns:
         The dequantized tensor.
     """
+    if _use_compiled(compile):
+        with torch.autocast(quantized.data.device.type, enabled=False):
+            values = _compiled(_FUSED[quantized.format][1])(
+                quantized.data.view(-1, quantized.group_size), quantized.scale, quantized.dtype
+            )
+        return values.view(-1)[: quantized.numel()].view(quantized.shape)
     compute_dtype = torch.bfloat16 if quantized.dtype is torch.bfloat16 else torch.float32
     values = quantized.data.view(-1, quantized.group_size).to(compute_dtype)
     values.mul_(quantized.scale.to(compute_dtype).unsqueeze(1))

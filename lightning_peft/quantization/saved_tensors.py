@@ -5,7 +5,7 @@ The one quantizer of the package: the :class:`~lightning_peft.callbacks.Activati
 
 What is never quantized (the tensor is kept as it is):
 
-- model parameters and buffers, found by storage; the cast copies of parameters that autocast makes for a
+- model parameters and buffers, found by type and storage; the cast copies of parameters that autocast makes for a
   Linear or a convolution (a bf16 copy is not a Parameter and lives at another address): a trainable one is
   recognised by following ``grad_fn`` through casts and views to an ``AccumulateGrad``, a frozen one (no
   ``grad_fn``) by being a leaf with the shape of a frozen parameter of the attached model;
@@ -133,17 +133,18 @@ class SavedTensorStats:
 class _QuantizedStorage:
     """One quantized copy of saved data; holds no reference to the autograd graph."""
 
-    __slots__ = ("__weakref__", "_restored", "quantized")
+    __slots__ = ("__weakref__", "_restored", "compile", "quantized")
 
-    def __init__(self, quantized: QuantizedTensor) -> None:
+    def __init__(self, quantized: QuantizedTensor, compile: bool) -> None:
         self.quantized = quantized
+        self.compile = compile
         self._restored: weakref.ref[Tensor] | None = None
 
     def restore(self) -> Tensor:
         # saves of one storage by several nodes share one dequantized tensor while it is alive
         restored = self._restored() if self._restored is not None else None
         if restored is None:
-            restored = dequantize(self.quantized)
+            restored = dequantize(self.quantized, compile=self.compile)
             self._restored = weakref.ref(restored)
         return restored
 
@@ -226,6 +227,9 @@ class ActivationQuantizer:
         exclude_modules: glob patterns of module names (as in ``named_modules()``, e.g. ``"head"`` or
             ``"blocks.0.*"``) whose saved tensors are kept as they are; needs :meth:`attach`.
         seed: seed of the stochastic-rounding generators.
+        compile: quantize and dequantize with ``torch.compile``-fused kernels (round-to-nearest, sizes that are
+            a multiple of ``group_size``; eager otherwise). Worth it on GPU, where the eager ops cost several
+            passes over memory; the first step pays for compilation.
 
     Raises:
         ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel`` or an
@@ -251,6 +255,7 @@ class ActivationQuantizer:
         stochastic_rounding: bool = False,
         exclude_modules: Iterable[str] | None = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         _check_format(format)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -277,6 +282,7 @@ class ActivationQuantizer:
         self.stochastic_rounding = stochastic_rounding
         self.exclude_modules = list(exclude_modules or [])
         self.seed = seed
+        self.compile = compile
         self.stats = SavedTensorStats()
         # nothing below refers to the model or to the autograd graph: the graph keeps the pack hook alive
         self._module_ref: weakref.ref[nn.Module] | None = None
@@ -288,6 +294,22 @@ class ActivationQuantizer:
         self._cache: dict[tuple, tuple[weakref.ref, int, _QuantizedStorage]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled (ddp_spawn) or deep-copied without the run-time links: model, hooks, caches, generators
+        state = self.__dict__.copy()
+        state.update(
+            _module_ref=None,
+            _exclusion_handles=[],
+            _param_ptrs=set(),
+            _frozen_shapes=set(),
+            _counted={},
+            _kept={},
+            _cache={},
+            _generators={},
+            _hooks=None,
+        )
+        return state
 
     def __repr__(self) -> str:
         return (
@@ -429,11 +451,10 @@ class ActivationQuantizer:
         """The pack hook: a quantized handle for an activation, the tensor itself (detached) otherwise."""
         stats = self.stats
         stats.num_saved += 1
-        if (
-            (type(tensor) is not torch.Tensor and type(tensor) is not nn.Parameter)
-            or tensor.layout is not torch.strided
-            or tensor.device.type == "meta"
-        ):
+        if type(tensor) is nn.Parameter:
+            # also where the storage moves during the step (DeepSpeed ZeRO-3 gathers into the Parameter)
+            return tensor
+        if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided or tensor.device.type == "meta":
             return _keep(tensor)
         storage = tensor.untyped_storage()
         in_param_storage = storage.data_ptr() in self._param_ptrs
@@ -468,9 +489,14 @@ class ActivationQuantizer:
             # a whole storage is quantized in memory order, so that any view of it can be rebuilt by as_strided
             source = tensor.as_strided((tensor.numel(),), (1,), 0) if covers_storage else tensor
             quantized = quantize(
-                source, self.format, self.group_size, self.stochastic_rounding, self._generator(tensor.device)
+                source,
+                self.format,
+                self.group_size,
+                self.stochastic_rounding,
+                self._generator(tensor.device),
+                compile=self.compile,
             )
-        packed = _QuantizedStorage(quantized)
+        packed = _QuantizedStorage(quantized, self.compile)
         stats.bytes_after += quantized.nbytes
         self._cache[whole_key if covers_storage else view_key] = (weakref.ref(storage), version, packed)
         return _SavedView(packed, geometry if covers_storage else None)

@@ -210,3 +210,56 @@ def test_unknown_excluded_module_fails_at_setup(tmp_path):
     trainer = _trainer(tmp_path, [ActivationQuantization(exclude_modules=["model.decoder"])])
     with pytest.raises(ValueError, match=r"`exclude_modules` pattern 'model\.decoder' matches no module.*HINT"):
         trainer.fit(TinyViT(), _data())
+
+
+class TwoForwardsManual(pl.LightningModule):
+    """Manual optimization with two forward / backward pairs in one training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 2))
+        self.saved_per_forward = []
+
+    def training_step(self, batch, batch_idx):
+        callback = next(c for c in self.trainer.callbacks if isinstance(c, ActivationQuantization))
+        optimizer = self.optimizers()
+        for _ in range(2):
+            before = callback.quantizer.stats.num_quantized
+            loss = self.net(batch[0]).square().mean()
+            self.saved_per_forward.append(callback.quantizer.stats.num_quantized - before)
+            self.manual_backward(loss)
+            assert callback.quantizer.hooks_active  # re-entered after each backward
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_manual_optimization_quantizes_every_forward(tmp_path):
+    model = TwoForwardsManual()
+    data = DataLoader(TensorDataset(torch.randn(64, 64)), batch_size=32)
+    callback = ActivationQuantization(min_numel=1024)
+    _trainer(tmp_path, [callback], max_steps=2).fit(model, data)
+    # each forward: the batch (input of the first Linear), the GELU input and the GELU output
+    assert model.saved_per_forward == [3, 3, 3, 3]
+    assert not callback.quantizer.hooks_active
+
+
+def test_built_from_cli_arguments():
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(
+        TinyViT,
+        args=[
+            "--trainer.callbacks+=lightning_peft.callbacks.activation_quantization.ActivationQuantization",
+            "--trainer.callbacks.format=fp8_e4m3",
+            "--trainer.callbacks.group_size=32",
+            "--trainer.logger=false",
+        ],
+        run=False,
+        save_config_callback=None,
+    )
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, ActivationQuantization))
+    assert (callback.quantizer.format, callback.quantizer.group_size) == ("fp8_e4m3", 32)

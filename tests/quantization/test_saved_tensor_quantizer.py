@@ -271,3 +271,22 @@ def test_stochastic_rounding_leaves_the_global_rng_alone():
 def test_misconfiguration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ActivationQuantizer(**kwargs)
+
+
+def test_pickles_and_copies_without_its_runtime_links():
+    import copy
+    import pickle
+
+    model = Stack()
+    quantizer = ActivationQuantizer("fp8_e4m3", min_numel=0, stochastic_rounding=True, exclude_modules=["head"])
+    quantizer.attach(model)
+    with quantizer.step():
+        model(torch.randn(4, 64)).sum()
+    for clone in (pickle.loads(pickle.dumps(quantizer)), copy.deepcopy(quantizer)):
+        assert clone._module_ref is None and clone._hooks is None and not clone._exclusion_handles
+        assert (clone.format, clone.exclude_modules, clone.stochastic_rounding) == ("fp8_e4m3", ["head"], True)
+        clone.attach(model)
+        with clone.step() as stats:
+            model(torch.randn(4, 64)).sum()
+        assert stats.num_quantized > 0
+        clone.detach()
