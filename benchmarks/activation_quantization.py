@@ -48,6 +48,7 @@ class Workload:
 def _vit(mode: str, device: torch.device) -> Workload:
     import timm
 
+    torch.manual_seed(0)
     if mode == "gpu":
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
         batch_size, size, description = 64, 224, "timm ViT-B/16, batch 64 x 224^2"

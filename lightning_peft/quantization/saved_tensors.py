@@ -166,17 +166,38 @@ class _SavedView:
         return restored.as_strided(size, stride, offset)
 
 
-def _unpack(packed: Any) -> Tensor:
-    if isinstance(packed, _SavedView):
-        return packed.restore()
-    return packed
+class _Kept:
+    """What the pack hook returns for a tensor it keeps: the tensor and its version when it was saved."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: Tensor, version: int) -> None:
+        self.tensor = tensor
+        self.version = version
 
 
-def _keep(tensor: Tensor) -> Tensor:
+def _keep(tensor: Tensor) -> _Kept:
     # Returning a saved *output* unchanged would let the SavedVariable own the tensor, which owns its grad_fn,
     # which owns the SavedVariable: a cycle through C++ that gc cannot see, leaking the whole graph when a
     # loss is dropped without backward. A detached alias shares storage and version counter but not grad_fn.
-    return tensor.detach() if tensor.grad_fn is not None else tensor
+    return _Kept(tensor.detach() if tensor.grad_fn is not None else tensor, tensor._version)
+
+
+def _unpack(packed: Any) -> Tensor:
+    if isinstance(packed, _SavedView):
+        return packed.restore()
+    if isinstance(packed, _Kept):
+        tensor = packed.tensor
+        # autograd skips its in-place check for tensors that went through hooks: do it here
+        if tensor._version != packed.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation:"
+                f" [{tensor.type()} {list(tensor.shape)}] is at version {tensor._version}; expected version"
+                f" {packed.version} instead (detected by lightning_peft's activation quantization, which kept this"
+                " tensor unquantized). HINT: use the out-of-place form of the operation."
+            )
+        return tensor
+    return packed
 
 
 def _is_dense(tensor: Tensor) -> bool:
@@ -294,6 +315,7 @@ class ActivationQuantizer:
         self._cache: dict[tuple, tuple[weakref.ref, int, _QuantizedStorage]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._parameters_stale = False
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled (ddp_spawn) or deep-copied without the run-time links: model, hooks, caches, generators
@@ -354,7 +376,8 @@ class ActivationQuantizer:
         self._frozen_shapes.clear()
 
     def refresh_parameters(self) -> None:
-        """Re-read where the attached model's parameters live (they move with ``.to()`` and strategy wrapping)."""
+        """Re-read the attached model's parameters: where they live (``.to()``, strategies) and which are frozen."""
+        self._parameters_stale = False
         module = self._module_ref() if self._module_ref is not None else None
         self._param_ptrs.clear()
         self._frozen_shapes.clear()
@@ -369,12 +392,13 @@ class ActivationQuantizer:
 
     # ----------------------------------------------------------------------------------------------- steps
     def start_step(self) -> None:
-        """Begin a step: fresh statistics and deduplication cache, current parameter addresses."""
+        """Begin a step: fresh statistics and deduplication cache; parameters are re-read at the first save."""
         self.stats = SavedTensorStats()
         self._counted.clear()
         self._kept.clear()
         self._cache.clear()
-        self.refresh_parameters()
+        # read lazily: callbacks running after this one (LISA...) may still change what is frozen
+        self._parameters_stale = True
 
     def end_step(self) -> SavedTensorStats:
         """End a step: drop the deduplication cache (quantized copies live on in the graph); return the stats."""
@@ -448,12 +472,14 @@ class ActivationQuantizer:
         return generator
 
     def pack(self, tensor: Tensor) -> Any:
-        """The pack hook: a quantized handle for an activation, the tensor itself (detached) otherwise."""
+        """The pack hook: a handle to the quantized copy of an activation, or to the (detached) tensor kept as is."""
+        if self._parameters_stale:
+            self.refresh_parameters()
         stats = self.stats
         stats.num_saved += 1
         if type(tensor) is nn.Parameter:
             # also where the storage moves during the step (DeepSpeed ZeRO-3 gathers into the Parameter)
-            return tensor
+            return _keep(tensor)
         if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided or tensor.device.type == "meta":
             return _keep(tensor)
         storage = tensor.untyped_storage()

@@ -177,6 +177,31 @@ def test_trains_with_bitsandbytes_adamw8bit(tmp_path):
     assert sum(not torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True)) > 10
 
 
+def test_combines_with_lisa_and_adamw8bit(tmp_path):
+    from lightning_peft.callbacks import LISA
+
+    class Probe(Callback):
+        frozen_shapes = []
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.frozen_shapes.append(set(callback.quantizer._frozen_shapes))
+
+    model = TinyViT(optimizer="adamw8bit")
+    callback = ActivationQuantization(min_numel=1024)
+    lisa = LISA(n_layers=1, interval=1, seed=0, plot=False)
+    trainer = _trainer(tmp_path, [callback, lisa, Probe()], max_steps=2, precision="bf16-mixed")
+    trainer.fit(model, _data())
+    frozen = [i for i in range(2) if i not in lisa.sampled]
+    assert len(frozen) == 1
+    # the quantizer saw the frozen block's weights (whose bf16 copies have no grad_fn) in every step, even though
+    # LISA's hooks run after its own
+    block_shapes = {p.shape for p in model.model.blocks[frozen[0]].parameters()}
+    assert len(Probe.frozen_shapes) == 2 and all(block_shapes <= shapes for shapes in Probe.frozen_shapes)
+    assert callback.last_stats.num_quantized > 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.grad is None for p in model.model.blocks[frozen[0]].parameters())
+
+
 def test_ddp_spawn_keeps_ranks_identical(tmp_path):
     model = TinyViT(weights_dir=str(tmp_path))
     trainer = _trainer(

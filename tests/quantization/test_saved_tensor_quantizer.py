@@ -60,9 +60,12 @@ def _recording(quantizer, monkeypatch):
 
 
 def _is_kept(tensor, packed):
-    return (
-        isinstance(packed, torch.Tensor) and packed.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
-    )
+    restored = saved_tensors._unpack(packed)
+    return isinstance(packed, saved_tensors._Kept) and restored.data_ptr() == tensor.data_ptr()
+
+
+def _round_trip(quantizer, tensor):
+    return saved_tensors._unpack(quantizer.pack(tensor))
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -100,15 +103,15 @@ def test_parameters_integer_and_small_tensors_pass_through_untouched():
     quantizer.attach(module)
     quantizer.start_step()
     # identity of the object and of the storage
-    assert quantizer.pack(param) is param
-    assert quantizer.pack(frozen) is frozen
-    assert quantizer.pack(param.t()).untyped_storage().data_ptr() == param.data_ptr()
+    assert _round_trip(quantizer, param) is param
+    assert _round_trip(quantizer, frozen) is frozen
+    assert _round_trip(quantizer, param.t()).untyped_storage().data_ptr() == param.data_ptr()
     indices = torch.randint(0, 10, (100_000,))
     mask = torch.rand(100_000) > 0.5
-    assert quantizer.pack(indices) is indices
-    assert quantizer.pack(mask) is mask
+    assert _round_trip(quantizer, indices) is indices
+    assert _round_trip(quantizer, mask) is mask
     small = torch.randn(999)
-    assert quantizer.pack(small) is small
+    assert _round_trip(quantizer, small) is small
     large = torch.randn(1000)
     assert isinstance(quantizer.pack(large), saved_tensors._SavedView)
     assert quantizer.stats.num_quantized == 1
@@ -150,6 +153,16 @@ def test_an_inplace_change_between_saves_is_not_deduplicated():
     # lin2's weight gradient is computed from the changed tensor: column sums of h + 10
     torch.testing.assert_close(lin2.weight.grad[0], (x + 10).sum(0), rtol=0.02, atol=0.5)
     torch.testing.assert_close(lin1.weight.grad[0], x.sum(0), rtol=0.02, atol=0.5)
+
+
+def test_an_inplace_change_of_a_kept_tensor_is_still_detected():
+    quantizer = ActivationQuantizer("int8", min_numel=10**9)
+    x = torch.randn(100, requires_grad=True)
+    with quantizer.step():
+        y = x.exp()  # saves its output, kept (below min_numel)
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation.*expected version 0"):
+        y.sum().backward()
 
 
 def _live_outputs_after_discarded_step(quantizer, model):
