@@ -2,15 +2,16 @@
 
 from collections.abc import Sequence
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from typing_extensions import override
 
+from lightning_peft.data._split import SplitDataModule
 
-class Digits(pl.LightningDataModule):
+
+class Digits(SplitDataModule):
     """The 1,797 handwritten digits of ``sklearn.datasets.load_digits``, resized for image models.
 
     Each 8x8 image (values 0-16) becomes a float tensor in [0, 1], is resized with bilinear interpolation to
@@ -127,25 +128,3 @@ class Digits(pl.LightningDataModule):
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
         self.test_set = TensorDataset(images[test_idx], labels[test_idx]) if n_test else self.val_set
-
-    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        # A seeded generator makes the shuffle order the same in every run with the same `seed`.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)

