@@ -1,21 +1,27 @@
-"""Memory and step time of full fine-tuning, LISA (state released / kept) and LoRA, side by side in one run.
+"""Memory and step time of full fine-tuning, LISA, LoRA and activation quantization, side by side in one run.
 
 For a timm ViT and a Hugging Face Llama-style causal LM (random weights, synthetic inputs) every method trains
-through a real ``lightning.pytorch.Trainer`` with AdamW:
+through a real ``lightning.pytorch.Trainer`` with AdamW (bitsandbytes ``AdamW8bit`` where named):
 
 * ``full``      -- full fine-tuning, AdamW over every parameter;
 * ``lisa``      -- ``LISA(n_layers=2, interval=K)`` of this package: frozen blocks' optimizer state is released;
 * ``lisa_kept`` -- ``LISA(..., release_optimizer_state=False)``, as public implementations do; it runs until every
   block was sampled once (its kept state is then at steady state) before it is timed;
 * ``lora``      -- HF peft LoRA r=16, alpha 32 on the attention and MLP Linear layers (ViT head in
-  ``modules_to_save``; the LM's embeddings and head frozen, as peft leaves them).
+  ``modules_to_save``; the LM's embeddings and head frozen, as peft leaves them);
+* ``full_int8`` / ``full_fp8_e4m3`` -- full fine-tuning with the ``ActivationQuantization`` callback of this
+  package storing the tensors saved for backward in int8 / FP8 E4M3 (``compile=True``: fused kernels);
+* ``lisa_int8_adamw8bit`` -- the full memory combination: LISA (state released) + int8 activations + bitsandbytes
+  ``AdamW8bit`` (8-bit optimizer state).
 
 Methods of one model run one after the other in the same process, in an order that rotates with each repeat, so
 machine noise affects all alike; ratios are against full fine-tuning.
 
 Memory is measured two ways. Components (both modes): unique storage bytes of the parameters, of the gradients
 (max over steps, taken in ``on_before_optimizer_step``), of the optimizer state (after the last step) and of the
-tensors saved for backward during one forward (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded);
+tensors saved for backward during one forward (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded;
+with activation quantization, the bytes the quantizer really keeps -- 8-bit data, scales and what it leaves as it
+is -- from the callback's own statistics, since a second hook inside it would shadow it);
 ``--mode cpu`` reports their sum (and the process's peak RSS delta, indicative only). ``--mode gpu`` reports
 ``torch.cuda.max_memory_allocated()`` over the timed steps. Step time is the median wall time of a training step
 (``on_train_batch_start`` to ``on_train_batch_end``, CUDA-synchronised) after warm-up. The trainable-set
@@ -23,7 +29,7 @@ controller's own cost is timed by wrapping its ``on_train_batch_start``.
 
 Run from the repository root::
 
-    python benchmarks/memory.py                # --mode cpu: small models, fp32, about 3 minutes on 2 cores
+    python benchmarks/memory.py                # --mode cpu: small models, fp32, about 2.5 minutes on 2 cores
     python benchmarks/memory.py --mode gpu     # ViT-B/16, ViT-L/16, Llama 1.1B in bf16-mixed on one GPU
 
 Results go to ``benchmarks/results/memory_<mode>.json`` (raw numbers) and ``.md`` (tables, targets).
@@ -36,6 +42,7 @@ import contextlib
 import ctypes
 import datetime
 import gc
+import importlib.metadata
 import json
 import logging
 import os
@@ -57,17 +64,26 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_peft.callbacks import LISA
+from lightning_peft.callbacks import LISA, ActivationQuantization
 from lightning_peft.layers import find_layers
+from lightning_peft.quantization import DEFAULT_MIN_NUMEL
 from lightning_peft.trainable import TrainableSetController
 
-METHODS = ("full", "lisa", "lisa_kept", "lora")
+METHODS = ("full", "lisa", "lisa_kept", "lora", "full_int8", "full_fp8_e4m3", "lisa_int8_adamw8bit")
 METHOD_LABELS = {
     "full": "Full FT (AdamW)",
     "lisa": "LISA, state released (ours)",
     "lisa_kept": "LISA, state kept",
     "lora": "LoRA r=16 (peft)",
+    "full_int8": "Full FT + int8 activations",
+    "full_fp8_e4m3": "Full FT + fp8_e4m3 activations",
+    "lisa_int8_adamw8bit": "LISA + int8 activations + AdamW8bit",
 }
+# Methods with activation quantization: the storage format, and the method that is the same run without it.
+ACTIVATION_FORMATS = {"full_int8": "int8", "full_fp8_e4m3": "fp8_e4m3", "lisa_int8_adamw8bit": "int8"}
+UNQUANTIZED = {"full_int8": "full", "full_fp8_e4m3": "full", "lisa_int8_adamw8bit": "lisa"}
+ADAMW8BIT_METHODS = frozenset({"lisa_int8_adamw8bit"})
+QUANT_GROUP_SIZE = 128
 LISA_LAYERS = 2
 LORA_RANK = 16
 LORA_ALPHA = 32
@@ -78,6 +94,11 @@ LORA_TARGETS = {
 # Targets of the issue, for one H100: LISA (released) memory <= LoRA's and <= the model's ratio of full FT,
 # LISA step time <= 0.8x full FT.
 STEP_TIME_TARGET = 0.8
+# Activation quantization (issue 5): saved-for-backward bytes <= 0.55x the unquantized run (each format), step time
+# <= 1.15x the unquantized run (GPU only: it asks for fused kernels), and LISA + int8 activations + AdamW8bit at most
+# 0.45x full fine-tuning's peak on the 1.1B Llama (``ModelSpec.combination_target``).
+SAVED_BYTES_TARGET = 0.55
+QUANT_STEP_TIME_TARGET = 1.15
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -93,6 +114,19 @@ class ModelSpec:
     seq_len: int = 0  # tokens per sequence (llama)
     num_classes: int = 0  # head size (vit)
     memory_target: float | None = None  # issue's LISA / full FT memory ratio, where one is set
+    combination_target: float | None = None  # issue's (LISA + int8 activations + AdamW8bit) / full FT memory ratio
+
+
+@dataclass(frozen=True)
+class SmallTensors:
+    """Size thresholds below which tensors stay unquantized, scaled with the models of one ``sizes``.
+
+    The package defaults are set for GPU-sized models; the CPU and tiny models' activations are hundreds of times
+    smaller, and would mostly fall under them, so the thresholds shrink with the models.
+    """
+
+    min_numel: int  # ActivationQuantization: tensors saved for backward with fewer elements are kept as they are
+    min_8bit_size: int  # AdamW8bit: parameters with fewer elements keep 32-bit state
 
 
 @dataclass(frozen=True)
@@ -112,8 +146,17 @@ def _vit(key, label, name, batch_size, num_classes, memory_target=None, **kwargs
     return ModelSpec(key, label, "vit", config, batch_size, num_classes=num_classes, memory_target=memory_target)
 
 
-def _llama(key, label, batch_size, seq_len, memory_target=None, **kwargs) -> ModelSpec:
-    return ModelSpec(key, label, "llama", kwargs, batch_size, seq_len=seq_len, memory_target=memory_target)
+def _llama(key, label, batch_size, seq_len, memory_target=None, combination_target=None, **kwargs) -> ModelSpec:
+    return ModelSpec(
+        key,
+        label,
+        "llama",
+        kwargs,
+        batch_size,
+        seq_len=seq_len,
+        memory_target=memory_target,
+        combination_target=combination_target,
+    )
 
 
 SIZES: dict[str, list[ModelSpec]] = {
@@ -126,6 +169,7 @@ SIZES: dict[str, list[ModelSpec]] = {
             4,
             1024,
             memory_target=0.6,
+            combination_target=0.45,
             hidden_size=2048,
             num_hidden_layers=22,
             num_attention_heads=32,
@@ -151,6 +195,7 @@ SIZES: dict[str, list[ModelSpec]] = {
             2,
             128,
             memory_target=0.6,
+            combination_target=0.45,
             hidden_size=256,
             num_hidden_layers=8,
             num_attention_heads=4,
@@ -190,6 +235,11 @@ SCHEDULES = {
     "gpu": Schedule(warmup=3, timed=10, lisa_interval=5, kept_interval=1, max_coverage_steps=100, repeats=1),
     "cpu": Schedule(warmup=2, timed=3, lisa_interval=3, kept_interval=1, max_coverage_steps=40, repeats=5),
     "tiny": Schedule(warmup=1, timed=2, lisa_interval=2, kept_interval=1, max_coverage_steps=20, repeats=1),
+}
+SMALL_TENSORS = {
+    "gpu": SmallTensors(min_numel=DEFAULT_MIN_NUMEL, min_8bit_size=4096),  # the package's and bitsandbytes' defaults
+    "cpu": SmallTensors(min_numel=4096, min_8bit_size=4096),
+    "tiny": SmallTensors(min_numel=512, min_8bit_size=256),
 }
 
 
@@ -326,11 +376,12 @@ class RepeatedBatch:
 class BenchModule(pl.LightningModule):
     """Wraps a ViT (images, labels -> cross-entropy) or a causal LM (token ids -> next-token loss)."""
 
-    def __init__(self, model: nn.Module, family: str, lr: float = 1e-4) -> None:
+    def __init__(self, model: nn.Module, family: str, lr: float = 1e-4, min_8bit_size: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.family = family
         self.lr = lr
+        self.min_8bit_size = min_8bit_size  # None: torch AdamW; else bitsandbytes AdamW8bit with this threshold
         self.saved_tensor_counter: SavedTensorCounter | None = None  # set for the one step that counts
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
@@ -349,7 +400,21 @@ class BenchModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Over every parameter that trains now: LISA freezes blocks afterwards and needs them all in the optimizer.
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.min_8bit_size is None:
+            return torch.optim.AdamW(params, lr=self.lr)
+        return _adamw8bit()(params, lr=self.lr, min_8bit_size=self.min_8bit_size)
+
+
+def _adamw8bit() -> type[torch.optim.Optimizer]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ImportError(
+            "`lisa_int8_adamw8bit` needs bitsandbytes. HINT: `pip install bitsandbytes`, or leave the method out"
+            " with `--methods`."
+        ) from error
+    return bnb.optim.AdamW8bit
 
 
 # --------------------------------------------------------------------------------------------------- measuring
@@ -371,11 +436,21 @@ class MeasuringCallback(Callback):
     ``max_coverage_steps`` more steps). Then ``timed`` steps are timed and training stops.
     """
 
-    def __init__(self, warmup: int, timed: int, cover_blocks: bool, max_coverage_steps: int) -> None:
+    def __init__(
+        self,
+        warmup: int,
+        timed: int,
+        cover_blocks: bool,
+        max_coverage_steps: int,
+        quantization: ActivationQuantization | None = None,
+    ) -> None:
         self.warmup = warmup
         self.timed = timed
         self.cover_blocks = cover_blocks
         self.max_coverage_steps = max_coverage_steps
+        # With activation quantization the saved bytes come from the callback's statistics: a counter's hooks,
+        # entered inside the callback's, would shadow them and the counted step would run unquantized.
+        self.quantization = quantization
         self.cuda = False
         self.step = 0
         self.timed_from: int | None = None
@@ -406,7 +481,7 @@ class MeasuringCallback(Callback):
             self.results["gpu_allocated_at_start_bytes"] = torch.cuda.memory_allocated()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        if self.step == 0:  # count saved activations on a warm-up step: the hooks' bookkeeping is not timed
+        if self.step == 0 and self.quantization is None:  # count on a warm-up step: the bookkeeping is not timed
             pl_module.saved_tensor_counter = SavedTensorCounter(self.parameter_storages)
         if self.cuda:
             torch.cuda.synchronize()
@@ -432,6 +507,11 @@ class MeasuringCallback(Callback):
         if counter is not None:
             self.results["saved_activation_bytes"] = counter.nbytes
             pl_module.saved_tensor_counter = None
+        if self.step == 0 and self.quantization is not None:
+            # complete once the forward is done (the callback leaves its hooks in ``on_before_backward``)
+            stats = self.quantization.last_stats
+            self.results["saved_activation_bytes"] = stats.bytes_after
+            self.results["quantization"] = asdict(stats)
         if self.timed_from is not None and self.step >= self.timed_from:
             self.step_times.append(elapsed)
         self.step += 1
@@ -484,10 +564,21 @@ def _time_controller(controller: TrainableSetController, pl_module: pl.Lightning
 
 
 def measure(
-    spec: ModelSpec, method: str, schedule: Schedule, device: torch.device, precision: str, root: str
+    spec: ModelSpec,
+    method: str,
+    schedule: Schedule,
+    device: torch.device,
+    precision: str,
+    root: str,
+    small_tensors: SmallTensors = SMALL_TENSORS["gpu"],
+    compile: bool | None = None,
 ) -> dict[str, Any]:
-    """Train ``spec`` with ``method`` for the schedule's steps through a Lightning Trainer; return its numbers."""
+    """Train ``spec`` with ``method`` for the schedule's steps through a Lightning Trainer; return its numbers.
+
+    ``compile``: fuse the activation quantization with ``torch.compile``; ``None`` does so on GPU only.
+    """
     cuda = device.type == "cuda"
+    compile = cuda if compile is None else compile
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -498,16 +589,31 @@ def measure(
     torch.manual_seed(0)  # same weights for every method (the caller's RNG state is restored by `run`)
     with device:
         model = build_model(spec, method)
-    module = BenchModule(model, spec.family)
+    module = BenchModule(
+        model, spec.family, min_8bit_size=small_tensors.min_8bit_size if method in ADAMW8BIT_METHODS else None
+    )
     batch = make_batch(spec, device)
-    probe = MeasuringCallback(schedule.warmup, schedule.timed, method == "lisa_kept", schedule.max_coverage_steps)
+    quantization = None
+    if method in ACTIVATION_FORMATS:
+        quantization = ActivationQuantization(
+            format=ACTIVATION_FORMATS[method],
+            group_size=QUANT_GROUP_SIZE,
+            min_numel=small_tensors.min_numel,
+            compile=compile,
+            log_bytes=False,  # no other method logs per step: Lightning's `log` would be timed for these only
+        )
+    probe = MeasuringCallback(
+        schedule.warmup, schedule.timed, method == "lisa_kept", schedule.max_coverage_steps, quantization
+    )
     callbacks: list[Callback] = [probe]
-    if method == "lisa":
+    if method in ("lisa", "lisa_int8_adamw8bit"):
         callbacks.append(LISA(n_layers=LISA_LAYERS, interval=schedule.lisa_interval, seed=0))
     elif method == "lisa_kept":
         callbacks.append(
             LISA(n_layers=LISA_LAYERS, interval=schedule.kept_interval, release_optimizer_state=False, seed=0)
         )
+    if quantization is not None:
+        callbacks.append(quantization)
     steps = schedule.warmup + schedule.max_coverage_steps + schedule.timed
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
@@ -534,7 +640,7 @@ def measure(
         result["controller_ns"] = probe.controller_timing.durations_ns
         result["controller_logging_ns"] = probe.controller_timing.logging_ns
         result["controller_changed"] = probe.controller_timing.changed
-    del trainer, module, model, batch, probe, callbacks
+    del trainer, module, model, batch, probe, callbacks, quantization
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -573,6 +679,8 @@ def _summarise(runs: list[dict[str, Any]], cuda: bool) -> dict[str, Any]:
         summary["memory_bytes"] = summary["components_total_bytes"]
     if "controller_ns" in last:
         summary["controller"] = _controller_summary(runs)
+    if "quantization" in last:
+        summary["quantization"] = last["quantization"]  # the counted step is the same in every repeat
     return summary
 
 
@@ -616,20 +724,46 @@ def _controller_stats(calls: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _controller_cost(models: dict[str, Any]) -> dict[str, Any]:
     """The controller's cost per step over the LISA (ours) runs of every model."""
-    calls = [c for model in models.values() for c in model["methods"]["lisa"]["controller"]["calls"]]
+    calls = [
+        c
+        for model in models.values()
+        if "lisa" in model["methods"]
+        for c in model["methods"]["lisa"]["controller"]["calls"]
+    ]
     return _controller_stats(calls)
 
 
-def _targets(spec: ModelSpec, methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    full, lisa, lora = methods["full"], methods["lisa"], methods["lora"]
-    targets = [
-        {
-            "target": "LISA memory <= LoRA memory",
-            "value": lisa["memory_bytes"] / lora["memory_bytes"],
-            "threshold": 1.0,
-        }
-    ]
-    if spec.memory_target is not None:
+def _compare_with_unquantized(methods: dict[str, dict[str, Any]]) -> None:
+    """Ratios of each activation-quantized method to the same run without quantization (in place).
+
+    ``counter_agreement`` checks the two ways of counting: the quantizer's ``bytes_before`` (what the quantized run
+    would have saved without quantization) over this script's counter on the unquantized run; 1.0 when they agree.
+    """
+    for method, base in UNQUANTIZED.items():
+        if method not in methods or base not in methods:
+            continue
+        quantized, unquantized = methods[method], methods[base]
+        saved = unquantized["components"]["saved_activation_bytes"]
+        quantized["unquantized_method"] = base
+        quantized["saved_bytes_ratio"] = quantized["components"]["saved_activation_bytes"] / saved
+        quantized["counter_agreement"] = quantized["quantization"]["bytes_before"] / saved
+        quantized["memory_ratio_unquantized"] = quantized["memory_bytes"] / unquantized["memory_bytes"]
+        quantized["step_time_ratio_unquantized"] = quantized["step_time_ms"] / unquantized["step_time_ms"]
+
+
+def _targets(spec: ModelSpec, methods: dict[str, dict[str, Any]], gpu: bool) -> list[dict[str, Any]]:
+    """The issue's targets that this run's methods allow checking; ``applies`` is False for GPU-only ones on CPU."""
+    full, lisa, lora = methods["full"], methods.get("lisa"), methods.get("lora")
+    targets = []
+    if lisa is not None and lora is not None:
+        targets.append(
+            {
+                "target": "LISA memory <= LoRA memory",
+                "value": lisa["memory_bytes"] / lora["memory_bytes"],
+                "threshold": 1.0,
+            }
+        )
+    if lisa is not None and spec.memory_target is not None:
         targets.append(
             {
                 "target": f"LISA memory <= {spec.memory_target}x full FT",
@@ -637,14 +771,49 @@ def _targets(spec: ModelSpec, methods: dict[str, dict[str, Any]]) -> list[dict[s
                 "threshold": spec.memory_target,
             }
         )
-    targets.append(
-        {
-            "target": f"LISA step time <= {STEP_TIME_TARGET}x full FT",
-            "value": lisa["step_time_ms"] / full["step_time_ms"],
-            "threshold": STEP_TIME_TARGET,
-        }
-    )
+    if lisa is not None:
+        targets.append(
+            {
+                "target": f"LISA step time <= {STEP_TIME_TARGET}x full FT",
+                "value": lisa["step_time_ms"] / full["step_time_ms"],
+                "threshold": STEP_TIME_TARGET,
+            }
+        )
+    for method in UNQUANTIZED:
+        m = methods.get(method)
+        if m is None or "saved_bytes_ratio" not in m:
+            continue
+        base = METHOD_LABELS[m["unquantized_method"]]
+        targets.append(
+            {
+                "target": f"{METHOD_LABELS[method]}: saved-for-backward bytes <= {SAVED_BYTES_TARGET}x {base}",
+                "value": m["saved_bytes_ratio"],
+                "threshold": SAVED_BYTES_TARGET,
+            }
+        )
+    if spec.combination_target is not None and "lisa_int8_adamw8bit" in methods:
+        targets.append(
+            {
+                "target": f"{METHOD_LABELS['lisa_int8_adamw8bit']} memory <= {spec.combination_target}x full FT",
+                "value": methods["lisa_int8_adamw8bit"]["memory_ratio"],
+                "threshold": spec.combination_target,
+            }
+        )
+    for method in ("full_int8", "full_fp8_e4m3"):
+        m = methods.get(method)
+        if m is None or "step_time_ratio_unquantized" not in m:
+            continue
+        targets.append(
+            {
+                "target": f"{METHOD_LABELS[method]}: step time <= {QUANT_STEP_TIME_TARGET}x"
+                f" {METHOD_LABELS[m['unquantized_method']]} (GPU target)",
+                "value": m["step_time_ratio_unquantized"],
+                "threshold": QUANT_STEP_TIME_TARGET,
+                "applies": gpu,
+            }
+        )
     for target in targets:
+        target.setdefault("applies", True)
         target["met"] = target["value"] <= target["threshold"]
     return targets
 
@@ -669,6 +838,10 @@ def _environment(device: torch.device) -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
+    try:  # from the package metadata: importing bitsandbytes is slow and noisy
+        bnb_version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        bnb_version = None
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -685,6 +858,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
         "timm": timm.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "bitsandbytes": bnb_version,
         "git_commit": commit,
     }
 
@@ -696,6 +870,8 @@ def run(
     repeats: int | None = None,
     models: list[str] | None = None,
     threads: int | None = None,
+    methods: list[str] | None = None,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Measure every method on every model of ``sizes``; write ``memory_<mode>.json`` and ``.md`` to ``out_dir``.
 
@@ -707,6 +883,11 @@ def run(
         models: keys of the models to run (default: all of ``sizes``).
         threads: torch intra-op threads; ``None`` keeps torch's default on GPU and uses 1 on CPU, where other jobs
             on a shared machine deschedule threads and make multi-threaded step times erratic.
+        methods: keys of the methods to run (default: all of :data:`METHODS`); ``full``, which the ratios are
+            against, always runs, and so does the unquantized run of each activation-quantized method.
+        compile: fuse the activation quantization with ``torch.compile`` (as the GPU runs must: the eager kernels'
+            extra passes over memory are what costs there). ``None`` (default): on, except for ``sizes="tiny"``
+            (tests: no compilation, no C++ toolchain needed). On CPU the compilation costs about 12 s in all.
 
     Returns:
         The results, as written to the JSON file.
@@ -719,6 +900,12 @@ def run(
     specs = [s for s in SIZES[sizes] if models is None or s.key in models]
     if not specs:
         raise ValueError(f"no model of sizes {sizes!r} matches {models}; known: {[s.key for s in SIZES[sizes]]}")
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    wanted = set(methods or METHODS) | {"full"}
+    wanted |= {UNQUANTIZED[m] for m in wanted if m in UNQUANTIZED}
+    selected = tuple(m for m in METHODS if m in wanted)
     schedule = SCHEDULES[sizes]
     if repeats is not None:
         schedule = Schedule(**{**asdict(schedule), "repeats": repeats})
@@ -730,13 +917,21 @@ def run(
         torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            return _run(specs, schedule, mode, sizes, device, out_dir)
+            fuse = sizes != "tiny" if compile is None else compile
+            return _run(specs, schedule, mode, sizes, device, out_dir, selected, fuse)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(
-    specs: list[ModelSpec], schedule: Schedule, mode: str, sizes: str, device: torch.device, out_dir: Path | None
+    specs: list[ModelSpec],
+    schedule: Schedule,
+    mode: str,
+    sizes: str,
+    device: torch.device,
+    out_dir: Path | None,
+    selected: tuple[str, ...] = METHODS,
+    compile: bool = False,
 ) -> dict[str, Any]:
     precision = "bf16-mixed" if mode == "gpu" else "32-true"
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
@@ -750,21 +945,31 @@ def _run(
         "schedule": asdict(schedule),
         "lisa": {"n_layers": LISA_LAYERS, "interval": schedule.lisa_interval, "kept_interval": schedule.kept_interval},
         "lora": {"r": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": LORA_TARGETS},
+        "activation_quantization": {
+            "formats": {m: ACTIVATION_FORMATS[m] for m in selected if m in ACTIVATION_FORMATS},
+            "group_size": QUANT_GROUP_SIZE,
+            "compile": compile,
+            **asdict(SMALL_TENSORS[sizes]),
+        },
+        "methods": list(selected),
         "models": {},
     }
     with tempfile.TemporaryDirectory() as root:
         for spec in specs:
-            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in selected}
             for round_index in range(schedule.repeats):
-                shift = round_index % len(METHODS)
-                for method in METHODS[shift:] + METHODS[:shift]:
+                shift = round_index % len(selected)
+                for method in selected[shift:] + selected[:shift]:
                     print(f"[{spec.key}] round {round_index + 1}/{schedule.repeats}: {method}", flush=True)
-                    runs[method].append(measure(spec, method, schedule, device, precision, root))
-            methods = {m: _summarise(runs[m], device.type == "cuda") for m in METHODS}
+                    runs[method].append(
+                        measure(spec, method, schedule, device, precision, root, SMALL_TENSORS[sizes], compile)
+                    )
+            methods = {m: _summarise(runs[m], device.type == "cuda") for m in selected}
             full = methods["full"]
             for summary in methods.values():
                 summary["memory_ratio"] = summary["memory_bytes"] / full["memory_bytes"]
                 summary["step_time_ratio"] = summary["step_time_ms"] / full["step_time_ms"]
+            _compare_with_unquantized(methods)
             results["models"][spec.key] = {
                 "label": spec.label,
                 "family": spec.family,
@@ -772,7 +977,7 @@ def _run(
                 "batch_size": spec.batch_size,
                 "seq_len": spec.seq_len or None,
                 "methods": methods,
-                "targets": _targets(spec, methods),
+                "targets": _targets(spec, methods, device.type == "cuda"),
             }
     results["controller_cost"] = _controller_cost(results["models"])
     results["wall_time_s"] = time.perf_counter() - started
@@ -811,7 +1016,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"{env['date']} on {env['device']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads);"
         f" torch {env['torch']}, lightning {env['lightning']}, timm {env['timm']}, transformers"
-        f" {env['transformers']}, peft {env['peft']}; precision `{results['precision']}`, AdamW; sizes"
+        f" {env['transformers']}, peft {env['peft']}, bitsandbytes {env.get('bitsandbytes')}; precision"
+        f" `{results['precision']}`, AdamW (bitsandbytes AdamW8bit where named); sizes"
         f" `{results['sizes']}`. Generated by `python benchmarks/memory.py --mode {results['mode']}`"
         " (see `benchmarks/README.md`).",
         "",
@@ -821,6 +1027,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         f" Schedule: {results['schedule']['warmup']} warm-up + {results['schedule']['timed']} timed steps per method,"
         f" {results['schedule']['repeats']} round(s), methods interleaved.",
     ]
+    quant = results.get("activation_quantization")
+    if quant and quant["formats"]:
+        lines += [
+            "",
+            f"Activation quantization: `ActivationQuantization(format=..., group_size={quant['group_size']},"
+            f" min_numel={quant['min_numel']}, compile={quant['compile']}, log_bytes=False)`; AdamW8bit with"
+            f" `min_8bit_size={quant['min_8bit_size']}`. Saved activations of these methods are the bytes the"
+            " quantizer keeps (8-bit data, scales, tensors left as they are), from the callback's statistics.",
+        ]
     for model in results["models"].values():
         batch = f"batch {model['batch_size']}" + (f" x {model['seq_len']} tokens" if model["seq_len"] else "")
         lines += [
@@ -844,6 +1059,28 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f" | {_format_bytes(c['saved_activation_bytes'], unit)}"
                 f" | {m['blocks_with_state']}/{m['n_blocks']} |"
             )
+        quantized = {k: m for k, m in model["methods"].items() if "saved_bytes_ratio" in m}
+        if quantized:
+            lines += [
+                "",
+                f"Activation quantization, against the same run without it (saved bytes in {unit}):",
+                "",
+                "| Method | Format | Unquantized run | Saved, without quantization (quantizer's count) | Saved, kept"
+                " | Kept / without | x unquantized run's saved | Quantizer's count / counter on unquantized run"
+                " | Tensors quantized of saved (deduplicated) | Memory x unquantized run | Step x unquantized run |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for method, m in quantized.items():
+                q = m["quantization"]
+                ratio = q["bytes_after"] / q["bytes_before"] if q["bytes_before"] else float("nan")
+                lines.append(
+                    f"| {METHOD_LABELS[method]} | {ACTIVATION_FORMATS[method]}"
+                    f" | {METHOD_LABELS[m['unquantized_method']]} | {_format_bytes(q['bytes_before'], unit)}"
+                    f" | {_format_bytes(q['bytes_after'], unit)} | {ratio:.3f} | {m['saved_bytes_ratio']:.3f}"
+                    f" | {m['counter_agreement']:.3f} | {q['num_quantized']} of {q['num_saved']}"
+                    f" ({q['num_deduplicated']}) | {m['memory_ratio_unquantized']:.2f}"
+                    f" | {m['step_time_ratio_unquantized']:.2f} |"
+                )
         if not gpu:
             rss = "; ".join(
                 f"{METHOD_LABELS[k]} {_format_bytes(m.get('rss_peak_delta_bytes'), unit)}"
@@ -854,6 +1091,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Targets (from the issue, set for one H100{where}):", ""]
         for target in model["targets"]:
             mark = "met" if target["met"] else "NOT met"
+            if not target.get("applies", True):
+                mark = f"{mark.lower()}, not applicable here: GPU target"
             lines.append(f"- {target['target']}: {target['value']:.3f}x -> **{mark}**")
     cost = results["controller_cost"]
     if cost["steps"]:
@@ -876,7 +1115,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for key, model in results["models"].items():
-            for method in ("lisa", "lisa_kept"):
+            for method in ("lisa", "lisa_kept", "lisa_int8_adamw8bit"):
+                if method not in model["methods"]:
+                    continue
                 c = model["methods"][method]["controller"]
                 lines.append(
                     f"| {key} | {METHOD_LABELS[method]} | {c['steps']} ({c['steps_with_change']})"
@@ -891,7 +1132,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             " targets were set for: methods that shrink activations gain less here, LoRA's tiny trainable set wins"
             " more, and in the small Llama the embeddings and head, which LISA always trains, are a much larger"
             " share of the parameters than in the 1.1B model. Memory here is the counted components, not an"
-            " allocator peak.",
+            " allocator peak. Activation quantization stores fp32 activations here (bf16 on GPU) in 8 bits, so its"
+            " saved-bytes ratio is near a quarter rather than a half, and its CPU kernels on one thread say nothing"
+            " about the GPU step-time target.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -903,6 +1146,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="shortcut for --sizes tiny (seconds; for tests)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds over the methods (default: per sizes)")
     parser.add_argument("--models", nargs="+", default=None, help="run only these model keys")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="run only these methods (full FT and the unquantized runs they compare with are always added)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fuse the activation quantization with torch.compile (default: on, except for --tiny)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's on GPU)")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results")
     args = parser.parse_args(argv)
@@ -911,7 +1167,14 @@ def main(argv: list[str] | None = None) -> None:
     sizes = "tiny" if args.tiny else args.sizes
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per method: keep the log short
     results = run(
-        args.mode, sizes=sizes, out_dir=args.out_dir, repeats=args.repeats, models=args.models, threads=args.threads
+        args.mode,
+        sizes=sizes,
+        out_dir=args.out_dir,
+        repeats=args.repeats,
+        models=args.models,
+        threads=args.threads,
+        methods=args.methods,
+        compile=args.compile,
     )
     print(render_markdown(results))
 

@@ -1,4 +1,5 @@
-"""The memory benchmark on tiny models: every method is measured, and LISA really releases optimizer state."""
+"""The memory benchmark on tiny models: every method is measured, LISA really releases optimizer state, and
+activation quantization really shrinks what is saved for backward."""
 
 import importlib.util
 import json
@@ -63,7 +64,34 @@ def test_tiny_run_measures_every_method_and_lisa_releases_state(tmp_path):
         assert state["lisa_kept"] == state["full"], key
         assert methods["lisa"]["components"]["grad_bytes"] < methods["full"]["components"]["grad_bytes"]
         assert methods["lisa"]["controller"]["steps"] > 0
+        # Activation quantization: the saved bytes are what the quantizer keeps, well below the unquantized run's,
+        # and its own count of the unquantized bytes matches the script's counter on that run.
+        saved = {name: m["components"]["saved_activation_bytes"] for name, m in methods.items()}
+        for method, base in memory.UNQUANTIZED.items():
+            stats = methods[method]["quantization"]
+            assert stats["num_quantized"] > 0, (key, method)
+            assert saved[method] == stats["bytes_after"] < stats["bytes_before"], (key, method)
+            assert saved[method] < 0.55 * saved[base], (key, method)
+            assert stats["bytes_before"] == pytest.approx(saved[base], rel=0.02), (key, method)
+            assert methods[method]["unquantized_method"] == base
+        # The combination: LISA's trainable set, 8-bit optimizer state.
+        assert methods["lisa_int8_adamw8bit"]["blocks_with_state"] == memory.LISA_LAYERS
+        assert state["lisa_int8_adamw8bit"] < state["lisa"], key
+        assert methods["lisa_int8_adamw8bit"]["memory_bytes"] < methods["lisa"]["memory_bytes"], key
+        targets = {t["target"] for t in model["targets"]}
+        assert sum("saved-for-backward bytes" in t for t in targets) == len(memory.UNQUANTIZED), key
     assert results["controller_cost"]["steps"] > 0
+
+
+def test_method_subset_adds_the_runs_it_compares_with(tmp_path):
+    results = memory.run(mode="cpu", sizes="tiny", out_dir=tmp_path, models=["llama_tiny"], methods=["full_fp8_e4m3"])
+    assert results["methods"] == ["full", "full_fp8_e4m3"]
+    methods = results["models"]["llama_tiny"]["methods"]
+    assert set(methods) == {"full", "full_fp8_e4m3"}
+    assert methods["full_fp8_e4m3"]["saved_bytes_ratio"] < 0.55
+    assert "fp8_e4m3" in (tmp_path / "memory_cpu.md").read_text()
+    with pytest.raises(ValueError, match="unknown method"):
+        memory.run(mode="cpu", sizes="tiny", out_dir=tmp_path, methods=["full_int4"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
