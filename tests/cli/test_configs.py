@@ -31,6 +31,12 @@ def test_every_config_parses_and_builds(config, tmp_path, monkeypatch):
         assert any(isinstance(cb, LISA) for cb in cli.trainer.callbacks)
 
 
+def test_configs_readme_tables_every_config():
+    readme = (Path(__file__).parents[2] / "configs" / "README.md").read_text()
+    for config in CONFIGS:
+        assert f"`{config.name}`" in readme, f"configs/README.md has no row for {config.name}"
+
+
 def test_config_typo_fails_with_the_argument_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  callbacks:\n    - class_path: LISA\n      init_args: {n_layers: 0}\n")
