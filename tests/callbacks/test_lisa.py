@@ -154,3 +154,49 @@ def test_plot_of_sampled_blocks_is_saved_in_the_log_dir(tmp_path):
     assert [step for step, _ in lisa.history] == [0, 2, 4, 6]
     png = tmp_path / "run" / "version_0" / "lisa_blocks.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+DDP_SCRIPT = """
+import sys
+import lightning.pytorch as pl
+import torch
+sys.path.insert(0, {tests!r})
+from helpers import TinyBlockModel
+from lightning_peft.callbacks import LISA
+
+
+class Dump(pl.Callback):
+    def __init__(self, lisa, out):
+        self.lisa, self.out, self.sampled = lisa, out, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.sampled.append(tuple(self.lisa.sampled))
+
+    def on_train_end(self, trainer, pl_module):
+        weights = {{n: p.detach().clone() for n, p in pl_module.named_parameters()}}
+        torch.save({{"sampled": self.sampled, "weights": weights}}, f"{{self.out}}/rank{{trainer.global_rank}}.pt")
+
+
+if __name__ == "__main__":
+    lisa = LISA(n_layers=1, interval=2)
+    callbacks = [lisa, Dump(lisa, sys.argv[1])]
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=6, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, callbacks=callbacks)
+    trainer.fit(TinyBlockModel())
+"""
+
+
+def test_plain_ddp_script_needs_no_extra_flags(tmp_path):
+    """What a user writes: `strategy="ddp"` in a script (Lightning relaunches it per rank), no seed, no flags."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1])))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["sampled"] == ranks[1]["sampled"]
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
