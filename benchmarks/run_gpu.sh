@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the benchmarks in one command, for a machine with one CUDA GPU:
+#
+#   bash benchmarks/run_gpu.sh [OUT_DIR]        # default OUT_DIR: benchmarks/results
+#
+# Runs from the repository root without installing the package (PYTHONPATH=.). Needs torch with CUDA, lightning,
+# timm, transformers, peft and bitsandbytes (for the LISA + int8 + AdamW8bit row). Each benchmark has its own time
+# limit, so one that overruns still leaves the other's results; the whole script stays under 10 minutes.
+set -u
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/results}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_info.csv"
+python -c "import torch, lightning, timm, transformers, peft; print(torch.__version__, lightning.__version__, \
+timm.__version__, transformers.__version__, peft.__version__)" | tee -a "$out/gpu_info.csv"
+python -c "import bitsandbytes" 2>/dev/null || echo "bitsandbytes missing: the AdamW8bit row will fail" >&2
+
+timeout 330 python benchmarks/memory.py --mode gpu --out-dir "$out" 2>&1 | tee "$out/memory_gpu.log"
+timeout 240 python benchmarks/activation_quantization.py --mode gpu --compile --output "$out" 2>&1 \
+  | tee "$out/activation_quantization_gpu.log"
