@@ -6,6 +6,7 @@ import peft
 import pytest
 import timm
 import torch
+from helpers import trainer_kwargs
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_peft.modules.image_classifier as image_module
@@ -26,17 +27,7 @@ def one_thread():
 
 
 def make_trainer(tmp_path, max_steps, **kwargs):
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    return pl.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, **kwargs))
 
 
 def fixed_images(n=64, num_classes=4):

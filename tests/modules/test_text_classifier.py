@@ -5,6 +5,7 @@ import lightning.pytorch as pl
 import peft
 import pytest
 import torch
+from helpers import trainer_kwargs
 from torch.utils.data import DataLoader, Dataset
 from transformers import BertConfig, BertModel
 
@@ -59,16 +60,7 @@ class TokenDicts(Dataset):
 
 
 def make_trainer(tmp_path, max_steps):
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    return pl.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps))
 
 
 def loss_on(module, data):
