@@ -23,6 +23,18 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 
+def checked_model_kwargs(owner: str, model_kwargs: Mapping[str, Any] | None, reserved: Sequence[str]) -> dict:
+    """Return a copy of ``model_kwargs``, refusing keys that ``owner`` takes as its own arguments."""
+    kwargs = dict(model_kwargs or {})
+    clashes = sorted(set(kwargs) & set(reserved))
+    if clashes:
+        raise ValueError(
+            f"`model_kwargs` must not repeat arguments of {owner} {list(reserved)}, got {clashes}."
+            f" HINT: pass them as {owner} arguments instead."
+        )
+    return kwargs
+
+
 def build_peft_config(peft: Mapping[str, Any] | PeftConfig | None, default_task_type: str | None = None):
     """Check the ``peft`` argument of a module and return it as a fresh ``PeftConfig`` (or None).
 

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config
+from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config, checked_model_kwargs
 
 _RESERVED_MODEL_KWARGS = ("num_classes", "pretrained", "checkpoint_path", "model_name")
 
@@ -88,13 +88,7 @@ class ImageClassifier(ClassifierModule):
                 f"`checkpoint_path` must be an existing file, got {checkpoint_path!r}."
                 " HINT: save one with `torch.save(model.state_dict(), path)` or fix the path."
             )
-        model_kwargs = dict(model_kwargs or {})
-        reserved = sorted(set(model_kwargs) & set(_RESERVED_MODEL_KWARGS))
-        if reserved:
-            raise ValueError(
-                f"`model_kwargs` must not repeat arguments of ImageClassifier {list(_RESERVED_MODEL_KWARGS)},"
-                f" got {reserved}. HINT: pass them as ImageClassifier arguments instead."
-            )
+        model_kwargs = checked_model_kwargs("ImageClassifier", model_kwargs, _RESERVED_MODEL_KWARGS)
         peft_config = build_peft_config(peft)
         super().__init__(num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

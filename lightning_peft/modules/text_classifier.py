@@ -8,7 +8,7 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
 from lightning_peft.models import resolve_pretrained
-from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config
+from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config, checked_model_kwargs
 
 _RESERVED_MODEL_KWARGS = ("num_labels", "pretrained_model_name_or_path")
 
@@ -62,13 +62,7 @@ class TextClassifier(ClassifierModule):
                 f"`num_labels` must be an integer of at least 2, got {num_labels!r}."
                 " HINT: pass the number of classes of your data, e.g. `num_labels=3` for TweetSentiment."
             )
-        model_kwargs = dict(model_kwargs or {})
-        reserved = sorted(set(model_kwargs) & set(_RESERVED_MODEL_KWARGS))
-        if reserved:
-            raise ValueError(
-                f"`model_kwargs` must not repeat arguments of TextClassifier {list(_RESERVED_MODEL_KWARGS)},"
-                f" got {reserved}. HINT: pass them as TextClassifier arguments instead."
-            )
+        model_kwargs = checked_model_kwargs("TextClassifier", model_kwargs, _RESERVED_MODEL_KWARGS)
         peft_config = build_peft_config(peft, default_task_type="SEQ_CLS")
         super().__init__(num_classes=num_labels, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
