@@ -24,7 +24,8 @@ class LISA(TrainableSetCallback):
     Fine-Tuning", https://arxiv.org/abs/2403.17919.
 
     Everything outside the block stack (embeddings, final norm, head) always trains, unless the user's module froze
-    it. Every ``interval`` optimizer steps, ``n_layers`` blocks are sampled uniformly without replacement and the
+    it. Every ``interval`` optimizer steps, ``n_layers`` blocks are sampled uniformly (or by ``layer_weights``)
+    without replacement and the
     other blocks are frozen; one LR schedule runs across periods. The optimizer state of frozen blocks is released
     (the paper treats it as discarded at each period), which is where the memory saving over full fine-tuning comes
     from; a block sampled again starts with fresh state. The blocks are found by
@@ -43,14 +44,18 @@ class LISA(TrainableSetCallback):
             (``"model.layers"``).
         release_optimizer_state: release the optimizer state of blocks that stop training. ``False`` keeps it, as
             public implementations do (more memory, state carried across periods); kept for comparison.
+        layer_weights: sampling weights of the blocks, one per block in depth order (``None``: uniform, as in the
+            paper). Blocks are drawn without replacement with probability proportional to their weight, e.g. to
+            favour the top blocks or to follow a per-layer importance measure; a block of weight 0 never trains.
         seed: seed of the sampler. ``None`` uses the ``seed_everything`` seed when one was set, else a random one;
             rank 0's seed is used by every rank.
         verbose: print the sampled block indices at each sampling.
         plot: save the block-by-step plot at the end of training (needs a logger with a directory).
 
     Raises:
-        ValueError: if ``n_layers`` or ``interval`` is below 1 (at construction), or ``n_layers`` exceeds the
-            number of blocks of the model (at setup).
+        ValueError: if ``n_layers`` or ``interval`` is below 1 or ``layer_weights`` has a negative value or fewer
+            than ``n_layers`` positive ones (at construction), or if ``n_layers`` exceeds the number of blocks of the
+            model or ``layer_weights`` does not have one weight per block (at setup).
 
     Example::
 
@@ -72,6 +77,7 @@ class LISA(TrainableSetCallback):
         interval: int = 20,
         layers: str | None = None,
         release_optimizer_state: bool = True,
+        layer_weights: list[float] | None = None,
         seed: int | None = None,
         verbose: bool = False,
         plot: bool = True,
@@ -87,6 +93,15 @@ class LISA(TrainableSetCallback):
                 f"`interval` must be an integer >= 1 (optimizer steps between samplings), got {interval!r}."
                 " HINT: the paper's K; 20 is a good default."
             )
+        if layer_weights is not None:
+            weights = [float(w) for w in layer_weights]
+            if any(w < 0 for w in weights) or sum(w > 0 for w in weights) < n_layers:
+                raise ValueError(
+                    f"`layer_weights` must be non-negative with at least `n_layers`={n_layers} positive values, got"
+                    f" {layer_weights!r}. HINT: give every block that may train a positive weight, or leave it None"
+                    " for uniform sampling."
+                )
+        self.layer_weights = layer_weights
         self.n_layers = n_layers
         self.interval = interval
         self.layers = layers
@@ -112,6 +127,11 @@ class LISA(TrainableSetCallback):
                 f" {self.stack.path!r}), got {self.n_layers}. HINT: lower `n_layers`, or pass `layers=` if a"
                 " different container holds the blocks."
             )
+        if self.layer_weights is not None and len(self.layer_weights) != n_blocks:
+            raise ValueError(
+                f"`layer_weights` must have one weight per block ({n_blocks} at {self.stack.path!r}), got"
+                f" {len(self.layer_weights)}. HINT: list {n_blocks} weights in depth order."
+            )
         if self.n_layers == n_blocks:
             rank_zero_warn(
                 f"LISA samples all {n_blocks} blocks (`n_layers={self.n_layers}`): this is full fine-tuning."
@@ -136,7 +156,11 @@ class LISA(TrainableSetCallback):
 
     def _sample(self, step: int) -> None:
         assert self.stack is not None and self._generator is not None
-        order = torch.randperm(len(self.stack), generator=self._generator)
+        if self.layer_weights is None:
+            order = torch.randperm(len(self.stack), generator=self._generator)
+        else:
+            weights = torch.tensor(self.layer_weights, dtype=torch.float64)
+            order = torch.multinomial(weights, self.n_layers, replacement=False, generator=self._generator)
         self.sampled = sorted(order[: self.n_layers].tolist())
         self._sampled_at = step
         self._allowed = None

@@ -28,6 +28,8 @@ class History(Callback):
         ({"n_layers": 0}, r"`n_layers` must be an integer >= 1.*got 0.*HINT"),
         ({"n_layers": 1.5}, r"`n_layers` must be an integer"),
         ({"interval": 0}, r"`interval` must be an integer >= 1.*got 0.*HINT"),
+        ({"layer_weights": [1.0, -1.0, 1.0]}, r"`layer_weights` must be non-negative"),
+        ({"n_layers": 2, "layer_weights": [0.0, 0.0, 1.0]}, r"at least `n_layers`=2 positive values"),
     ],
 )
 def test_misconfiguration_at_construction(kwargs, match):
@@ -200,3 +202,20 @@ def test_plain_ddp_script_needs_no_extra_flags(tmp_path):
     assert ranks[0]["sampled"] == ranks[1]["sampled"]
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
+
+
+def test_layer_weights_steer_sampling(tmp_path):
+    lisa = LISA(n_layers=1, interval=1, layer_weights=[0.0, 1.0, 0.0, 3.0], seed=0)
+    history = History(lisa)
+    pl.Trainer(callbacks=[lisa, history], max_steps=40, **trainer_kwargs(tmp_path)).fit(TinyBlockModel())
+    counts = {b: sum(s == (b,) for s in history.sampled) for b in range(4)}
+    assert counts[0] == counts[2] == 0  # weight 0: never trained
+    assert counts[3] > counts[1] > 0  # three times the weight: sampled more often
+
+
+def test_layer_weights_must_match_the_blocks(tmp_path):
+    trainer = pl.Trainer(
+        callbacks=[LISA(n_layers=1, layer_weights=[1.0, 1.0])], max_steps=1, **trainer_kwargs(tmp_path)
+    )
+    with pytest.raises(ValueError, match=r"`layer_weights` must have one weight per block \(4 at 'blocks'\), got 2"):
+        trainer.fit(TinyBlockModel())
