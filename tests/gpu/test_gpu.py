@@ -1,0 +1,67 @@
+"""GPU checks: run wherever CUDA is available (skipped on CPU-only machines such as CI)."""
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from helpers import trainer_kwargs
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_peft.callbacks import LISA, ActivationQuantization
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+class ViTModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = timm.create_model("vit_small_patch16_224", depth=8, num_classes=10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(64, 3, 224, 224, generator=g), torch.randint(0, 10, (64,), generator=g))
+        return DataLoader(data, batch_size=16)
+
+
+class PeakMemory(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
+def _peak(tmp_path, callbacks):
+    torch.manual_seed(0)
+    peak = PeakMemory()
+    kw = trainer_kwargs(tmp_path, accelerator="gpu", precision="bf16-mixed", max_steps=4)
+    pl.Trainer(callbacks=[*callbacks, peak], **kw).fit(ViTModule())
+    torch.cuda.empty_cache()
+    return peak.peak
+
+
+def test_lisa_and_int8_activations_lower_the_gpu_peak(tmp_path):
+    full = _peak(tmp_path / "full", [])
+    lisa = _peak(tmp_path / "lisa", [LISA(n_layers=2, interval=2, seed=0)])
+    quantized = _peak(tmp_path / "q", [ActivationQuantization(format="int8")])
+    assert lisa < 0.9 * full
+    assert quantized < 0.9 * full
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_int8_activations_halve_saved_bytes_under_bf16(tmp_path, compile):
+    callback = ActivationQuantization(format="int8", compile=compile)
+    kw = trainer_kwargs(tmp_path, accelerator="gpu", precision="bf16-mixed", max_steps=2)
+    pl.Trainer(callbacks=[callback], **kw).fit(ViTModule())
+    stats = callback.last_stats
+    assert stats.bytes_after <= 0.55 * stats.bytes_before
