@@ -30,9 +30,11 @@ class ActivationQuantization(Callback):
     The hooks are entered in ``on_train_batch_start`` and left in ``on_before_backward`` (and at the latest in
     ``on_train_batch_end`` or ``on_exception``), so validation, testing and prediction are untouched, backward
     (and the recomputation of activation checkpoints) runs without them, and checkpointed regions inside the
-    model keep their own hooks: activation checkpointing stays effective. Works with every precision setting and
-    strategy, FSDP and DeepSpeed included (use :class:`~lightning_peft.plugins.ActivationQuantizedPrecision` if
-    you prefer to think of it as a precision mode, on single device or DDP).
+    model keep their own hooks: activation checkpointing stays effective. Works with every precision setting; as a
+    callback it does not replace the strategy's precision plugin, which is what FSDP and DeepSpeed require (tested
+    on single device and DDP; FSDP and DeepSpeed need a GPU and are not yet covered by tests). Use
+    :class:`~lightning_peft.plugins.ActivationQuantizedPrecision` if you prefer to think of it as a precision mode,
+    on single device or DDP.
 
     Logs ``activation_quantization/bytes_before`` and ``activation_quantization/bytes_after`` per step: the
     unique bytes autograd would hold for backward without and with quantization (parameters not counted).

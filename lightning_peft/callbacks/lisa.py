@@ -34,6 +34,10 @@ class LISA(TrainableSetCallback):
     trains only if every method allows it) and with gradient accumulation (sets change only between optimizer
     steps). Under DDP all ranks sample the same blocks with no extra configuration.
 
+    With ``torch.compile``, each new trainable set recompiles the compiled graph (``requires_grad`` is part of its
+    guards); raise ``torch._dynamo.config.cache_size_limit`` above the number of distinct sets you expect, or
+    compile the blocks one by one.
+
     Logs ``trainable_params`` whenever the set changes; with ``verbose``, prints the sampled block indices; at the
     end of training saves ``lisa_blocks.png`` (which block trained at which step) in the logger's directory.
 
