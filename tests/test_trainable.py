@@ -156,3 +156,20 @@ def test_warns_when_a_candidate_is_in_no_optimizer(tmp_path):
 
     with pytest.warns(UserWarning, match="in no optimizer"):
         _fit(tmp_path, [Schedule([None])], model=Partial(), max_steps=1)
+
+
+def test_trainable_params_reach_the_logger_on_its_steps(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    plan = [OUTSIDE | _block(0)] * 3 + [OUTSIDE | _block(0) | _block(1)]
+    kw = trainer_kwargs(tmp_path, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=2)
+    trainer = pl.Trainer(callbacks=[Schedule(plan)], max_steps=8, **kw)
+    trainer.fit(TinyBlockModel())
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["trainable_params"]) for r in csv.DictReader(f) if r["trainable_params"]}
+    model = trainer.lightning_module
+    size = {n: p.numel() for n, p in model.named_parameters()}
+    one, two = sum(size[n] for n in OUTSIDE | _block(0)), sum(size[n] for n in OUTSIDE | _block(0) | _block(1))
+    assert logged == {1: one, 3: two, 5: two, 7: two}  # every logging step, with the value of that step
