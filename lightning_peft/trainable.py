@@ -34,6 +34,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_peft._logging import logger_writes_this_step
+
 __all__ = ["TrainableSetCallback", "TrainableSetController", "agree_seed"]
 
 
@@ -161,7 +163,7 @@ class TrainableSetController(Callback):
             self._apply(trainer, allowed)
         # `log` costs ~0.5 ms on a CPU: call it when the value changes and on the steps the loggers write (every
         # `log_every_n_steps`), so the curve is complete without paying for it on every step.
-        if changed or getattr(trainer._logger_connector, "should_update_logs", True):
+        if changed or logger_writes_this_step(trainer):
             pl_module.log("trainable_params", float(self.num_trainable), on_step=True, on_epoch=False)
 
     @override

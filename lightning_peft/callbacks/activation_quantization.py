@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_peft._logging import logger_writes_this_step
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL, ActivationQuantizer, SavedTensorStats
 
 __all__ = ["ActivationQuantization"]
@@ -36,8 +37,9 @@ class ActivationQuantization(Callback):
     :class:`~lightning_peft.plugins.ActivationQuantizedPrecision` if you prefer to think of it as a precision mode,
     on single device or DDP.
 
-    Logs ``activation_quantization/bytes_before`` and ``activation_quantization/bytes_after`` per step: the
-    unique bytes autograd would hold for backward without and with quantization (parameters not counted).
+    Logs ``activation_quantization/bytes_before`` and ``activation_quantization/bytes_after`` on the steps the
+    loggers write (every ``log_every_n_steps``): the unique bytes autograd would hold for backward without and
+    with quantization (parameters not counted).
 
     Args:
         format: ``"int8"`` (absmax, 255 levels; most accurate), ``"fp8_e4m3"`` or ``"fp8_e5m2"`` (per-group
@@ -120,7 +122,7 @@ class ActivationQuantization(Callback):
         stats = self.quantizer.end_step()
         if stats.num_saved == 0:
             return
-        if self.log_bytes:
+        if self.log_bytes and logger_writes_this_step(trainer):  # `log` costs ~0.5 ms: only on logger steps
             pl_module.log("activation_quantization/bytes_before", float(stats.bytes_before), on_step=True)
             pl_module.log("activation_quantization/bytes_after", float(stats.bytes_after), on_step=True)
         if not self._reported:

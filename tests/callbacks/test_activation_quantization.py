@@ -124,7 +124,9 @@ def test_gradients_match_unquantized(tmp_path, format, threshold, precision):
 def test_logs_bytes_and_leaves_validation_alone(tmp_path):
     model = TinyViT()
     callback = ActivationQuantization(min_numel=1024)
-    trainer = _trainer(tmp_path, [callback], max_steps=2, limit_val_batches=1, val_check_interval=1)
+    trainer = _trainer(
+        tmp_path, [callback], max_steps=2, limit_val_batches=1, val_check_interval=1, log_every_n_steps=1
+    )
     trainer.fit(model, _data(), _data(8, seed=1))
     metrics = trainer.callback_metrics
     assert metrics["activation_quantization/bytes_after"] < 0.5 * metrics["activation_quantization/bytes_before"]
