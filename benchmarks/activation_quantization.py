@@ -1,4 +1,4 @@
-"""Memory, speed and gradient fidelity of activation quantization (issue 5), per storage format.
+"""Memory, speed and gradient fidelity of activation quantization, per storage format.
 
 For each model and each format (none, int8, fp8_e4m3, fp8_e5m2), on one fixed batch under bf16 autocast:
 

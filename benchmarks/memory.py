@@ -91,10 +91,10 @@ LORA_TARGETS = {
     "vit": ["qkv", "proj", "fc1", "fc2"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-# Targets of the issue, for one H100: LISA (released) memory <= LoRA's and <= the model's ratio of full FT,
+# Reference targets, for one H100: LISA (released) memory <= LoRA's and <= the model's ratio of full FT,
 # LISA step time <= 0.8x full FT.
 STEP_TIME_TARGET = 0.8
-# Activation quantization (issue 5): saved-for-backward bytes <= 0.55x the unquantized run (each format), step time
+# Activation quantization: saved-for-backward bytes <= 0.55x the unquantized run (each format), step time
 # <= 1.15x the unquantized run (GPU only: it asks for fused kernels), and LISA + int8 activations + AdamW8bit at most
 # 0.45x full fine-tuning's peak on the 1.1B Llama (``ModelSpec.combination_target``).
 SAVED_BYTES_TARGET = 0.55
@@ -113,8 +113,8 @@ class ModelSpec:
     batch_size: int
     seq_len: int = 0  # tokens per sequence (llama)
     num_classes: int = 0  # head size (vit)
-    memory_target: float | None = None  # issue's LISA / full FT memory ratio, where one is set
-    combination_target: float | None = None  # issue's (LISA + int8 activations + AdamW8bit) / full FT memory ratio
+    memory_target: float | None = None  # target LISA / full FT memory ratio, where one is set
+    combination_target: float | None = None  # target (LISA + int8 activations + AdamW8bit) / full FT memory ratio
 
 
 @dataclass(frozen=True)
@@ -752,7 +752,7 @@ def _compare_with_unquantized(methods: dict[str, dict[str, Any]]) -> None:
 
 
 def _targets(spec: ModelSpec, methods: dict[str, dict[str, Any]], gpu: bool) -> list[dict[str, Any]]:
-    """The issue's targets that this run's methods allow checking; ``applies`` is False for GPU-only ones on CPU."""
+    """The reference targets that this run's methods allow checking; ``applies`` is False for GPU-only ones on CPU."""
     full, lisa, lora = methods["full"], methods.get("lisa"), methods.get("lora")
     targets = []
     if lisa is not None and lora is not None:
@@ -1088,7 +1088,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             )
             lines += ["", f"Peak RSS delta per method ({unit}, indicative: allocator reuse blurs it): {rss}."]
         where = "" if gpu else "; checked here on the small CPU models, as a proxy"
-        lines += ["", f"Targets (from the issue, set for one H100{where}):", ""]
+        lines += ["", f"Targets (reference targets, set for one H100{where}):", ""]
         for target in model["targets"]:
             mark = "met" if target["met"] else "NOT met"
             if not target.get("applies", True):
