@@ -16,16 +16,6 @@ TINY_VIT = {"model_name": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 3
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["qkv"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models here are tiny: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
-    # spinning threads made a training step 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_trainer(tmp_path, max_steps, **kwargs):
     return pl.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, **kwargs))
 

@@ -15,16 +15,6 @@ from lightning_peft.modules import TextClassifier
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models here are tiny: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
-    # spinning threads made a training step 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
