@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,34 +204,6 @@ SIZES: dict[str, list[ModelSpec]] = {
             vocab_size=4096,
         ),
     ],
-    # The CPU models at batches where saved activations outweigh parameters, as at the GPU sizes: the regime in
-    # which LISA's advantage over LoRA (a frozen Linear keeps no input) shows. Written to memory_cpu_activations.*.
-    "cpu_activations": [
-        _vit(
-            "vit_s_d8_b64",
-            "ViT-S/16 widths, depth 8, 64 x 64^2",
-            "vit_small_patch16_224",
-            64,
-            100,
-            memory_target=0.75,
-            img_size=64,
-            depth=8,
-        ),
-        _llama(
-            "llama_8l_8x512",
-            "Llama, hidden 256, 8 layers, 8 x 512 tokens",
-            8,
-            512,
-            memory_target=0.6,
-            combination_target=0.45,
-            hidden_size=256,
-            num_hidden_layers=8,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=688,
-            vocab_size=4096,
-        ),
-    ],
     "tiny": [
         _vit(
             "vit_tiny",
@@ -259,6 +231,15 @@ SIZES: dict[str, list[ModelSpec]] = {
         ),
     ],
 }
+# The CPU models at batches where saved activations outweigh parameters, as at the GPU sizes: the regime in which
+# LISA's advantage over LoRA (a frozen Linear keeps no input) shows. Written to memory_cpu_activations.*.
+_cpu_vit, _cpu_llama = SIZES["cpu"]
+SIZES["cpu_activations"] = [
+    replace(_cpu_vit, key="vit_s_d8_b64", label="ViT-S/16 widths, depth 8, 64 x 64^2", batch_size=64),
+    replace(
+        _cpu_llama, key="llama_8l_8x512", label="Llama, hidden 256, 8 layers, 8 x 512 tokens", batch_size=8, seq_len=512
+    ),
+]
 SCHEDULES = {
     "gpu": Schedule(warmup=3, timed=10, lisa_interval=5, kept_interval=1, max_coverage_steps=100, repeats=1),
     "cpu": Schedule(warmup=2, timed=3, lisa_interval=3, kept_interval=1, max_coverage_steps=40, repeats=5),
