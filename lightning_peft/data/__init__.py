@@ -1,4 +1,5 @@
 from lightning_peft.data.digits import Digits
+from lightning_peft.data.spoken_keywords import SpokenKeywords
 from lightning_peft.data.tweet_sentiment import TweetSentiment
 
-__all__ = ["Digits", "TweetSentiment"]
+__all__ = ["Digits", "SpokenKeywords", "TweetSentiment"]

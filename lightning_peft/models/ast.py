@@ -17,7 +17,8 @@ The AST recipe turns an image transformer into an audio classifier:
 :func:`build_timm_ast` builds this from any timm ViT/DeiT (random weights, timm's pretrained weights where online,
 or a local state dict); :func:`build_hf_ast` builds Hugging Face ``ASTForAudioClassification`` from a config or
 from a local checkpoint folder (what users of ``MIT/ast-finetuned-audioset-*`` have). Both are found by
-:func:`lightning_peft.layers.find_layers` without configuration (``blocks`` and ``audio_spectrogram_transformer.layers``).
+:func:`lightning_peft.layers.find_layers` without configuration (``blocks``, and
+``audio_spectrogram_transformer.layers`` in transformers 5).
 Inputs of both are filterbanks of shape ``(batch, target_length, num_mel_bins)``, time first, as
 :class:`transformers.ASTFeatureExtractor` returns them.
 """
@@ -394,4 +395,3 @@ def build_hf_ast(
     if max_length is not None and max_length != network.config.max_length:
         _adapt_hf_time_axis(network, max_length)
     return network.train()
-

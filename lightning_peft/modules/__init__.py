@@ -1,4 +1,5 @@
+from lightning_peft.modules.audio_classifier import AudioClassifier
 from lightning_peft.modules.image_classifier import ImageClassifier
 from lightning_peft.modules.text_classifier import TextClassifier
 
-__all__ = ["ImageClassifier", "TextClassifier"]
+__all__ = ["AudioClassifier", "ImageClassifier", "TextClassifier"]
