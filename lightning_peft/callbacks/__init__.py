@@ -1,6 +1,9 @@
 """Lightning callbacks of lightning-peft: one public class per file."""
 
 from lightning_peft.callbacks.activation_quantization import ActivationQuantization
+from lightning_peft.callbacks.early_pruning import EarlyPruning
+from lightning_peft.callbacks.half_finetuning import HalfFineTuning
+from lightning_peft.callbacks.ist import IST
 from lightning_peft.callbacks.lisa import LISA
 
-__all__ = ["ActivationQuantization", "LISA"]
+__all__ = ["ActivationQuantization", "EarlyPruning", "HalfFineTuning", "IST", "LISA"]
