@@ -16,11 +16,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
+
+from lightning_peft.adapters import ADAPTER_PEFT_TYPES, AdapterConfig, add_adapters
 
 
 def checked_model_kwargs(owner: str, model_kwargs: Mapping[str, Any] | None, reserved: Sequence[str]) -> dict:
@@ -39,7 +41,9 @@ def build_peft_config(peft: Mapping[str, Any] | PeftConfig | None, default_task_
     """Check the ``peft`` argument of a module and return it as a fresh ``PeftConfig`` (or None).
 
     Args:
-        peft: An HF peft config as a dict (``{"peft_type": "LORA", "r": 8, ...}``), a ``PeftConfig``, or None.
+        peft: An HF peft config as a dict (``{"peft_type": "LORA", "r": 8, ...}``), a ``PeftConfig``, or None. The
+            adapters of this package are named the same way: ``{"peft_type": "BOTTLENECK", "layout": "houlsby"}``
+            (or ``CONFORMER``) gives a :class:`~lightning_peft.adapters.AdapterConfig`.
         default_task_type: Task type to set when the config names none (e.g. ``"SEQ_CLS"``).
 
     Returns:
@@ -51,23 +55,26 @@ def build_peft_config(peft: Mapping[str, Any] | PeftConfig | None, default_task_
     """
     if peft is None:
         return None
-    if isinstance(peft, PeftConfig):
+    if isinstance(peft, (PeftConfig, AdapterConfig)):
         config = copy.deepcopy(peft)
     elif isinstance(peft, Mapping):
         fields = dict(peft)
-        allowed = ", ".join(str(t.value) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        allowed = ", ".join([str(t.value) for t in PEFT_TYPE_TO_CONFIG_MAPPING] + list(ADAPTER_PEFT_TYPES))
         if "peft_type" not in fields:
             raise ValueError(
                 f"`peft` must name its method in a `peft_type` key, got keys {sorted(fields)}."
                 f" HINT: add e.g. `peft_type: LORA` (one of {allowed})."
             )
         fields["peft_type"] = str(fields["peft_type"]).upper()
-        if fields["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        if fields["peft_type"] in ADAPTER_PEFT_TYPES:
+            config_class = AdapterConfig
+        elif fields["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
             raise ValueError(
                 f"`peft.peft_type` must be one of {allowed}, got {peft['peft_type']!r}."
                 " HINT: use `LORA` for LoRA adapters."
             )
-        config_class = PEFT_TYPE_TO_CONFIG_MAPPING[fields["peft_type"]]
+        else:
+            config_class = PEFT_TYPE_TO_CONFIG_MAPPING[fields["peft_type"]]
         try:
             config = config_class(**fields)
         except (TypeError, ValueError) as err:
@@ -85,8 +92,11 @@ def build_peft_config(peft: Mapping[str, Any] | PeftConfig | None, default_task_
     return config
 
 
-def apply_peft(model: nn.Module, config: PeftConfig, head_names: Sequence[str] = ()) -> PeftModel:
+def apply_peft(model: nn.Module, config: PeftConfig | AdapterConfig, head_names: Sequence[str] = ()) -> nn.Module:
     """Wrap ``model`` with ``config``, adding ``head_names`` to ``modules_to_save`` when the config sets none.
+
+    An :class:`~lightning_peft.adapters.AdapterConfig` inserts this package's adapters in place instead
+    (:func:`~lightning_peft.adapters.add_adapters`) and returns ``model`` itself.
 
     Args:
         model: The network to adapt.
@@ -94,7 +104,8 @@ def apply_peft(model: nn.Module, config: PeftConfig, head_names: Sequence[str] =
         head_names: Module names of the classification head, kept fully trainable.
 
     Returns:
-        The ``PeftModel``: only the adapter and ``modules_to_save`` parameters require gradients.
+        The ``PeftModel`` (or the adapted model): only the adapter and ``modules_to_save`` parameters require
+        gradients.
 
     Raises:
         ValueError: If peft cannot place the adapters (e.g. no ``target_modules`` for a non-HF model); the message
@@ -102,6 +113,8 @@ def apply_peft(model: nn.Module, config: PeftConfig, head_names: Sequence[str] =
     """
     if head_names and hasattr(config, "modules_to_save") and not config.modules_to_save:
         config.modules_to_save = list(head_names)
+    if isinstance(config, AdapterConfig):
+        return add_adapters(model, config)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
@@ -154,6 +167,11 @@ class ClassifierModule(pl.LightningModule):
     def logits_and_labels(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Run the network on a batch and return ``(logits, labels)``."""
         raise NotImplementedError
+
+    def compute_loss(self, batch: Any) -> Tensor:
+        """The cross-entropy loss of a batch, without logging or metric updates (IST scores layers with it)."""
+        logits, labels = self.logits_and_labels(batch)
+        return F.cross_entropy(logits, labels)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
