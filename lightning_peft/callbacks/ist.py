@@ -204,7 +204,12 @@ class IST(TrainableSetCallback):
         # The importance update needs the batch, so it runs in this callback's `on_train_batch_start`, which must
         # come before the controller's (where the step's set is asked for).
         callbacks = trainer.callbacks
-        if self.controller is not None and callbacks.index(self.controller) < callbacks.index(self):
+        order = [id(cb) for cb in callbacks]
+        if (
+            self.controller is not None
+            and id(self) in order
+            and order.index(id(self.controller)) < order.index(id(self))
+        ):
             callbacks.remove(self.controller)
             callbacks.append(self.controller)
 
