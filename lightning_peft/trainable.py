@@ -166,6 +166,24 @@ class TrainableSetController(Callback):
         if changed or logger_writes_this_step(trainer):
             pl_module.log("trainable_params", float(self.num_trainable), on_step=True, on_epoch=False)
 
+    def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-read the candidate parameters after a callback replaced or removed some of them (e.g. pruning).
+
+        Candidates keep their names: a replaced parameter (a smaller copy under the same name) stays a candidate, a
+        removed one leaves; the current trainable set is applied again to the new objects at once, so nothing waits
+        for the next optimizer step.
+        """
+        names = set(self.candidates)
+        self.candidates = {name: p for name, p in pl_module.named_parameters() if name in names}
+        if self._last_wishes is not None:
+            allowed = set(self.candidates)
+            for wish in self._last_wishes:
+                if wish is not None:
+                    allowed &= wish if isinstance(wish, (set, frozenset)) else set(wish)
+            self._apply(trainer, allowed)
+        else:
+            self.num_trainable = sum(p.numel() for p in self.candidates.values() if p.requires_grad)
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()

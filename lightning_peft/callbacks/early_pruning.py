@@ -1,0 +1,486 @@
+"""EarlyPruning: estimate what matters in the first steps of a run, then make the model smaller and keep training."""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lightning_peft._logging import logger_writes_this_step
+from lightning_peft.pruning import (
+    LoraImportance,
+    PruningMasks,
+    PruningPlan,
+    apply_pruning_plan,
+    choose_heads,
+    choose_lora,
+    choose_neurons,
+    find_lora_layers,
+    find_sites,
+    replace_in_optimizer,
+)
+from lightning_peft.pruning.surgery import Sites
+from lightning_peft.trainable import TrainableSetController, agree_seed
+
+__all__ = ["EarlyPruning"]
+
+_MASKS = "early_pruning_masks"
+
+
+def _check_ratio(name: str, value: float, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(
+            f"`{name}` must be a number in [0, 1) (the fraction pruned; 0 turns it off), got {value!r}. {hint}"
+        )
+    return float(value)
+
+
+class EarlyPruning(Callback):
+    """Light-PEFT early pruning: learn head/neuron masks and PEFT importance early, then prune physically.
+
+    Paper: Gu et al. 2024, "Light-PEFT: Lightening Parameter-Efficient Fine-Tuning via Early Pruning",
+    https://arxiv.org/abs/2406.03792.
+
+    During the first ``estimation_steps`` optimizer steps:
+
+    * **foundation masks** -- a trainable scalar per attention head (multiplying the head's output before the output
+      projection, so fused / SDPA / flash attention need no change) and per MLP neuron (multiplying the input of the
+      down projection), initialised to 1, trained by the run's own optimizer with whatever else trains, with an L1
+      penalty ``l1 * sum(|m|)``. The masks are registered on the LightningModule (as ``early_pruning_masks``) in
+      ``setup``, before ``configure_optimizers``, so an optimizer built over the module's trainable parameters
+      includes them. The penalty is not added to the loss tensor: its gradient ``l1 * sign(m)`` is added to the
+      masks' gradients in ``on_before_optimizer_step``, after gradient accumulation, DDP averaging and AMP
+      unscaling -- the same update as adding the penalty to every micro-batch's loss, without touching the
+      user's ``training_step``. It is logged as ``early_pruning/mask_l1``.
+    * **PEFT importance** -- for each HF peft LoRA layer: the module score ``||ΔW x|| / ||W x||`` and the per-rank
+      first-order Taylor score ``|Σ ∂L/∂A_i ⊙ A_i| + |Σ ∂L/∂B_i ⊙ B_i|``, averaged over the second half of the
+      estimation steps.
+
+    Then, at the first optimizer-step boundary after estimation:
+
+    * heads are pruned per layer (``head_ratio`` of each layer's heads, lowest ``|m|``; with grouped-query
+      attention whole key/value groups, ranked by the mean ``|m|`` of their query heads) and neurons by a global
+      quantile (``neuron_ratio`` of all MLP neurons, lowest ``|m|``) -- physically: ``qkv`` / ``q,k,v``,
+      ``proj`` / ``o``, ``fc1`` / ``up`` / ``gate``, ``fc2`` / ``down`` become smaller Linears, head counts follow;
+    * ``peft_module_ratio`` of the LoRA layers (lowest module score) are removed (replaced by their base Linear) and
+      in the others ``peft_rank_ratio`` of the ranks (lowest Taylor score) are sliced out of ``A`` and ``B``;
+    * the masks leave the model; the optimizer keeps its param groups (LR schedulers continue) with the smaller
+      parameters in place of the old ones and their state sliced (Adam's moments of the kept rows/columns);
+      under DDP the model is wrapped again; the trainable-set controller (LISA, Half Fine-Tuning, IST) learns the
+      new parameters;
+    * a per-layer summary (heads, neurons, LoRA ranks kept) is printed and the mask values are saved as
+      ``early_pruning_masks.png`` in the logger's directory.
+
+    All ratios are the fraction *pruned* (0 switches that part off): with the defaults each layer keeps 2/3 of its
+    heads, 2/3 of the neurons remain, and a quarter of the LoRA layers keep half of their ranks (12.5 % of equal-size
+    LoRA parameters). Counts are rounded and never reach zero (a layer keeps at least one head group, an MLP one
+    neuron, a kept LoRA layer one rank).
+
+    The checkpoint records the plan (``checkpoint["pruning_plan"]``). Resuming with this callback applies it to the
+    fresh model before the weights load; elsewhere call
+    ``lightning_peft.pruning.apply_pruning_plan(module, checkpoint["pruning_plan"])`` before ``load_state_dict``.
+
+    Supported: timm ViT / DeiT (and the timm-based AST), HF ViT / AST, BERT-style encoders and Llama-style decoders
+    (see :mod:`lightning_peft.pruning.surgery`), with or without HF peft LoRA; single device and ``strategy="ddp"``.
+    Not FSDP or DeepSpeed (sharded parameters cannot be sliced in place), nor the spawning DDP variants
+    (``ddp_spawn``: the main process would load the pruned weights into its unpruned copy of the model).
+
+    Args:
+        estimation_steps: optimizer steps of mask training and importance estimation before pruning (must be
+            shorter than the run).
+        head_ratio: fraction of attention heads pruned in each layer.
+        neuron_ratio: fraction of all MLP neurons pruned (global quantile of the mask values).
+        l1: strength of the L1 penalty on the masks.
+        peft_module_ratio: fraction of LoRA layers removed.
+        peft_rank_ratio: fraction of ranks removed from each remaining LoRA layer.
+        seed: breaks ties between equal scores. ``None`` uses the ``seed_everything`` seed when one was set; rank 0's
+            seed is used by every rank, and rank 0's plan is broadcast, so all ranks prune alike.
+        layers: dotted path of the block container, when the automatic search picks the wrong one.
+        plot: save the mask plot at pruning time (needs a logger with a directory).
+
+    Raises:
+        ValueError: if a ratio is outside [0, 1), ``estimation_steps`` is below 1 or ``l1`` negative (at
+            construction); if the strategy is FSDP / DeepSpeed / a spawning DDP or the model has no prunable site
+            (at setup); if ``estimation_steps`` is not shorter than the run or the masks are in no optimizer (at
+            train start).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_peft.callbacks import EarlyPruning
+        >>> trainer = pl.Trainer(callbacks=[EarlyPruning(estimation_steps=50)], max_steps=150, logger=False)
+
+    In a LightningCLI YAML file::
+
+        trainer:
+          callbacks:
+            - class_path: EarlyPruning
+              init_args: {estimation_steps: 50}
+    """
+
+    def __init__(
+        self,
+        estimation_steps: int = 200,
+        head_ratio: float = 1 / 3,
+        neuron_ratio: float = 1 / 3,
+        l1: float = 1e-4,
+        peft_module_ratio: float = 0.75,
+        peft_rank_ratio: float = 0.5,
+        seed: int | None = None,
+        layers: str | None = None,
+        plot: bool = True,
+    ) -> None:
+        if isinstance(estimation_steps, bool) or not isinstance(estimation_steps, int) or estimation_steps < 1:
+            raise ValueError(
+                f"`estimation_steps` must be an integer >= 1 (optimizer steps before pruning), got"
+                f" {estimation_steps!r}. HINT: the paper estimates over a few hundred steps; 10-20 % of the run."
+            )
+        self.head_ratio = _check_ratio("head_ratio", head_ratio, "HINT: the paper prunes 1/3 of the heads.")
+        self.neuron_ratio = _check_ratio("neuron_ratio", neuron_ratio, "HINT: the paper prunes 1/3 of the neurons.")
+        self.peft_module_ratio = _check_ratio(
+            "peft_module_ratio", peft_module_ratio, "HINT: 0.75 removes three quarters of the LoRA layers."
+        )
+        self.peft_rank_ratio = _check_ratio("peft_rank_ratio", peft_rank_ratio, "HINT: 0.5 halves every LoRA rank.")
+        if isinstance(l1, bool) or not isinstance(l1, (int, float)) or l1 < 0:
+            raise ValueError(
+                f"`l1` must be a number >= 0 (L1 penalty on the masks), got {l1!r}. HINT: the paper uses 1e-4."
+            )
+        self.estimation_steps = estimation_steps
+        self.l1 = float(l1)
+        self.seed = seed
+        self.layers = layers
+        self.plot = plot
+        self.plan: PruningPlan | None = None
+        self.pruned_at: int | None = None
+        self.summary: dict[str, Any] = {}
+        self.masks: PruningMasks | None = None
+        self.importance: LoraImportance | None = None
+        self._importance_state: dict | None = None
+        self._seed_value: int | None = None
+        self._module: pl.LightningModule | None = None
+
+    @property
+    def pruned(self) -> bool:
+        """Whether the model has been pruned (in this run or in the checkpoint it resumed from)."""
+        return self.plan is not None
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise ValueError(
+                f"`EarlyPruning` slices parameters in place, which `{type(trainer.strategy).__name__}` does not allow"
+                ' (it shards them). HINT: use `strategy="ddp"`; the pruned model is smaller anyway.'
+            )
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            raise ValueError(
+                "`EarlyPruning` cannot run under a spawning strategy (`ddp_spawn`, `ddp_fork`, `ddp_notebook`): the"
+                " main process would receive the pruned weights into its unpruned model. HINT: use"
+                ' `strategy="ddp"` (Lightning relaunches the script once per device).'
+            )
+        self._module = pl_module
+        self._seed_value = agree_seed(trainer, self.seed)
+        if self.pruned:
+            if not self._matches_plan(pl_module):
+                apply_pruning_plan(pl_module, self.plan)
+            return
+        sites = find_sites(pl_module, self.layers)
+        if not self.head_ratio:
+            sites = Sites(attention=[], mlp=sites.mlp)
+        if not self.neuron_ratio:
+            sites = Sites(attention=sites.attention, mlp=[])
+        has_lora = bool(find_lora_layers(pl_module)) and (self.peft_module_ratio > 0 or self.peft_rank_ratio > 0)
+        if not sites.attention and not sites.mlp and not has_lora:
+            raise ValueError(
+                f"`EarlyPruning` found nothing to prune in {type(pl_module).__name__}: no attention or MLP layout it"
+                " knows inside the blocks, and no LoRA layer (or all ratios are 0). HINT: pass `layers=` with the"
+                " dotted path of the block container; supported layouts are timm ViT, HF ViT/AST, BERT and Llama."
+            )
+        if sites.attention or sites.mlp:
+            self.masks = PruningMasks(sites)
+            pl_module.add_module(_MASKS, self.masks)
+            self.masks.install()
+        if has_lora:
+            self.importance = LoraImportance(pl_module)
+            if self._importance_state is not None:
+                self.importance.load_state_dict(self._importance_state)
+            self.importance.install()
+        # A checkpoint written after pruning holds smaller weights: the plan must shape the model before they load.
+        # Lightning calls the LightningModule's `on_load_checkpoint` right before loading the weights (callbacks are
+        # restored only afterwards), so wrap it for the duration of the fit.
+        original = pl_module.on_load_checkpoint
+        callback = self
+
+        def on_load_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+            plan = checkpoint.get("pruning_plan")
+            if plan is not None and not callback.pruned:
+                callback._drop_estimation(module)
+                callback.plan = PruningPlan.from_dict(plan)
+                apply_pruning_plan(module, callback.plan)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = types.MethodType(on_load_checkpoint, pl_module)
+
+    def _matches_plan(self, pl_module: pl.LightningModule) -> bool:
+        assert self.plan is not None
+        sites = find_sites(pl_module, self.plan.layers)
+        heads = {s.path: s.num_heads for s in sites.attention}
+        hidden = {s.path: s.hidden for s in sites.mlp}
+        return all(heads.get(p) == len(k) for p, k in self.plan.heads.items()) and all(
+            hidden.get(p) == len(k) for p, k in self.plan.neurons.items()
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruned:
+            return
+        total = trainer.estimated_stepping_batches
+        if self.estimation_steps >= total:
+            raise ValueError(
+                f"`estimation_steps` must be shorter than the run ({int(total)} optimizer steps), got"
+                f" {self.estimation_steps}. HINT: estimate over 10-30 % of the steps, e.g."
+                f" `estimation_steps={max(1, int(total) // 5)}`, or train longer."
+            )
+        if self.masks is not None:
+            in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+            if not all(id(m) in in_optimizer for m in self.masks.parameters()):
+                raise ValueError(
+                    "`EarlyPruning`'s masks are in no optimizer, so they cannot learn which heads and neurons matter."
+                    " HINT: build the optimizer in `configure_optimizers` over every parameter with"
+                    " `requires_grad=True` (e.g. `[p for p in self.parameters() if p.requires_grad]`); the masks are"
+                    f" registered as `{_MASKS}` on the LightningModule before it is called."
+                )
+
+    # ------------------------------------------------------------------------------------------ estimation
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.pruned:
+            return
+        step = trainer.global_step
+        if step >= self.estimation_steps:
+            self.prune(trainer, pl_module)
+            return
+        if self.importance is not None:
+            self.importance.recording = step >= self.estimation_steps // 2
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.importance is not None:
+            self.importance.recording = False  # validation passes do not count
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.pruned:
+            return
+        if self.masks is not None:
+            if self.l1:
+                self.masks.l1_gradient(self.l1)
+            if logger_writes_this_step(trainer):
+                pl_module.log("early_pruning/mask_l1", self.masks.l1(), on_step=True, on_epoch=False)
+        if self.importance is not None and trainer.global_step >= self.estimation_steps // 2:
+            self.importance.record_ranks()
+
+    # --------------------------------------------------------------------------------------------- pruning
+    def make_plan(self) -> PruningPlan:
+        """The plan the current masks and scores give (what :meth:`prune` would apply now)."""
+        generator = torch.Generator().manual_seed(self._seed_value or 0)
+        heads, neurons, removed, ranks = {}, {}, [], {}
+        if self.masks is not None:
+            heads = choose_heads(
+                {s.path: (m, s.group_size) for s, m in zip(self.masks.attention_sites, self.masks.heads, strict=True)},
+                self.head_ratio,
+                generator,
+            )
+            neurons = choose_neurons(
+                {s.path: m for s, m in zip(self.masks.mlp_sites, self.masks.neurons, strict=True)},
+                self.neuron_ratio,
+                generator,
+            )
+        if self.importance is not None:
+            removed, ranks = choose_lora(
+                self.importance.module_scores(),
+                self.importance.rank_scores(),
+                self.peft_module_ratio,
+                self.peft_rank_ratio,
+            )
+        return PruningPlan(heads=heads, neurons=neurons, lora_removed=removed, lora_ranks=ranks, layers=self.layers)
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningPlan:
+        """Decide the plan (rank 0's, broadcast), shrink the model, and carry optimizer, DDP and controller over."""
+        plan = PruningPlan.from_dict(trainer.strategy.broadcast(self.make_plan().to_dict(), src=0))
+        mask_values = self._mask_values()
+        lora_before = {p: dict(layer.r) for p, layer in find_lora_layers(pl_module).items()}
+        params_before = sum(p.numel() for p in pl_module.parameters())
+        dropped = self._drop_estimation(pl_module)
+        record = apply_pruning_plan(pl_module, plan)
+        for optimizer in trainer.optimizers:
+            replace_in_optimizer(optimizer, record, drop=dropped)
+        for param in pl_module.parameters():
+            param.grad = None
+        self._rewrap_ddp(trainer, pl_module)
+        controller = next((cb for cb in trainer.callbacks if isinstance(cb, TrainableSetController)), None)
+        if controller is not None:
+            controller.refresh(trainer, pl_module)
+        self.plan = plan
+        self.pruned_at = trainer.global_step
+        params_after = sum(p.numel() for p in pl_module.parameters())
+        self.summary = self._summarize(pl_module, plan, mask_values, lora_before, params_before, params_after)
+        rank_zero_info(self._format_summary())
+        log_dir = trainer.log_dir if trainer.logger is not None else None
+        if (
+            self.plot
+            and log_dir is not None
+            and trainer.is_global_zero
+            and mask_values["heads"] + mask_values["neurons"]
+        ):
+            self.plot_masks(os.path.join(log_dir, "early_pruning_masks.png"), mask_values, plan)
+        return plan
+
+    def _drop_estimation(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
+        """Remove masks and importance hooks from the model; return the mask parameters."""
+        dropped: list[torch.Tensor] = []
+        if self.masks is not None:
+            self.masks.remove()
+            dropped = list(self.masks.parameters())
+            if _MASKS in pl_module._modules:
+                delattr(pl_module, _MASKS)
+            self.masks = None
+        if self.importance is not None:
+            self.importance.remove()
+            self.importance = None
+        self._importance_state = None
+        return dropped
+
+    @staticmethod
+    def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            # DDP's reducer holds the old parameters; a new wrapper registers the new ones (and broadcasts rank 0's
+            # values, which are identical anyway since every rank applied the same plan).
+            strategy.model = strategy._setup_model(pl_module)
+            strategy._register_ddp_hooks()
+
+    def _mask_values(self) -> dict[str, list]:
+        if self.masks is None:
+            return {"heads": [], "neurons": []}
+        heads = [
+            (s.path, s.block, m.detach().float().cpu())
+            for s, m in zip(self.masks.attention_sites, self.masks.heads, strict=True)
+        ]
+        neurons = [
+            (s.path, s.block, m.detach().float().cpu())
+            for s, m in zip(self.masks.mlp_sites, self.masks.neurons, strict=True)
+        ]
+        return {"heads": heads, "neurons": neurons}
+
+    @staticmethod
+    def _summarize(pl_module, plan, mask_values, lora_before, params_before, params_after) -> dict[str, Any]:
+        layers = []
+        for path, _, mask in mask_values["heads"]:
+            layers.append({"site": path, "kind": "heads", "kept": len(plan.heads[path]), "total": len(mask)})
+        for path, _, mask in mask_values["neurons"]:
+            layers.append({"site": path, "kind": "neurons", "kept": len(plan.neurons[path]), "total": len(mask)})
+        lora = []
+        for path, ranks in lora_before.items():
+            for adapter, r in ranks.items():
+                kept = 0 if path in plan.lora_removed else len(plan.lora_ranks.get(path, {}).get(adapter, range(r)))
+                lora.append({"site": path, "adapter": adapter, "kept": kept, "total": r})
+        return {"layers": layers, "lora": lora, "params_before": params_before, "params_after": params_after}
+
+    def _format_summary(self) -> str:
+        s = self.summary
+        lines = [
+            f"EarlyPruning at step {self.pruned_at}: {s['params_before']:,} -> {s['params_after']:,} parameters"
+            f" ({s['params_after'] / max(s['params_before'], 1):.1%})"
+        ]
+        lines += [f"  {row['site']}: {row['kind']} {row['kept']}/{row['total']}" for row in s["layers"]]
+        lines += [f"  {row['site']} [{row['adapter']}]: LoRA rank {row['kept']}/{row['total']}" for row in s["lora"]]
+        return "\n".join(lines)
+
+    def plot_masks(self, path: str, mask_values: dict[str, list], plan: PruningPlan) -> str:
+        """Save the mask values per layer (heads left, neurons right; pruned ones in red) as a PNG at ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, kind, kept_by_site in ((axes[0], "heads", plan.heads), (axes[1], "neurons", plan.neurons)):
+            for position, (site, _, values) in enumerate(mask_values[kind]):
+                kept = torch.zeros(len(values), dtype=torch.bool)
+                kept[kept_by_site.get(site, list(range(len(values))))] = True
+                jitter = (torch.rand(len(values)) - 0.5) * 0.5
+                ax.scatter(
+                    (position + jitter)[kept],
+                    values[kept],
+                    s=6,
+                    color="tab:blue",
+                    label="kept" if not position else None,
+                )
+                ax.scatter(
+                    (position + jitter)[~kept],
+                    values[~kept],
+                    s=6,
+                    color="tab:red",
+                    label="pruned" if not position else None,
+                )
+            ax.set_xlabel("layer")
+            ax.set_ylabel("mask value")
+            ax.set_title(f"{kind} masks at step {self.pruned_at}")
+            if mask_values[kind]:
+                ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    # ---------------------------------------------------------------------------------------------- state
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.plan is not None:
+            checkpoint["pruning_plan"] = self.plan.to_dict()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "pruned_at": self.pruned_at,
+            "summary": self.summary,
+            "importance": None if self.importance is None else self.importance.state_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        plan = state_dict.get("plan")
+        self.plan = None if plan is None else PruningPlan.from_dict(plan)
+        self.pruned_at = state_dict.get("pruned_at")
+        self.summary = state_dict.get("summary", {})
+        importance = state_dict.get("importance")
+        if importance is not None and self.importance is not None and not self.pruned:
+            self.importance.load_state_dict(importance)
+        else:
+            self._importance_state = importance
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and "on_load_checkpoint" in pl_module.__dict__:
+            del pl_module.on_load_checkpoint

@@ -1,0 +1,200 @@
+"""The pruning plan: what to keep, decided from the masks and PEFT scores, serialisable and re-applicable."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.pruning.peft_importance import find_lora_layers, prune_lora_ranks, remove_lora
+from lightning_peft.pruning.surgery import ParameterReplacements, find_sites, prune_attention, prune_mlp
+
+__all__ = ["PruningPlan", "apply_pruning_plan", "choose_heads", "choose_lora", "choose_neurons"]
+
+
+@dataclass
+class PruningPlan:
+    """What survives pruning, by module path (relative to the root the plan is applied to).
+
+    Attributes:
+        heads: ``{attention path: kept query-head indices}`` (original numbering).
+        neurons: ``{MLP path: kept neuron indices}``.
+        lora_removed: paths of LoRA layers replaced by their base Linear.
+        lora_ranks: ``{LoRA layer path: {adapter: kept rank indices}}``.
+        layers: the ``layers=`` path used to find the blocks (``None``: automatic).
+
+    A plan is plain data (:meth:`to_dict` / :meth:`from_dict`), stored in checkpoints so that a fresh, unpruned
+    model reaches the pruned architecture before its weights load.
+
+    Example::
+
+        >>> plan = PruningPlan(heads={"blocks.0.attn": [0, 2]}, neurons={"blocks.0.mlp": [1, 3, 4]})
+        >>> PruningPlan.from_dict(plan.to_dict()) == plan
+        True
+    """
+
+    heads: dict[str, list[int]] = field(default_factory=dict)
+    neurons: dict[str, list[int]] = field(default_factory=dict)
+    lora_removed: list[str] = field(default_factory=list)
+    lora_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    layers: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain Python containers (for checkpoints, JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
+        """Rebuild a plan from :meth:`to_dict` output."""
+        return cls(
+            heads={k: [int(i) for i in v] for k, v in data.get("heads", {}).items()},
+            neurons={k: [int(i) for i in v] for k, v in data.get("neurons", {}).items()},
+            lora_removed=[str(p) for p in data.get("lora_removed", [])],
+            lora_ranks={
+                p: {a: [int(i) for i in r] for a, r in d.items()} for p, d in data.get("lora_ranks", {}).items()
+            },
+            layers=data.get("layers"),
+        )
+
+
+def _n_pruned(ratio: float, n: int) -> int:
+    """How many of ``n`` units a ratio prunes: rounded, and never all of them."""
+    return min(int(round(ratio * n)), n - 1) if n > 0 else 0
+
+
+def _ranked(scores: Tensor, descending: bool, generator: torch.Generator | None) -> Tensor:
+    """Indices of ``scores`` in sorted order; ties are broken by a random permutation from ``generator``."""
+    perm = torch.randperm(len(scores), generator=generator) if generator is not None else torch.arange(len(scores))
+    return perm[torch.sort(scores[perm], descending=descending, stable=True).indices]
+
+
+def choose_heads(
+    site_masks: dict[str, tuple[Tensor, int]], ratio: float, generator: torch.Generator | None = None
+) -> dict[str, list[int]]:
+    """Per attention site, keep the heads of the ``1 - ratio`` most important key/value groups.
+
+    Args:
+        site_masks: ``{path: (mask of shape (num_heads,), group size)}``; a group's importance is the mean ``|m|``
+            of its query heads (a group is one head without grouped-query attention).
+        ratio: fraction of groups pruned in each layer (rounded; at least one group stays).
+        generator: breaks ties between equal scores at random (``None``: lower index first).
+    """
+    kept = {}
+    for path, (mask, group) in site_masks.items():
+        scores = mask.detach().abs().float().cpu().view(-1, group).mean(dim=1)
+        n_keep = len(scores) - _n_pruned(ratio, len(scores))
+        order = _ranked(scores, True, generator)[:n_keep]
+        kept[path] = sorted(int(h) for g in order.tolist() for h in range(g * group, (g + 1) * group))
+    return kept
+
+
+def choose_neurons(
+    site_masks: dict[str, Tensor], ratio: float, generator: torch.Generator | None = None
+) -> dict[str, list[int]]:
+    """Prune the ``ratio`` fraction of all MLP neurons with the smallest ``|m|`` (a global quantile).
+
+    Each MLP keeps at least its most important neuron; ``generator`` breaks ties between equal scores at random.
+    """
+    if not site_masks:
+        return {}
+    paths = list(site_masks)
+    scores = [site_masks[p].detach().abs().float().cpu() for p in paths]
+    flat = torch.cat(scores)
+    n_prune = _n_pruned(ratio, len(flat))
+    pruned = torch.zeros(len(flat), dtype=torch.bool)
+    pruned[_ranked(flat, False, generator)[:n_prune]] = True
+    kept, start = {}, 0
+    for path, score in zip(paths, scores, strict=True):
+        keep = (~pruned[start : start + len(score)]).nonzero().flatten().tolist()
+        kept[path] = keep or [int(score.argmax())]
+        start += len(score)
+    return kept
+
+
+def choose_lora(
+    module_scores: dict[str, float],
+    rank_scores: dict[str, dict[str, Tensor]],
+    module_ratio: float,
+    rank_ratio: float,
+) -> tuple[list[str], dict[str, dict[str, list[int]]]]:
+    """Remove the ``module_ratio`` fraction of LoRA layers of lowest score; in the others keep the top ranks.
+
+    Returns:
+        ``(removed paths, {path: {adapter: kept ranks}})``; each kept layer keeps ``r - round(rank_ratio * r)``
+        ranks (at least one) of highest Taylor score. Layers never scored are kept whole.
+    """
+    paths = sorted(module_scores, key=lambda p: (module_scores[p], p))
+    removed = sorted(paths[: _n_pruned(module_ratio, len(paths))]) if module_ratio > 0 else []
+    ranks: dict[str, dict[str, list[int]]] = {}
+    if rank_ratio > 0:
+        for path, adapters in rank_scores.items():
+            if path in removed:
+                continue
+            for adapter, score in adapters.items():
+                n_keep = len(score) - _n_pruned(rank_ratio, len(score))
+                order = torch.sort(score.float(), descending=True, stable=True).indices[:n_keep]
+                ranks.setdefault(path, {})[adapter] = sorted(order.tolist())
+    return removed, ranks
+
+
+def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> ParameterReplacements:
+    """Make ``root`` (unpruned, with the architecture the plan was made on) as small as the plan says, in place.
+
+    Call it on a fresh model before loading the state dict of a pruned checkpoint::
+
+        apply_pruning_plan(module, checkpoint["pruning_plan"])
+        module.load_state_dict(checkpoint["state_dict"])
+
+    Args:
+        root: the model or LightningModule the plan's paths are relative to.
+        plan: a :class:`PruningPlan` or its :meth:`~PruningPlan.to_dict` form.
+
+    Returns:
+        The record of replaced and removed parameters (for :func:`~lightning_peft.pruning.replace_in_optimizer`).
+
+    Raises:
+        ValueError: if a path of the plan is not a prunable site or LoRA layer of ``root``.
+
+    Example::
+
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=4, pretrained=False)
+        >>> _ = apply_pruning_plan(vit, {"heads": {"blocks.1.attn": [0, 3]}, "neurons": {"blocks.0.mlp": [0, 5]}})
+        >>> vit.blocks[1].attn.num_heads, vit.blocks[1].attn.qkv.out_features, vit.blocks[0].mlp.fc2.in_features
+        (2, 48, 2)
+    """
+    if isinstance(plan, dict):
+        plan = PruningPlan.from_dict(plan)
+    record = ParameterReplacements()
+    sites = find_sites(root, plan.layers)
+    attention = {s.path: s for s in sites.attention}
+    mlps = {s.path: s for s in sites.mlp}
+    unknown = [p for p in plan.heads if p not in attention] + [p for p in plan.neurons if p not in mlps]
+    if unknown:
+        raise ValueError(
+            f"the pruning plan names sites that this model does not have: {unknown[:4]}. Found attention sites"
+            f" {list(attention)[:3]}..., MLP sites {list(mlps)[:3]}... HINT: apply the plan to the same architecture"
+            " it was made on, before loading the pruned weights."
+        )
+    for path, kept in plan.heads.items():
+        if len(kept) < attention[path].num_heads:
+            prune_attention(attention[path], kept, record)
+    for path, kept in plan.neurons.items():
+        if len(kept) < mlps[path].hidden:
+            prune_mlp(mlps[path], kept, record)
+    lora = find_lora_layers(root)
+    missing = [p for p in [*plan.lora_ranks, *plan.lora_removed] if p not in lora]
+    if missing:
+        raise ValueError(
+            f"the pruning plan names LoRA layers that this model does not have: {missing[:4]}."
+            " HINT: attach the same peft config as the pruned run before applying the plan."
+        )
+    for path, adapters in plan.lora_ranks.items():
+        for adapter, kept in adapters.items():
+            if len(kept) < lora[path].r[adapter]:
+                prune_lora_ranks(lora[path], adapter, kept, record)
+    for path in plan.lora_removed:
+        remove_lora(root, path, record)
+    return record
