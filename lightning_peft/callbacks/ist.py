@@ -230,6 +230,7 @@ class IST(TrainableSetCallback):
                     own = [
                         names_of[id(p)]
                         for attr in module.adapter_layer_names
+                        if isinstance(getattr(module, attr, None), nn.Module)
                         for p in getattr(module, attr).parameters()
                         if id(p) in names_of
                     ]

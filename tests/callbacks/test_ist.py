@@ -452,3 +452,22 @@ def test_module_without_loss_hook_still_logs_only_its_own_steps(tmp_path):
         Logged()
     )
     assert logged.count("train_loss") == 5
+
+
+class BatchRecorder(Callback):
+    def __init__(self, ist):
+        self.ist, self.sampled = ist, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sampled.append(tuple(self.ist.sampled))
+
+
+def test_gradient_accumulation_keeps_one_set_per_optimizer_step(tmp_path):
+    ist = UpdateRecorder(update_ratio=0.25, interval=2, seed=0)
+    recorder = BatchRecorder(ist)
+    kw = trainer_kwargs(tmp_path, accumulate_grad_batches=3)
+    pl.Trainer(callbacks=[ist, recorder], max_steps=6, **kw).fit(AdapterModel())
+    assert len(recorder.sampled) == 18
+    for start in range(0, 18, 3):  # the set changes only between optimizer steps
+        assert len(set(recorder.sampled[start : start + 3])) == 1
+    assert len(ist.rounds) == 2  # steps 2 and 4, once each despite three micro-batches per step
