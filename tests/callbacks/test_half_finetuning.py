@@ -410,3 +410,31 @@ def test_works_through_a_real_fit_on_a_tiny_vit(tmp_path):
     moved = changed(before, module)
     blocks = {n for n in moved if n.startswith("model.blocks.")}
     assert blocks == set(hft.selected)
+
+
+# ------------------------------------------------------------------------------------------------------ DDP
+
+
+class RankDump(pl.Callback):
+    def __init__(self, hft, path):
+        self.hft = hft
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        state = {"history": self.hft.history, "selected": self.hft.selected, "weights": snapshot(pl_module)}
+        torch.save(state, self.path / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_draw_the_same_halves_and_stay_identical(tmp_path):
+    hft = HalfFineTuning(reselect_every_n_epochs=1, reset="on_reselect")  # no seed: ranks must still agree
+    trainer = pl.Trainer(
+        callbacks=[hft, RankDump(hft, tmp_path)],
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=3, limit_train_batches=3),
+    )
+    trainer.fit(TinyBlockModel())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["selected"] == ranks[1]["selected"]
+    assert len(ranks[0]["history"]) == 3
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
