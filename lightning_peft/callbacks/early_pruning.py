@@ -16,7 +16,9 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_peft._logging import logger_writes_this_step
+from lightning_peft.adapters import adapter_modules
 from lightning_peft.pruning import (
+    AdapterImportance,
     LoraImportance,
     PruningMasks,
     PruningPlan,
@@ -63,7 +65,9 @@ class EarlyPruning(Callback):
       user's ``training_step``. It is logged as ``early_pruning/mask_l1``.
     * **PEFT importance** -- for each HF peft LoRA layer: the module score ``||ΔW x|| / ||W x||`` and the per-rank
       first-order Taylor score ``|Σ ∂L/∂A_i ⊙ A_i| + |Σ ∂L/∂B_i ⊙ B_i|``, averaged over the second half of the
-      estimation steps.
+      estimation steps; for the adapters of :mod:`lightning_peft.adapters` the same scores with the adapter's
+      correction relative to its input and its bottleneck units as ranks
+      (:mod:`lightning_peft.pruning.adapter_importance`).
 
     Then, at the first optimizer-step boundary after estimation:
 
@@ -72,7 +76,8 @@ class EarlyPruning(Callback):
       quantile (``neuron_ratio`` of all MLP neurons, lowest ``|m|``) -- physically: ``qkv`` / ``q,k,v``,
       ``proj`` / ``o``, ``fc1`` / ``up`` / ``gate``, ``fc2`` / ``down`` become smaller Linears, head counts follow;
     * ``peft_module_ratio`` of the LoRA layers (lowest module score) are removed (replaced by their base Linear) and
-      in the others ``peft_rank_ratio`` of the ranks (lowest Taylor score) are sliced out of ``A`` and ``B``;
+      in the others ``peft_rank_ratio`` of the ranks (lowest Taylor score) are sliced out of ``A`` and ``B``; the
+      adapters are pruned alike (removed whole; bottleneck units sliced out of ``down`` / ``up``);
     * the masks leave the model; the optimizer keeps its param groups (LR schedulers continue) with the smaller
       parameters in place of the old ones and their state sliced (Adam's moments of the kept rows/columns);
       under DDP the model is wrapped again; the trainable-set controller (LISA, Half Fine-Tuning, IST) learns the
@@ -164,7 +169,9 @@ class EarlyPruning(Callback):
         self.summary: dict[str, Any] = {}
         self.masks: PruningMasks | None = None
         self.importance: LoraImportance | None = None
+        self.adapter_importance: AdapterImportance | None = None
         self._importance_state: dict | None = None
+        self._adapter_importance_state: dict | None = None
         self._seed_value: int | None = None
         self._module: pl.LightningModule | None = None
 
@@ -200,8 +207,10 @@ class EarlyPruning(Callback):
             sites = Sites(attention=[], mlp=sites.mlp)
         if not self.neuron_ratio:
             sites = Sites(attention=sites.attention, mlp=[])
-        has_lora = bool(find_lora_layers(pl_module)) and (self.peft_module_ratio > 0 or self.peft_rank_ratio > 0)
-        if not sites.attention and not sites.mlp and not has_lora:
+        peft_on = self.peft_module_ratio > 0 or self.peft_rank_ratio > 0
+        has_lora = peft_on and bool(find_lora_layers(pl_module))
+        has_adapters = peft_on and bool(adapter_modules(pl_module))
+        if not sites.attention and not sites.mlp and not has_lora and not has_adapters:
             raise ValueError(
                 f"`EarlyPruning` found nothing to prune in {type(pl_module).__name__}: no attention or MLP layout it"
                 " knows inside the blocks, and no LoRA layer (or all ratios are 0). HINT: pass `layers=` with the"
@@ -216,6 +225,11 @@ class EarlyPruning(Callback):
             if self._importance_state is not None:
                 self.importance.load_state_dict(self._importance_state)
             self.importance.install()
+        if has_adapters:
+            self.adapter_importance = AdapterImportance(pl_module)
+            if self._adapter_importance_state is not None:
+                self.adapter_importance.load_state_dict(self._adapter_importance_state)
+            self.adapter_importance.install()
         # A checkpoint written after pruning holds smaller weights: the plan must shape the model before they load.
         # Lightning calls the LightningModule's `on_load_checkpoint` right before loading the weights (callbacks are
         # restored only afterwards), so wrap it for the duration of the fit.
@@ -273,15 +287,15 @@ class EarlyPruning(Callback):
         if step >= self.estimation_steps:
             self.prune(trainer, pl_module)
             return
-        if self.importance is not None:
-            self.importance.recording = step >= self.estimation_steps // 2
+        for importance in self._importances():
+            importance.recording = step >= self.estimation_steps // 2
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.importance is not None:
-            self.importance.recording = False  # validation passes do not count
+        for importance in self._importances():
+            importance.recording = False  # validation passes do not count
 
     @override
     def on_before_optimizer_step(
@@ -294,8 +308,12 @@ class EarlyPruning(Callback):
                 self.masks.l1_gradient(self.l1)
             if logger_writes_this_step(trainer):
                 pl_module.log("early_pruning/mask_l1", self.masks.l1(), on_step=True, on_epoch=False)
-        if self.importance is not None and trainer.global_step >= self.estimation_steps // 2:
-            self.importance.record_ranks()
+        if trainer.global_step >= self.estimation_steps // 2:
+            for importance in self._importances():
+                importance.record_ranks()
+
+    def _importances(self) -> list:
+        return [i for i in (self.importance, self.adapter_importance) if i is not None]
 
     # --------------------------------------------------------------------------------------------- pruning
     def make_plan(self) -> PruningPlan:
@@ -320,13 +338,31 @@ class EarlyPruning(Callback):
                 self.peft_module_ratio,
                 self.peft_rank_ratio,
             )
-        return PruningPlan(heads=heads, neurons=neurons, lora_removed=removed, lora_ranks=ranks, layers=self.layers)
+        adapters_removed, adapter_units = [], {}
+        if self.adapter_importance is not None:
+            adapters_removed, units = choose_lora(
+                self.adapter_importance.module_scores(),
+                self.adapter_importance.rank_scores(),
+                self.peft_module_ratio,
+                self.peft_rank_ratio,
+            )
+            adapter_units = {path: kept["adapter"] for path, kept in units.items()}
+        return PruningPlan(
+            heads=heads,
+            neurons=neurons,
+            lora_removed=removed,
+            lora_ranks=ranks,
+            adapters_removed=adapters_removed,
+            adapter_units=adapter_units,
+            layers=self.layers,
+        )
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PruningPlan:
         """Decide the plan (rank 0's, broadcast), shrink the model, and carry optimizer, DDP and controller over."""
         plan = PruningPlan.from_dict(trainer.strategy.broadcast(self.make_plan().to_dict(), src=0))
         mask_values = self._mask_values()
         lora_before = {p: dict(layer.r) for p, layer in find_lora_layers(pl_module).items()}
+        lora_before |= {p: {"adapter": a.down.out_features} for p, a in adapter_modules(pl_module)}
         params_before = sum(p.numel() for p in pl_module.parameters())
         dropped = self._drop_estimation(pl_module)
         record = apply_pruning_plan(pl_module, plan)
@@ -362,10 +398,10 @@ class EarlyPruning(Callback):
             if _MASKS in pl_module._modules:
                 delattr(pl_module, _MASKS)
             self.masks = None
-        if self.importance is not None:
-            self.importance.remove()
-            self.importance = None
-        self._importance_state = None
+        for importance in self._importances():
+            importance.remove()
+        self.importance = self.adapter_importance = None
+        self._importance_state = self._adapter_importance_state = None
         return dropped
 
     @staticmethod
@@ -400,7 +436,12 @@ class EarlyPruning(Callback):
         lora = []
         for path, ranks in lora_before.items():
             for adapter, r in ranks.items():
-                kept = 0 if path in plan.lora_removed else len(plan.lora_ranks.get(path, {}).get(adapter, range(r)))
+                if path in plan.lora_removed or path in plan.adapters_removed:
+                    kept = 0
+                elif adapter == "adapter" and path in plan.adapter_units:
+                    kept = len(plan.adapter_units[path])
+                else:
+                    kept = len(plan.lora_ranks.get(path, {}).get(adapter, range(r)))
                 lora.append({"site": path, "adapter": adapter, "kept": kept, "total": r})
         return {"layers": layers, "lora": lora, "params_before": params_before, "params_after": params_after}
 
@@ -411,7 +452,7 @@ class EarlyPruning(Callback):
             f" ({s['params_after'] / max(s['params_before'], 1):.1%})"
         ]
         lines += [f"  {row['site']}: {row['kind']} {row['kept']}/{row['total']}" for row in s["layers"]]
-        lines += [f"  {row['site']} [{row['adapter']}]: LoRA rank {row['kept']}/{row['total']}" for row in s["lora"]]
+        lines += [f"  {row['site']} [{row['adapter']}]: rank {row['kept']}/{row['total']}" for row in s["lora"]]
         return "\n".join(lines)
 
     def plot_masks(self, path: str, mask_values: dict[str, list], plan: PruningPlan) -> str:
@@ -466,6 +507,7 @@ class EarlyPruning(Callback):
             "pruned_at": self.pruned_at,
             "summary": self.summary,
             "importance": None if self.importance is None else self.importance.state_dict(),
+            "adapter_importance": None if self.adapter_importance is None else self.adapter_importance.state_dict(),
         }
 
     @override
@@ -479,6 +521,11 @@ class EarlyPruning(Callback):
             self.importance.load_state_dict(importance)
         else:
             self._importance_state = importance
+        adapter_importance = state_dict.get("adapter_importance")
+        if adapter_importance is not None and self.adapter_importance is not None and not self.pruned:
+            self.adapter_importance.load_state_dict(adapter_importance)
+        else:
+            self._adapter_importance_state = adapter_importance
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -4,6 +4,7 @@ The :class:`~lightning_peft.callbacks.EarlyPruning` callback drives these pieces
 re-create a pruned architecture before loading a pruned checkpoint (:func:`apply_pruning_plan`).
 """
 
+from lightning_peft.pruning.adapter_importance import AdapterImportance, prune_adapter_units, remove_adapter
 from lightning_peft.pruning.masks import PruningMasks
 from lightning_peft.pruning.peft_importance import LoraImportance, find_lora_layers, prune_lora_ranks, remove_lora
 from lightning_peft.pruning.plan import (
@@ -25,6 +26,7 @@ from lightning_peft.pruning.surgery import (
 )
 
 __all__ = [
+    "AdapterImportance",
     "AttentionSite",
     "LoraImportance",
     "MlpSite",
@@ -40,7 +42,9 @@ __all__ = [
     "prune_attention",
     "prune_linear",
     "prune_lora_ranks",
+    "prune_adapter_units",
     "prune_mlp",
+    "remove_adapter",
     "remove_lora",
     "replace_in_optimizer",
 ]

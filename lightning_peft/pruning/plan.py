@@ -23,6 +23,8 @@ class PruningPlan:
         neurons: ``{MLP path: kept neuron indices}``.
         lora_removed: paths of LoRA layers replaced by their base Linear.
         lora_ranks: ``{LoRA layer path: {adapter: kept rank indices}}``.
+        adapters_removed: paths of :mod:`lightning_peft.adapters` adapters taken out of the model.
+        adapter_units: ``{bottleneck adapter path: kept bottleneck-unit indices}``.
         layers: the ``layers=`` path used to find the blocks (``None``: automatic).
 
     A plan is plain data (:meth:`to_dict` / :meth:`from_dict`), stored in checkpoints so that a fresh, unpruned
@@ -39,6 +41,8 @@ class PruningPlan:
     neurons: dict[str, list[int]] = field(default_factory=dict)
     lora_removed: list[str] = field(default_factory=list)
     lora_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    adapters_removed: list[str] = field(default_factory=list)
+    adapter_units: dict[str, list[int]] = field(default_factory=dict)
     layers: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,6 +59,8 @@ class PruningPlan:
             lora_ranks={
                 p: {a: [int(i) for i in r] for a, r in d.items()} for p, d in data.get("lora_ranks", {}).items()
             },
+            adapters_removed=[str(p) for p in data.get("adapters_removed", [])],
+            adapter_units={k: [int(i) for i in v] for k, v in data.get("adapter_units", {}).items()},
             layers=data.get("layers"),
         )
 
@@ -197,4 +203,20 @@ def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> P
                 prune_lora_ranks(lora[path], adapter, kept, record)
     for path in plan.lora_removed:
         remove_lora(root, path, record)
+    if plan.adapters_removed or plan.adapter_units:
+        from lightning_peft.adapters import adapter_modules
+        from lightning_peft.pruning.adapter_importance import prune_adapter_units, remove_adapter
+
+        adapters = dict(adapter_modules(root))
+        missing = [p for p in [*plan.adapter_units, *plan.adapters_removed] if p not in adapters]
+        if missing:
+            raise ValueError(
+                f"the pruning plan names adapters that this model does not have: {missing[:4]}."
+                " HINT: add the same adapters (`add_adapters`) as the pruned run before applying the plan."
+            )
+        for path, kept in plan.adapter_units.items():
+            if len(kept) < adapters[path].down.out_features:
+                prune_adapter_units(adapters[path], kept, record)
+        for path in plan.adapters_removed:
+            remove_adapter(root, path, record)
     return record

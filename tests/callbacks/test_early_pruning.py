@@ -259,3 +259,17 @@ def test_with_activation_quantization(tmp_path):
     pl.Trainer(callbacks=callbacks, max_steps=5, **trainer_kwargs(tmp_path)).fit(module)
     assert module.net.base_model.model.blocks[0].attn.num_heads == 4
     assert len(watch_losses) == 5 and all(torch.isfinite(torch.tensor(watch_losses)))
+
+
+def test_bottleneck_adapters_are_pruned(tmp_path):
+    from lightning_peft.adapters import AdapterConfig, adapter_modules, add_adapters
+
+    module = PruneModule("timm", lora=False)
+    add_adapters(module.net, AdapterConfig(layout="houlsby", bottleneck_size=8, modules_to_save=["head"]))
+    before = sum(p.numel() for _, a in adapter_modules(module) for p in a.parameters())
+    pruning = EarlyPruning(estimation_steps=4, head_ratio=0, neuron_ratio=0)
+    pl.Trainer(callbacks=[pruning], max_steps=6, **trainer_kwargs(tmp_path)).fit(module)
+    adapters = dict(adapter_modules(module))
+    assert len(adapters) == 1 and all(a.down.out_features == 4 for a in adapters.values())  # 4 -> 1, 8 -> 4
+    assert sum(p.numel() for a in adapters.values() for p in a.parameters()) <= 0.3 * before
+    assert pruning.plan.adapters_removed and not pruning.plan.heads

@@ -177,3 +177,42 @@ def test_plan_must_fit_the_model():
 
     with pytest.raises(ValueError, match="whole key/value groups"):
         prune_attention(site, [0, 2, 3, 4])
+
+
+@pytest.mark.parametrize("placement", ["sequential", "parallel"])
+def test_adapter_units_and_removal_are_exact(placement):
+    from lightning_peft.adapters import AdapterConfig, adapter_modules, add_adapters
+    from lightning_peft.pruning import AdapterImportance
+
+    net = add_adapters(build("timm"), AdapterConfig(layout="houlsby", placement=placement, bottleneck_size=6))
+    x = sample_input("timm")
+    adapters = dict(adapter_modules(net))
+    assert len(adapters) == 4
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for adapter in adapters.values():
+            adapter.up.weight.copy_(torch.randn(adapter.up.weight.shape, generator=g))
+    importance = AdapterImportance(net)
+    importance.install()
+    importance.recording = True
+    net(x).sum().backward()
+    importance.record_ranks()
+    importance.remove()
+    scores = importance.module_scores()
+    assert set(scores) == set(adapters) and all(s > 0 for s in scores.values())
+    removed, units = choose_lora(scores, importance.rank_scores(), module_ratio=0.25, rank_ratio=0.5)
+    plan = PruningPlan(adapters_removed=removed, adapter_units={p: k["adapter"] for p, k in units.items()})
+    assert len(removed) == 1 and all(len(k) == 3 for k in plan.adapter_units.values())
+    with torch.no_grad():  # the masked equivalent: removed adapters scaled to 0, pruned units' down rows zeroed
+        for path, adapter in adapters.items():
+            if path in removed:
+                adapter.scale = 0.0
+            else:
+                pruned = sorted(set(range(6)) - set(plan.adapter_units[path]))
+                adapter.down.weight[pruned] = 0
+                adapter.down.bias[pruned] = 0
+        expected = net(x)
+        apply_pruning_plan(net, plan)
+        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    left = dict(adapter_modules(net))
+    assert removed[0] not in left and all(a.down.out_features == 3 and a.up.in_features == 3 for a in left.values())
