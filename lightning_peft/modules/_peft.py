@@ -132,7 +132,52 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-class ClassifierModule(pl.LightningModule):
+class OptimizedModule(pl.LightningModule):
+    """Optimizer and scheduler set-up shared by the ready modules (classifiers and causal LMs).
+
+    Args:
+        optimizer: Builds the optimizer from an iterable of parameters.
+        scheduler: Builds a learning-rate scheduler from the optimizer, stepped after every optimizer step
+            (``ReduceLROnPlateau`` is stepped per epoch on ``val/loss``).
+    """
+
+    def __init__(self, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__()
+        if not callable(optimizer):
+            raise TypeError(
+                f"`optimizer` must be a callable that builds an optimizer from parameters, got {optimizer!r}."
+                " HINT: pass a class such as `torch.optim.AdamW` or `functools.partial(torch.optim.AdamW, lr=1e-4)`."
+            )
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(
+                f"`scheduler` must be None or a callable that builds a scheduler from the optimizer, got {scheduler!r}."
+                " HINT: pass e.g. `functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=1000)`."
+            )
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    @override
+    def configure_optimizers(self) -> Any:
+        # Built over everything trainable *now*: callbacks that freeze layers do so after this point and need
+        # every candidate parameter in the optimizer to unfreeze it later.
+        params = trainable_parameters(self)
+        if not params:
+            raise RuntimeError(
+                f"{type(self).__name__} has no parameter with requires_grad=True to optimize."
+                " HINT: do not freeze the whole model before `Trainer.fit`; let a callback freeze layers instead."
+            )
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler_config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
+        else:
+            scheduler_config = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
+
+
+class ClassifierModule(OptimizedModule):
     """Steps, accuracy metrics and optimizer set-up shared by the classifiers; subclasses give the logits.
 
     A subclass stores its network as ``self.model`` and implements :meth:`logits_and_labels`.
@@ -147,19 +192,7 @@ class ClassifierModule(pl.LightningModule):
     def __init__(
         self, num_classes: int, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None = None
     ) -> None:
-        super().__init__()
-        if not callable(optimizer):
-            raise TypeError(
-                f"`optimizer` must be a callable that builds an optimizer from parameters, got {optimizer!r}."
-                " HINT: pass a class such as `torch.optim.AdamW` or `functools.partial(torch.optim.AdamW, lr=1e-4)`."
-            )
-        if scheduler is not None and not callable(scheduler):
-            raise TypeError(
-                f"`scheduler` must be None or a callable that builds a scheduler from the optimizer, got {scheduler!r}."
-                " HINT: pass e.g. `functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=1000)`."
-            )
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        super().__init__(optimizer, scheduler)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -195,23 +228,3 @@ class ClassifierModule(pl.LightningModule):
         self.test_acc(logits, labels)
         self.log("test/loss", F.cross_entropy(logits, labels))
         self.log("test/acc", self.test_acc, on_epoch=True)
-
-    @override
-    def configure_optimizers(self) -> Any:
-        # Built over everything trainable *now*: callbacks that freeze layers do so after this point and need
-        # every candidate parameter in the optimizer to unfreeze it later.
-        params = trainable_parameters(self)
-        if not params:
-            raise RuntimeError(
-                f"{type(self).__name__} has no parameter with requires_grad=True to optimize."
-                " HINT: do not freeze the whole model before `Trainer.fit`; let a callback freeze layers instead."
-            )
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler_config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
-        else:
-            scheduler_config = {"scheduler": scheduler, "interval": "step"}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
