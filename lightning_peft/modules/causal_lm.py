@@ -1,0 +1,150 @@
+"""A Hugging Face causal language model as a LightningModule: next-token loss and perplexity."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_peft.models import resolve_pretrained
+from lightning_peft.modules._peft import OptimizedModule, apply_peft, build_peft_config, checked_model_kwargs
+
+_RESERVED_MODEL_KWARGS = ("pretrained_model_name_or_path", "config")
+
+
+class CausalLM(OptimizedModule):
+    """Train a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2, ...) on next-token prediction.
+
+    The network comes from a local folder or hub name (``model``, ``AutoModelForCausalLM.from_pretrained``) or is
+    built with random weights from a config dict (``config``: ``AutoConfig.for_model(**config)``); it is stored as
+    ``self.model`` (a ``peft.PeftModel`` when ``peft`` is given). Batches are dicts with ``input_ids``, optionally
+    ``attention_mask``, and ``labels`` (``-100`` marks positions without a target); the model shifts the labels, so
+    the loss is the mean cross-entropy of predicting each next token. It logs ``train/loss``, ``val/loss`` and
+    ``val/ppl`` (``exp`` of the token-weighted mean validation loss over the epoch; ``test/...`` likewise). The
+    optimizer is built in ``configure_optimizers`` over every parameter that requires gradients at that moment, so
+    layer-sampling callbacks such as LISA find all of them in it.
+
+    Args:
+        model: A local folder (``config.json`` + weights) or hub name; exclusive with ``config``.
+        config: Config fields with a ``model_type``, e.g. ``{"model_type": "llama", "hidden_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 257}``.
+        peft: An HF peft config as a dict (e.g. ``{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj",
+            "v_proj"]}``) or a ``peft.PeftConfig``; without a ``task_type`` it gets ``CAUSAL_LM``.
+        optimizer: Builds the optimizer from the trainable parameters (AdamW, lr 1e-3 by default).
+        scheduler: Builds a learning-rate scheduler from the optimizer; stepped after every optimizer step.
+        model_kwargs: More arguments for ``from_pretrained`` / ``from_config`` (e.g. ``{"torch_dtype": "bfloat16"}``).
+
+    Raises:
+        ValueError: If neither or both of ``model`` and ``config`` are given, ``config`` has no known
+            ``model_type``, ``model_kwargs`` repeats an argument of this class, or ``peft`` is not a valid config.
+        OSError: If ``model`` can be loaded neither from disk nor from the hub.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_peft.modules import CausalLM
+        >>> lm = CausalLM(config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,
+        ...                       "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100})
+        >>> ids = torch.randint(0, 100, (2, 16))
+        >>> lm(input_ids=ids).shape
+        torch.Size([2, 16, 100])
+        >>> bool(lm.compute_loss({"input_ids": ids, "labels": ids}) > 0)
+        True
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        config: dict[str, Any] | None = None,
+        peft: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if (model is None) == (config is None):
+            raise ValueError(
+                f"Give exactly one of `model` (a folder or hub name) and `config` (config fields with a model_type),"
+                f" got model={model!r} and config={config!r}."
+                " HINT: e.g. config={'model_type': 'llama', 'hidden_size': 64, 'num_hidden_layers': 4}."
+            )
+        model_kwargs = checked_model_kwargs("CausalLM", model_kwargs, _RESERVED_MODEL_KWARGS)
+        peft_config = build_peft_config(peft, default_task_type="CAUSAL_LM")
+        super().__init__(optimizer=optimizer, scheduler=scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if config is not None:
+            fields = dict(config)
+            model_type = fields.pop("model_type", None)
+            try:
+                hf_config = AutoConfig.for_model(model_type, **fields)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"`config` does not describe a Hugging Face model: {err}"
+                    " HINT: name the architecture in a `model_type` key, e.g. 'llama', 'mistral', 'qwen2', 'gpt2'."
+                ) from err
+            network = AutoModelForCausalLM.from_config(hf_config, **model_kwargs)
+        else:
+            path = resolve_pretrained(model)
+            try:
+                network = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+            except OSError as err:
+                raise OSError(
+                    f"`model` {model!r} could not be loaded from {path!r}: {err}"
+                    " HINT: without internet pass a local folder with config.json and weights"
+                    " (`model.save_pretrained(folder)`), or build a small model from `config`."
+                ) from err
+        if peft_config is not None:
+            network = apply_peft(network, peft_config)
+        # `from_pretrained` returns eval mode, and the Trainer keeps the mode it finds: switch dropout back on.
+        self.model = network.train()
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Return the next-token logits ``(B, T, vocab)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The mean next-token cross-entropy of a batch, without logging (IST scores layers with it)."""
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        return self.model(**inputs).loss
+
+    @staticmethod
+    def _n_targets(batch: dict[str, Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Tensor], metric: MeanMetric, stage: str) -> None:
+        loss = self.compute_loss(batch)
+        metric.update(loss.detach(), weight=self._n_targets(batch))
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_nll, "val")
+
+    @override
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_nll, "test")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/ppl", math.exp(min(float(self.val_nll.compute()), 50.0)), prog_bar=True)
+        self.val_nll.reset()
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.log("test/ppl", math.exp(min(float(self.test_nll.compute()), 50.0)))
+        self.test_nll.reset()
