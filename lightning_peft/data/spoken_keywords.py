@@ -176,7 +176,9 @@ class SpokenKeywords(SplitDataModule):
         mean: Normalisation mean of the features (AudioSet's, as the public AST checkpoints expect).
         std: Normalisation standard deviation.
         augment: Augment training clips (frequency/time masks, time roll, noise).
-        freq_mask: Maximum frequency-mask width (AST recipe: 48).
+        freq_mask: Maximum frequency-mask width. The AST recipe for Speech Commands uses 48 (and 48, 10, 0.1 below)
+            with 35 k recordings; on these 1,080 clean clips a small model trained from scratch learned much more
+            slowly with them (chance level after 3 epochs instead of 0.36), so the defaults are milder.
         time_mask: Maximum time-mask width (AST recipe: 48).
         time_shift: Maximum time roll in frames (AST recipe for speech commands: 10).
         noise: Maximum additive noise (AST recipe for speech commands: 0.1).
@@ -216,10 +218,10 @@ class SpokenKeywords(SplitDataModule):
         mean: float = AUDIOSET_MEAN,
         std: float = AUDIOSET_STD,
         augment: bool = True,
-        freq_mask: int = 48,
-        time_mask: int = 48,
-        time_shift: int = 10,
-        noise: float = 0.1,
+        freq_mask: int = 24,
+        time_mask: int = 24,
+        time_shift: int = 0,
+        noise: float = 0.0,
         batch_size: int = 32,
         seed: int = 42,
         num_workers: int = 0,
