@@ -107,6 +107,7 @@ def _environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": _cpu_name(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 1),  # other jobs on the machine inflate wall times
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -270,7 +271,9 @@ def _merge_language(new: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"
 
 
 def render_language(results: dict[str, Any]) -> str:
@@ -504,10 +507,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="forgetting: AdamW learning rate")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a busy 2-core machine)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the JSON results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        for name, render in (("language", render_language), ("forgetting", render_forgetting)):
+            path = out / f"fidelity_{name}.json"
+            if path.exists():
+                (out / f"fidelity_{name}.md").write_text(render(json.loads(path.read_text())))
+        return
     with tempfile.TemporaryDirectory() as root:
         if "forgetting" in args.experiments:
             results = run_forgetting(args.seeds, args.epochs, args.lr, root)
