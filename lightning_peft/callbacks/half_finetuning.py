@@ -79,9 +79,10 @@ class HalfFineTuning(TrainableSetCallback):
     selection freezes -- with ``"on_reselect"`` at every draw (so during training the frozen half always holds the
     pre-trained values, even if an earlier selection trained it), with ``"on_train_end"`` once at the end of every
     ``fit``. The pre-trained values are those at the start of the *first* ``fit``, copied to CPU memory (one copy of
-    the block parameters). They are saved in the checkpoint with the callback's state, so a resumed run resets to
-    the values of the original model, not to those at the time of the checkpoint; a checkpoint with reset enabled is
-    larger by that copy. Without reset no copy is taken.
+    the block parameters that may train; what the module froze, such as a peft base model, is not copied). They
+    are saved in the checkpoint with the callback's state, so a resumed run resets to the values of the original
+    model, not to those at the time of the checkpoint; a checkpoint with reset enabled is larger by that copy.
+    Without reset no copy is taken.
 
     State in the checkpoint: the selection, the stage counter, the epoch of the last draw, the generator state and,
     with reset, the pre-trained values.
@@ -251,8 +252,11 @@ class HalfFineTuning(TrainableSetCallback):
         resumed = self._restored and self.selected is not None
         self._restored = False
         if self.reset is not None and self._pretrained is None:  # the first fit (or a checkpoint without them)
+            # only what may train: parameters the user's module froze (a peft base model) never change
             self._pretrained = {
-                name: self._params[name].detach().to("cpu", copy=True) for name in self._block_parameter_names()
+                name: self._params[name].detach().to("cpu", copy=True)
+                for name in self._block_parameter_names()
+                if self._params[name].requires_grad
             }
         if resumed:  # continue the checkpoint's stage with its selection
             return
@@ -402,9 +406,13 @@ class HalfFineTuning(TrainableSetCallback):
         if self._pretrained is None:
             return
         for name in self.frozen_parameter_names():
+            if name not in self._pretrained:
+                continue
             param = self._params[name]
             param.copy_(self._pretrained[name].to(device=param.device, dtype=param.dtype))
         for name, mask in self.masks.items():
+            if name not in self._pretrained:
+                continue
             param = self._params[name]
             pretrained = self._pretrained[name].to(device=param.device, dtype=param.dtype)
             param.copy_(torch.where(_expand(mask.to(param.device), param), param, pretrained))

@@ -299,6 +299,18 @@ def test_without_reset_trained_values_are_kept(tmp_path):
     assert len(changed(pretrained, model)) > len(OUTSIDE | set(hft.selected))  # earlier halves keep their training
 
 
+def test_reset_copies_only_what_may_train(tmp_path):
+    model = TinyBlockModel()
+    model.blocks[0].requires_grad_(False)  # frozen by the user (as peft freezes a base model): never copied
+    before = snapshot(model)
+    hft = HalfFineTuning(reset="on_train_end", seed=0)
+    pl.Trainer(callbacks=[hft], max_steps=2, **trainer_kwargs(tmp_path)).fit(model)
+    copied = set(hft.state_dict()["pretrained"])
+    assert copied and not any(n.startswith("blocks.0.") for n in copied)
+    assert all(n.startswith("blocks.") for n in copied)
+    assert not any(n.startswith("blocks.0.") for n in changed(before, model))
+
+
 # -------------------------------------------------------------------------------------------------- resume
 
 
