@@ -19,3 +19,4 @@ python -c "import bitsandbytes" 2>/dev/null || echo "bitsandbytes missing: the A
 timeout 330 python benchmarks/memory.py --mode gpu --out-dir "$out" 2>&1 | tee "$out/memory_gpu.log"
 timeout 240 python benchmarks/activation_quantization.py --mode gpu --compile --output "$out" 2>&1 \
   | tee "$out/activation_quantization_gpu.log"
+timeout 120 python benchmarks/pruning.py --mode gpu --out-dir "$out" 2>&1 | tee "$out/pruning_gpu.log"

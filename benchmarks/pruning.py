@@ -1,0 +1,500 @@
+"""Speed and memory before / after early pruning, and accuracy of EarlyPruning + LoRA on the tweet task.
+
+Three modes, each comparing side by side in one process:
+
+* ``--mode cpu`` -- small timm ViT and Llama-style models (random weights, synthetic inputs), unpruned vs pruned with
+  the defaults of :class:`~lightning_peft.callbacks.EarlyPruning` (1/3 of the heads per layer -- whole key/value
+  groups for the Llama's grouped-query attention -- 1/3 of the MLP neurons, and for LoRA 3/4 of the LoRA layers
+  removed, half the ranks of the rest). The pruned model is made by the same surgery the callback applies
+  (:func:`~lightning_peft.pruning.apply_pruning_plan`), from a plan of random scores: speed depends on the shapes
+  only, not on which heads go. Timed: a training step (forward, backward, AdamW step) with LoRA (r=16 on the
+  attention and MLP Linears) and with full fine-tuning, and an inference forward. Variants alternate within each
+  round, so machine noise affects both alike. Memory: parameters, and the bytes of the tensors saved for backward
+  during one training forward (``saved_tensors_hooks``, parameters excluded).
+* ``--mode gpu`` -- the same for ViT-B/16 at 64 x 224^2 (bf16 autocast) and a 1.1B Llama-style model (hidden 2048,
+  22 layers, 32 heads, 4 KV heads, intermediate 5632, vocab 32000) at 4 x 1024 tokens with LoRA, on one CUDA GPU;
+  memory is ``torch.cuda.max_memory_allocated()``.
+* ``--mode tweets`` -- the real callback end to end: all-MiniLM-L6-v2 + LoRA on the tweet sentiment task
+  (``TextClassifier`` + ``TweetSentiment``, 150 steps, batch 16, the same seed), plain LoRA vs LoRA +
+  ``EarlyPruning(estimation_steps=50)``: validation accuracy, LoRA parameters, wall time, and the median training
+  step before and after pruning within the pruned run.
+
+Run from the repository root::
+
+    python benchmarks/pruning.py --mode cpu       # ~3 minutes on 2 cores
+    python benchmarks/pruning.py --mode tweets    # ~4 minutes on 2 cores
+    python benchmarks/pruning.py --mode gpu       # one CUDA GPU, under 2 minutes
+
+Results: ``benchmarks/results/pruning_<mode>.json`` (raw numbers) and ``.md`` (tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_peft.pruning import (  # noqa: E402
+    apply_pruning_plan,
+    choose_heads,
+    choose_lora,
+    choose_neurons,
+    find_lora_layers,
+    find_sites,
+)
+from lightning_peft.pruning.plan import PruningPlan  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+SIZES = {
+    "cpu": {
+        "vit": dict(embed_dim=384, depth=6, num_heads=6, img_size=64, patch_size=8, batch=8),
+        "llama": dict(hidden=384, layers=6, heads=12, kv_heads=6, intermediate=1024, vocab=4096, batch=2, seq=128),
+    },
+    "tiny": {
+        "vit": dict(embed_dim=48, depth=2, num_heads=6, img_size=32, patch_size=8, batch=2),
+        "llama": dict(hidden=96, layers=2, heads=6, kv_heads=3, intermediate=128, vocab=128, batch=1, seq=16),
+    },
+    "gpu": {
+        "vit": dict(embed_dim=768, depth=12, num_heads=12, img_size=224, patch_size=16, batch=64),
+        "llama": dict(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000, batch=4, seq=1024),
+    },
+}
+LORA_TARGETS = {
+    "vit": ["qkv", "proj", "fc1", "fc2"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def build(family: str, size: dict[str, Any]) -> nn.Module:
+    if family == "vit":
+        import timm
+
+        return timm.create_model(
+            "vit_base_patch16_224",
+            pretrained=False,
+            num_classes=10,
+            embed_dim=size["embed_dim"],
+            depth=size["depth"],
+            num_heads=size["num_heads"],
+            img_size=size["img_size"],
+            patch_size=size["patch_size"],
+        )
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=size["hidden"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv_heads"],
+        intermediate_size=size["intermediate"],
+        vocab_size=size["vocab"],
+        max_position_embeddings=size["seq"],
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+def make_batch(family: str, size: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if family == "vit":
+        x = torch.randn(size["batch"], 3, size["img_size"], size["img_size"], generator=g)
+        y = torch.randint(0, 10, (size["batch"],), generator=g)
+    else:
+        x = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=g)
+        y = x
+    return x.to(device), y.to(device)
+
+
+def loss_of(family: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    if family == "vit":
+        return nn.functional.cross_entropy(model(x), y)
+    return model(input_ids=x, labels=y).loss
+
+
+def add_lora(family: str, model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS[family]))
+
+
+def prune(model: nn.Module, seed: int = 0) -> PruningPlan:
+    """Apply EarlyPruning's default ratios to ``model`` with random scores (only the shapes matter for speed)."""
+    g = torch.Generator().manual_seed(seed)
+    sites = find_sites(model)
+    heads = choose_heads({s.path: (torch.rand(s.num_heads, generator=g), s.group_size) for s in sites.attention}, 1 / 3)
+    neurons = choose_neurons({s.path: torch.rand(s.hidden, generator=g) for s in sites.mlp}, 1 / 3)
+    lora = find_lora_layers(model)
+    removed, ranks = choose_lora(
+        {p: float(torch.rand((), generator=g)) for p in lora},
+        {p: {a: torch.rand(layer.r[a], generator=g) for a in layer.r} for p, layer in lora.items()},
+        0.75,
+        0.5,
+    )
+    plan = PruningPlan(heads=heads, neurons=neurons, lora_removed=removed, lora_ranks=ranks)
+    apply_pruning_plan(model, plan)
+    return plan
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the tensors saved for backward (parameters excluded)."""
+
+    def __init__(self, params: set[int]) -> None:
+        self.total = 0
+        self._seen: set[int] = set()
+
+        def pack(t: Tensor) -> Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in self._seen:
+                self._seen.add(ptr)
+                self.total += t.untyped_storage().nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(family: str, model: nn.Module, batch, device, mode: str, warmup: int, steps: int) -> dict[str, float]:
+    """Median training-step and inference times (s) and memory of ``model``."""
+    x, y = batch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    result: dict[str, float] = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in params),
+    }
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    model.train()
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            loss = loss_of(family, model, x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    result["train_step_s"] = statistics.median(times)
+    if device.type == "cuda":
+        result["train_peak_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = SavedBytes(param_ptrs)
+        with saved:
+            loss = loss_of(family, model, x, y)
+        result["saved_activation_bytes"] = saved.total
+        del loss
+    del optimizer
+    model.eval()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            with autocast:
+                loss_of(family, model, x, y)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    result["infer_s"] = statistics.median(times)
+    if device.type == "cuda":
+        result["infer_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def run_speed(mode: str, rounds: int, warmup: int, steps: int, regimes: dict[str, list[str]]) -> dict[str, Any]:
+    """Time unpruned vs pruned for each family and regime; ``mode`` names the sizes (``cpu``, ``tiny``, ``gpu``)."""
+    device = torch.device("cuda" if mode == "gpu" else "cpu")
+    out: dict[str, Any] = {}
+    for family, family_regimes in regimes.items():
+        size = SIZES[mode][family]
+        batch = make_batch(family, size, device)
+        for regime in family_regimes:
+            torch.manual_seed(0)
+            base = build(family, size)
+            if regime == "lora":
+                base = add_lora(family, base)
+            pruned = copy.deepcopy(base)
+            plan = prune(pruned)
+            runs: dict[str, list[dict[str, float]]] = {"unpruned": [], "pruned": []}
+            for r in range(rounds):
+                order = ["unpruned", "pruned"] if r % 2 == 0 else ["pruned", "unpruned"]
+                for variant in order:
+                    model = (base if variant == "unpruned" else pruned).to(device)
+                    runs[variant].append(measure(family, model, batch, device, mode, warmup, steps))
+                    model.to("cpu")
+            summary = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
+            u, p = summary["unpruned"], summary["pruned"]
+            summary["ratios"] = {
+                "train_speedup": u["train_step_s"] / p["train_step_s"],
+                "infer_speedup": u["infer_s"] / p["infer_s"],
+                "params": p["params"] / u["params"],
+                "trainable": p["trainable"] / u["trainable"],
+            }
+            for key in ("saved_activation_bytes", "train_peak_bytes", "infer_peak_bytes"):
+                if key in u:
+                    summary["ratios"][key] = p[key] / u[key]
+            if regime == "lora":
+                summary["ratios"]["lora_params"] = _lora_params(pruned) / _lora_params(base)
+            summary["heads_kept"] = {k: len(v) for k, v in list(plan.heads.items())[:1]}
+            summary["size"] = size
+            out[f"{family}_{regime}"] = summary
+            print(f"{family}/{regime}: {json.dumps(summary['ratios'])}", flush=True)
+            del base, pruned
+    return out
+
+
+def _lora_params(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+TWEET_RUNS = {
+    # name: EarlyPruning arguments (None: no pruning)
+    "lora": None,
+    "lora_early_pruning": {},
+    "foundation_only": {"peft_module_ratio": 0.0, "peft_rank_ratio": 0.0},
+    "peft_only": {"head_ratio": 0.0, "neuron_ratio": 0.0},
+}
+
+
+def run_tweets(steps: int, estimation_steps: int, lr: float, runs: list[str]) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_peft.callbacks import EarlyPruning
+    from lightning_peft.data import TweetSentiment
+    from lightning_peft.modules import TextClassifier
+
+    class StepTimes(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.times.append(time.perf_counter() - self._start)
+
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"]}
+    out: dict[str, Any] = {}
+    for name in runs:
+        pl.seed_everything(42, verbose=False)
+        module = TextClassifier(
+            "sentence-transformers/all-MiniLM-L6-v2",
+            num_labels=3,
+            peft=lora,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+        )
+        data = TweetSentiment(
+            tokenizer="sentence-transformers/all-MiniLM-L6-v2", max_length=48, batch_size=16, val_size=1000
+        )
+        timer = StepTimes()
+        callbacks: list[Callback] = [timer]
+        pruning = None
+        if TWEET_RUNS[name] is not None:
+            pruning = EarlyPruning(estimation_steps=estimation_steps, **TWEET_RUNS[name])
+            callbacks.append(pruning)
+        params_before, lora_before = sum(p.numel() for p in module.parameters()), _lora_params(module)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_train_batches=steps,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, data)
+        wall = time.perf_counter() - start
+        row = {
+            "val_acc": float(trainer.callback_metrics["val/acc"]),
+            "wall_s": wall,
+            "params_before": params_before,
+            "params_after": sum(p.numel() for p in module.parameters()),
+            "lora_params_before": lora_before,
+            "lora_params_after": _lora_params(module),
+            "median_step_s": statistics.median(timer.times[5:]),
+        }
+        if pruning is not None:
+            cut = pruning.pruned_at
+            row["median_step_before_pruning_s"] = statistics.median(timer.times[5:cut])
+            row["median_step_after_pruning_s"] = statistics.median(timer.times[cut + 5 :])
+            row["summary"] = pruning.summary
+        out[name] = row
+        print(name, {k: v for k, v in row.items() if k != "summary"}, flush=True)
+    return out
+
+
+def _env() -> dict[str, Any]:
+    import lightning
+    import peft
+    import timm
+    import transformers
+
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _speed_markdown(mode: str, results: dict[str, Any], env: dict[str, Any]) -> str:
+    lines = [
+        f"# Early pruning: speed and memory ({mode})",
+        "",
+        f"{env['date']}, torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['threads']} thread(s).",
+        "Unpruned vs pruned with EarlyPruning's defaults (1/3 of heads per layer, 1/3 of MLP neurons; LoRA: 3/4 of",
+        "the layers removed, half the ranks of the rest); medians over rounds that alternate the two. Speed-up =",
+        "unpruned time / pruned time. Target: >= 1.3x for training steps and inference.",
+        "",
+        "| model | regime | params (pruned/unpruned) | trainable | train step unpruned | pruned | speed-up |"
+        " inference unpruned | pruned | speed-up | memory (pruned/unpruned) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, s in results.items():
+        family, regime = key.split("_", 1)
+        u, p, r = s["unpruned"], s["pruned"], s["ratios"]
+        memory_key = "train_peak_bytes" if "train_peak_bytes" in r else "saved_activation_bytes"
+        memory = f"{r[memory_key]:.2f} ({'peak' if memory_key == 'train_peak_bytes' else 'saved activations'})"
+        lines.append(
+            f"| {family} | {regime} | {u['params'] / 1e6:.1f} M -> {p['params'] / 1e6:.1f} M ({r['params']:.2f}) |"
+            f" {r['trainable']:.2f} | {u['train_step_s'] * 1e3:.1f} ms | {p['train_step_s'] * 1e3:.1f} ms |"
+            f" {r['train_speedup']:.2f}x | {u['infer_s'] * 1e3:.1f} ms | {p['infer_s'] * 1e3:.1f} ms |"
+            f" {r['infer_speedup']:.2f}x | {memory} |"
+        )
+    lora_rows = [(k, s["ratios"]["lora_params"]) for k, s in results.items() if "lora_params" in s["ratios"]]
+    if lora_rows:
+        lines += ["", "LoRA parameters kept: " + ", ".join(f"{k} {v:.1%}" for k, v in lora_rows) + " (target <= 30 %)."]
+    lines += ["", "Sizes: " + "; ".join(f"{k}: {json.dumps(s['size'])}" for k, s in results.items()), ""]
+    return "\n".join(lines)
+
+
+def _tweets_markdown(results: dict[str, Any], env: dict[str, Any], args: argparse.Namespace) -> str:
+    a, b = results["lora"], results["lora_early_pruning"]
+    labels = {
+        "foundation_only": "LoRA + EarlyPruning, heads and neurons only (PEFT ratios 0)",
+        "peft_only": "LoRA + EarlyPruning, LoRA only (head and neuron ratios 0)",
+    }
+    ablations = [
+        f"| {labels[k]} | {r['val_acc']:.3f} | {r['lora_params_after']:,}"
+        f" ({r['lora_params_after'] / r['lora_params_before']:.1%}) | {r['params_after']:,}"
+        f" ({r['params_after'] / r['params_before']:.1%}) | {r['wall_s']:.0f} s |"
+        f" {r['median_step_before_pruning_s'] * 1e3:.0f} ms before pruning,"
+        f" {r['median_step_after_pruning_s'] * 1e3:.0f} ms after |"
+        for k, r in results.items()
+        if k in labels
+    ]
+    return "\n".join(
+        [
+            "# Early pruning on the tweet task (all-MiniLM-L6-v2 + LoRA, CPU)",
+            "",
+            f"{env['date']}, torch {env['torch']}, {env['threads']} thread(s), seed 42, {args.steps} steps of"
+            f" batch 16, AdamW lr {args.lr}, LoRA r=8 on query/key/value/dense;"
+            f" EarlyPruning(estimation_steps={args.estimation_steps}) with its defaults.",
+            "",
+            "| run | val acc | LoRA params | model params | wall time | median step |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| LoRA | {a['val_acc']:.3f} | {a['lora_params_after']:,} | {a['params_after']:,} | {a['wall_s']:.0f} s |"
+            f" {a['median_step_s'] * 1e3:.0f} ms |",
+            f"| LoRA + EarlyPruning | {b['val_acc']:.3f} | {b['lora_params_after']:,}"
+            f" ({b['lora_params_after'] / b['lora_params_before']:.1%}) | {b['params_after']:,}"
+            f" ({b['params_after'] / b['params_before']:.1%}) | {b['wall_s']:.0f} s |"
+            f" {b['median_step_before_pruning_s'] * 1e3:.0f} ms before pruning,"
+            f" {b['median_step_after_pruning_s'] * 1e3:.0f} ms after |",
+            *ablations,
+            "",
+            f"Accuracy difference: {100 * (b['val_acc'] - a['val_acc']):+.1f} points (target: within 1 point)."
+            f" Training step after pruning vs before, same run:"
+            f" {b['median_step_before_pruning_s'] / b['median_step_after_pruning_s']:.2f}x; vs plain LoRA:"
+            f" {a['median_step_s'] / b['median_step_after_pruning_s']:.2f}x.",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["cpu", "gpu", "tweets"], default="cpu")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds over unpruned/pruned (cpu 3, gpu 1)")
+    parser.add_argument("--steps", type=int, default=150, help="tweets: training steps")
+    parser.add_argument("--estimation-steps", type=int, default=50, help="tweets: EarlyPruning estimation steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="tweets: AdamW learning rate (LoRA)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=list(TWEET_RUNS),
+        default=list(TWEET_RUNS)[:2],
+        help="tweets: which runs (other than the default pair: added to the existing results file)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for cpu, 2 for tweets)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--tiny", action="store_true", help="cpu mode with tiny models, 1 round (seconds; the tests)")
+    args = parser.parse_args()
+    if args.mode == "gpu" and not torch.cuda.is_available():
+        sys.exit("--mode gpu needs a CUDA device.")
+    if args.mode != "gpu":
+        torch.set_num_threads(args.threads or (1 if args.mode == "cpu" else 2))
+    env = _env()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"pruning_{args.mode}" + ("_tiny" if args.tiny else "")
+    if args.mode == "tweets":
+        previous = args.out_dir / f"{name}.json"
+        results = (
+            json.loads(previous.read_text())["results"]
+            if previous.exists() and args.runs != list(TWEET_RUNS)[:2]
+            else {}
+        )
+        results.update(run_tweets(args.steps, args.estimation_steps, args.lr, args.runs))
+        markdown = _tweets_markdown(results, env, args)
+    else:
+        size_key = "tiny" if args.tiny else args.mode
+        rounds = args.rounds or (3 if size_key == "cpu" else 1)
+        warmup, steps = {"cpu": (2, 5), "tiny": (1, 2), "gpu": (3, 10)}[size_key]
+        regimes = {"vit": ["full", "lora"], "llama": ["full", "lora"] if args.mode == "cpu" else ["lora"]}
+        results = run_speed(size_key, rounds, warmup, steps, regimes)
+        markdown = _speed_markdown(args.mode, results, env)
+    (args.out_dir / f"{name}.json").write_text(json.dumps({"env": env, "results": results}, indent=2, default=str))
+    (args.out_dir / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
