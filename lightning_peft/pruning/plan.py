@@ -145,6 +145,25 @@ def choose_lora(
     return removed, ranks
 
 
+def _sync_configs(sites) -> None:
+    """Keep an HF config's head counts true when every attention layer sharing it has the same (pruned) counts.
+
+    Only for configs that state ``head_dim`` and ``num_key_value_heads`` (Llama-style): caches (e.g. a static KV
+    cache) are sized from them; the head size stays ``head_dim``. BERT-style configs derive the head size from
+    ``num_attention_heads`` and are left as they are.
+    """
+    by_config: dict[int, list] = {}
+    for site in sites:
+        config = getattr(site.module, "config", None)
+        if config is not None and hasattr(config, "num_key_value_heads") and getattr(config, "head_dim", None):
+            by_config.setdefault(id(config), []).append(site)
+    for group in by_config.values():
+        counts = {(s.num_heads, s.num_kv_heads) for s in group}
+        if len(counts) == 1:
+            config = group[0].module.config
+            config.num_attention_heads, config.num_key_value_heads = counts.pop()
+
+
 def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> ParameterReplacements:
     """Make ``root`` (unpruned, with the architecture the plan was made on) as small as the plan says, in place.
 
@@ -187,6 +206,7 @@ def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> P
     for path, kept in plan.heads.items():
         if len(kept) < attention[path].num_heads:
             prune_attention(attention[path], kept, record)
+    _sync_configs(sites.attention)
     for path, kept in plan.neurons.items():
         if len(kept) < mlps[path].hidden:
             prune_mlp(mlps[path], kept, record)

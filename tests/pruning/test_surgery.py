@@ -118,6 +118,8 @@ def test_grouped_query_attention_prunes_whole_groups():
     attn = net.model.layers[0].self_attn
     assert attn.q_proj.out_features == 6 * 8 and attn.k_proj.out_features == 3 * 8 and attn.o_proj.in_features == 48
     assert attn.num_key_value_groups == 2
+    config = net.model.config  # every layer has 6 query heads in 3 groups now: the config says so
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (6, 3, 8)
     assert net(sample_input("llama")).shape == (2, 3)
 
 
