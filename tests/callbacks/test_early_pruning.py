@@ -273,3 +273,18 @@ def test_bottleneck_adapters_are_pruned(tmp_path):
     assert len(adapters) == 1 and all(a.down.out_features == 4 for a in adapters.values())  # 4 -> 1, 8 -> 4
     assert sum(p.numel() for a in adapters.values() for p in a.parameters()) <= 0.3 * before
     assert pruning.plan.adapters_removed and not pruning.plan.heads
+
+
+@pytest.mark.parametrize("method", ["hft", "ist"])
+def test_with_half_finetuning_and_ist(tmp_path, method):
+    from lightning_peft.callbacks import IST, HalfFineTuning
+
+    module = PruneModule("bert", lora=method == "ist")
+    other = HalfFineTuning(seed=0) if method == "hft" else IST(seed=0, update_ratio=0.5, interval=2)
+    trainer = pl.Trainer(callbacks=[other, EarlyPruning(estimation_steps=3)], max_steps=8, **trainer_kwargs(tmp_path))
+    trainer.fit(module)
+    assert trainer.global_step == 8
+    controller = next(cb for cb in trainer.callbacks if isinstance(cb, TrainableSetController))
+    params = dict(module.named_parameters())
+    assert controller.candidates and all(controller.candidates[n] is params[n] for n in controller.candidates)
+    assert all(torch.isfinite(p).all() for p in params.values())
