@@ -9,8 +9,8 @@ Recorded for every method, on voices never heard in training (the 4 held-out voi
 
 - new-word accuracy: the new words' clips, classified among the 4 new words, and among all 10;
 - old-word accuracy before and after the fine-tuning: the old words' clips classified among the 6 old words (what
-  the shared layers still know; the head's old rows are kept by every method), and among all 10 (class-incremental:
-  a model fine-tuned only on new words predicts new words, whatever the method);
+  the model still tells apart among them; the whole head trains with every method), and among all 10
+  (class-incremental: a model fine-tuned only on new words predicts new words, whatever the method);
 - forgetting: old-word accuracy (among the old words) before minus after;
 - trainable parameters (elements that received a gradient in a step, max over steps), memory counted as in
   ``benchmarks/memory.py`` (unique bytes of parameters + gradients (max over steps) + optimizer state (max over
