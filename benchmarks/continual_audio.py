@@ -19,7 +19,7 @@ Recorded for every method, on voices never heard in training (the 4 held-out voi
 Methods are entries of ``METHODS`` (a label and the callbacks it adds to the Trainer): full fine-tuning, LISA, and
 Half Fine-Tuning when ``lightning_peft.callbacks.HalfFineTuning`` is available. One more method is one more entry.
 
-    python benchmarks/continual_audio.py             # CPU, 5-10 minutes on 2 cores (first run: + ~30 s of synthesis)
+    python benchmarks/continual_audio.py             # CPU, under a minute on 2 idle cores (+ ~30 s of synthesis once)
     python benchmarks/continual_audio.py --quick     # a few steps of each stage: a smoke test, not a measurement
 
 Results: ``benchmarks/results/continual_audio.json`` and ``.md``.
