@@ -86,14 +86,13 @@ def test_errors_name_the_argument():
 
 @pytest.mark.slow
 def test_ast_keywords_config_learns_through_the_cli(tmp_path):
-    """The AST config as a user runs it, cut to 6 of its 15 epochs: clearly above chance (0.10) on unseen voices."""
+    """The AST config as a user runs it (about a minute): far above chance (0.10) on unseen voices."""
     config = Path(__file__).parents[2] / "configs" / "ast_keywords_lisa.yaml"
     command = [
         shutil.which("lightning-peft"),
         "fit",
         "--config",
         str(config),
-        "--trainer.max_epochs=6",
         f"--data.init_args.cache_dir={tmp_path / 'cache'}",
         "--trainer.enable_progress_bar=false",
     ]
@@ -101,5 +100,5 @@ def test_ast_keywords_config_learns_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     found = re.search(r"Final validation metrics after (\d+) steps: .*val/acc=([0-9.]+)", result.stdout)
     assert found is not None, result.stdout[-2000:]
-    assert int(found.group(1)) == 6 * 34  # 1,080 training clips in batches of 32
-    assert float(found.group(2)) >= 0.3
+    assert int(found.group(1)) == 15 * 34  # 15 epochs of 1,080 training clips in batches of 32
+    assert float(found.group(2)) >= 0.7  # 0.872 measured
