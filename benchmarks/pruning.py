@@ -22,7 +22,7 @@ Three modes, each comparing side by side in one process:
 Run from the repository root::
 
     python benchmarks/pruning.py --mode cpu       # ~3 minutes on 2 cores
-    python benchmarks/pruning.py --mode tweets    # ~4 minutes on 2 cores
+    python benchmarks/pruning.py --mode tweets    # ~11 minutes on 2 cores
     python benchmarks/pruning.py --mode gpu       # one CUDA GPU, under 2 minutes
 
 Results: ``benchmarks/results/pruning_<mode>.json`` (raw numbers) and ``.md`` (tables).
