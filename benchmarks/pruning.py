@@ -477,6 +477,8 @@ def main() -> None:
     env = _env()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = f"pruning_{args.mode}" + ("_tiny" if args.tiny else "")
+    if args.mode == "tweets" and args.steps != 150:  # the longer recipe has its own results file
+        name += f"_{args.steps}steps"
     if args.mode == "tweets":
         previous = args.out_dir / f"{name}.json"
         results = (
