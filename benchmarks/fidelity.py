@@ -21,7 +21,7 @@ channels of each hidden layer train, the last layer trains); the same drawing a 
 Half-Reset (new half every epoch, the frozen half reset to the pre-trained values at the end). Recorded: accuracy on
 the held-out digits (new task) and on the 5,000 MNIST images (old task) before and after, for several seeds.
 
-Run from the repository root (28 minutes measured on a shared 2-core machine, most of it the language part)::
+Run from the repository root (the language part: 6 minutes on an idle 2-core machine)::
 
     python benchmarks/fidelity.py                          # both experiments
     python benchmarks/fidelity.py --experiments forgetting # seconds
