@@ -4,6 +4,7 @@ import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+from helpers import retry_spawn_teardown_abort
 from lightning.pytorch.callbacks import Callback
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -204,6 +205,7 @@ def test_combines_with_lisa_and_adamw8bit(tmp_path):
     assert all(p.grad is None for p in model.model.blocks[frozen[0]].parameters())
 
 
+@retry_spawn_teardown_abort
 def test_ddp_spawn_keeps_ranks_identical(tmp_path):
     model = TinyViT(weights_dir=str(tmp_path))
     trainer = _trainer(

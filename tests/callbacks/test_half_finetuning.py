@@ -3,7 +3,7 @@ from collections import Counter
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyBlockModel, changed, snapshot, trainer_kwargs
+from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -437,6 +437,7 @@ class RankDump(pl.Callback):
         torch.save(state, self.path / f"rank{trainer.global_rank}.pt")
 
 
+@retry_spawn_teardown_abort
 @pytest.mark.slow
 def test_ddp_ranks_draw_the_same_halves_and_stay_identical(tmp_path):
     hft = HalfFineTuning(reselect_every_n_epochs=1, reset="on_reselect")  # no seed: ranks must still agree

@@ -3,7 +3,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyBlockModel, changed, snapshot, trainer_kwargs
+from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
@@ -341,6 +341,7 @@ class RankDump(Callback):
         torch.save(dump, f"{self.path}/rank{trainer.global_rank}.pt")
 
 
+@retry_spawn_teardown_abort
 @pytest.mark.slow  # two spawned processes: ~40 s on a busy 2-core machine
 def test_ddp_ranks_keep_identical_scores_and_weights(tmp_path):
     ist = IST(update_ratio=0.5, interval=2)  # no seed: ranks must still agree

@@ -1,7 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyBlockModel, changed, snapshot, trainer_kwargs
+from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_peft.callbacks import LISA
@@ -132,6 +132,7 @@ class RankDump(Callback):
         torch.save({"sampled": self.sampled, "weights": weights}, f"{self.path}/rank{trainer.global_rank}.pt")
 
 
+@retry_spawn_teardown_abort
 def test_ddp_ranks_sample_the_same_blocks_and_stay_identical(tmp_path):
     lisa = LISA(n_layers=1, interval=2)  # no seed, no seed_everything: ranks must still agree
     trainer = pl.Trainer(
