@@ -107,3 +107,67 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
 # gloo thread torn down after the test's work is done and saved), mostly on a busy machine. Only that failure is
 # retried, up to twice; any assertion failure fails at once.
 retry_spawn_teardown_abort = pytest.mark.flaky(reruns=2, only_rerun=["terminated with signal SIGABRT"])
+
+
+# family: (config class, model class with the family's usual head, bare model class, defaults for the headed model,
+# extra defaults). Every transformers class is named here and looked up when a model is built.
+_TRANSFORMERS = {
+    "bert": ("BertConfig", "BertForSequenceClassification", "BertModel", {"num_labels": 3}, {"vocab_size": 64}),
+    "vit": ("ViTConfig", "ViTForImageClassification", None, {"num_labels": 3}, {"image_size": 16, "patch_size": 8}),
+    "ast": ("ASTConfig", "ASTForAudioClassification", None, {"num_labels": 3}, {"num_mel_bins": 16, "max_length": 24}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaModel", {}, {"vocab_size": 64}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", None, {}, {"vocab_size": 64}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", None, {}, {"vocab_size": 64}),
+}
+
+
+def tiny_transformer(
+    family: str,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 2,
+    intermediate: int = 64,
+    bare: bool = False,
+    seed: int | None = None,
+    **overrides,
+) -> nn.Module:
+    """A tiny randomly initialised transformer of ``family``.
+
+    Families: "bert" (BertForSequenceClassification), "vit" (ViTForImageClassification), "ast"
+    (ASTForAudioClassification), "llama", "mistral", "qwen2" (*ForCausalLM) and "timm_vit" (timm's
+    vit_tiny_patch16_224 reshaped). Classifiers have 3 labels; BERT and the decoders a vocabulary of 64; HF ViT
+    16x16 images in 8x8 patches, AST 24 frames of 16 mel bins, timm ViT 16x16 images in 8x8 patches.
+    ``intermediate`` is the MLP width (timm: ``mlp_ratio = intermediate / hidden``). ``bare`` gives the model
+    without its head (BertModel, LlamaModel). ``overrides`` go to the config (timm: to ``timm.create_model``) and
+    replace the defaults. With ``seed``, the global torch generator is seeded right before the weights are drawn.
+    """
+    if family == "timm_vit":
+        import timm
+
+        kwargs = {"img_size": 16, "patch_size": 8, "num_classes": 3, **overrides}
+        if seed is not None:
+            torch.manual_seed(seed)
+        return timm.create_model(
+            "vit_tiny_patch16_224",
+            depth=layers,
+            embed_dim=hidden,
+            num_heads=heads,
+            mlp_ratio=intermediate / hidden,
+            **kwargs,
+        )
+    import transformers
+
+    config_name, headed_name, bare_name, headed_defaults, defaults = _TRANSFORMERS[family]
+    if bare and bare_name is None:
+        raise ValueError(f"no bare model for {family!r}")
+    config = getattr(transformers, config_name)(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        **{**defaults, **({} if bare else headed_defaults), **overrides},
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    return getattr(transformers, bare_name if bare else headed_name)(config)

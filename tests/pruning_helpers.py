@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import timm
 import torch
+from helpers import tiny_transformer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import (
-    ASTConfig,
-    ASTForAudioClassification,
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaModel,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
 LORA_TARGETS = {
     "timm": ["qkv", "proj", "fc1", "fc2"],
@@ -31,10 +21,10 @@ LORA_TARGETS = {
 class LlamaClassifier(nn.Module):
     """A Llama decoder (grouped-query attention) with mean pooling and a linear head."""
 
-    def __init__(self, config: LlamaConfig, n_classes: int = 3) -> None:
+    def __init__(self, model: nn.Module, n_classes: int = 3) -> None:
         super().__init__()
-        self.model = LlamaModel(config)
-        self.head = nn.Linear(config.hidden_size, n_classes)
+        self.model = model
+        self.head = nn.Linear(model.config.hidden_size, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.model(input_ids=x).last_hidden_state.mean(dim=1))
@@ -54,10 +44,9 @@ class Logits(nn.Module):
 def build(family: str, lora: bool = False, seed: int = 0) -> nn.Module:
     """A tiny randomly initialised network of ``family`` (3 classes), optionally with LoRA (non-zero B)."""
     torch.manual_seed(seed)
+    size = dict(layers=2, hidden=48, heads=6, intermediate=96)
     if family == "timm":
-        net = timm.create_model(
-            "vit_tiny_patch16_224", depth=2, embed_dim=48, num_heads=6, img_size=32, patch_size=8, num_classes=3
-        )
+        net = tiny_transformer("timm_vit", layers=2, hidden=48, heads=6, intermediate=192, img_size=32)
     elif family == "timm_ast":
         from lightning_peft.models import build_timm_ast
 
@@ -71,53 +60,34 @@ def build(family: str, lora: bool = False, seed: int = 0) -> nn.Module:
             backbone_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 6},
         )
     elif family == "bert":
-        config = BertConfig(
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            intermediate_size=96,
+        bert = tiny_transformer(
+            "bert",
+            **size,
             vocab_size=64,
             max_position_embeddings=32,
-            num_labels=3,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )
-        net = Logits(BertForSequenceClassification(config), "input_ids")
+        net = Logits(bert, "input_ids")
     elif family == "hf_vit":
-        config = ViTConfig(
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            intermediate_size=96,
-            image_size=16,
-            patch_size=8,
-            num_labels=3,
-            hidden_dropout_prob=0.0,
-        )
-        net = Logits(ViTForImageClassification(config), "pixel_values")
+        vit = tiny_transformer("vit", **size, image_size=16, patch_size=8, hidden_dropout_prob=0.0)
+        net = Logits(vit, "pixel_values")
     elif family == "hf_ast":
-        config = ASTConfig(
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            intermediate_size=96,
-            num_mel_bins=32,
-            max_length=32,
-            num_labels=3,
-            hidden_dropout_prob=0.0,
-        )
-        net = Logits(ASTForAudioClassification(config), "input_values")
+        ast = tiny_transformer("ast", **size, num_mel_bins=32, max_length=32, hidden_dropout_prob=0.0)
+        net = Logits(ast, "input_values")
     elif family == "llama":
-        config = LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=8,
+        llama = tiny_transformer(
+            "llama",
+            layers=2,
+            hidden=64,
+            heads=8,
+            intermediate=96,
             num_key_value_heads=4,
-            intermediate_size=96,
             vocab_size=64,
             max_position_embeddings=32,
+            bare=True,
         )
-        net = LlamaClassifier(config)
+        net = LlamaClassifier(llama)
     else:
         raise ValueError(family)
     if lora:

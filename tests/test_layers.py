@@ -3,17 +3,20 @@ import peft
 import pytest
 import timm
 import transformers as tf
+from helpers import tiny_transformer
 from torch import nn
 
 from lightning_peft.layers import find_layers
 
-TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+TINY = dict(layers=3, hidden=32, heads=4, intermediate=64)
 
 
-def _llama_like(config_cls):
-    return tf.AutoModelForCausalLM.from_config(
-        config_cls(**TINY, num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    )
+def _bert():
+    return tiny_transformer("bert", **TINY, vocab_size=128, num_labels=2)
+
+
+def _llama_like(family):
+    return tiny_transformer(family, **TINY, num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
 
 
 FAMILIES = {
@@ -27,24 +30,20 @@ FAMILIES = {
         5,
     ),
     "timm_convnext": (lambda: timm.create_model("convnext_atto"), "stages", 12),
-    "hf_bert": (
-        lambda: tf.BertForSequenceClassification(tf.BertConfig(**TINY, vocab_size=128)),
-        "bert.encoder.layer",
-        3,
-    ),
+    "hf_bert": (_bert, "bert.encoder.layer", 3),
     "hf_vit": (
-        lambda: tf.ViTForImageClassification(tf.ViTConfig(**TINY, image_size=32, patch_size=8)),
+        lambda: tiny_transformer("vit", **TINY, image_size=32, patch_size=8, num_labels=2),
         "vit.layers",
         3,
     ),
     "hf_ast": (
-        lambda: tf.ASTForAudioClassification(tf.ASTConfig(**TINY, num_mel_bins=32, max_length=64)),
+        lambda: tiny_transformer("ast", **TINY, num_mel_bins=32, max_length=64, num_labels=2),
         "audio_spectrogram_transformer.layers",
         3,
     ),
-    "hf_llama": (lambda: _llama_like(tf.LlamaConfig), "model.layers", 3),
-    "hf_mistral": (lambda: _llama_like(tf.MistralConfig), "model.layers", 3),
-    "hf_qwen2": (lambda: _llama_like(tf.Qwen2Config), "model.layers", 3),
+    "hf_llama": (lambda: _llama_like("llama"), "model.layers", 3),
+    "hf_mistral": (lambda: _llama_like("mistral"), "model.layers", 3),
+    "hf_qwen2": (lambda: _llama_like("qwen2"), "model.layers", 3),
     "hf_gpt2": (
         lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=128)),
         "transformer.h",
@@ -96,13 +95,13 @@ def test_peft_wrapped_and_lightning_module(family):
 
 
 def test_explicit_path_and_suffix_override():
-    model = tf.BertForSequenceClassification(tf.BertConfig(**TINY, vocab_size=128))
+    model = _bert()
     assert find_layers(model, "bert.encoder.layer").path == "bert.encoder.layer"
     assert find_layers(model, "encoder.layer").path == "bert.encoder.layer"
 
 
 def test_explicit_path_errors_list_candidates():
-    model = tf.BertForSequenceClassification(tf.BertConfig(**TINY, vocab_size=128))
+    model = _bert()
     with pytest.raises(ValueError, match=r"`layers='decoder.layers'`.*no module has that name.*bert.encoder.layer"):
         find_layers(model, "decoder.layers")
     with pytest.raises(ValueError, match=r"not a ModuleList/Sequential.*HINT"):

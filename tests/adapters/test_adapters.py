@@ -2,18 +2,9 @@ import copy
 import pickle
 
 import pytest
-import timm
 import torch
-from helpers import TinyBlockModel
+from helpers import TinyBlockModel, tiny_transformer
 from torch import nn
-from transformers import (
-    ASTConfig,
-    ASTForAudioClassification,
-    BertConfig,
-    BertForSequenceClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
 from lightning_peft.adapters import (
     Adapter,
@@ -38,42 +29,19 @@ def one_thread():
 
 
 def _timm_vit():
-    return timm.create_model(
-        "vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=3
-    )
+    return tiny_transformer("timm_vit", layers=2, intermediate=128)
 
 
 def _bert():
-    config = BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
-    )
-    return BertForSequenceClassification(config)
+    return tiny_transformer("bert", layers=2, vocab_size=50)
 
 
 def _hf_vit():
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=8,
-        num_labels=3,
-    )
-    return ViTForImageClassification(config)
+    return tiny_transformer("vit", layers=2)
 
 
 def _hf_ast():
-    config = ASTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_mel_bins=16,
-        max_length=24,
-        num_labels=3,
-    )
-    return ASTForAudioClassification(config)
+    return tiny_transformer("ast", layers=2)
 
 
 # family: (builder, inputs, head module name)

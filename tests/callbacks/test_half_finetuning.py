@@ -3,7 +3,7 @@ from collections import Counter
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, trainer_kwargs
+from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, tiny_transformer, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -30,58 +30,24 @@ class Holder(pl.LightningModule):
 
 
 def _vit():
-    import timm
-
-    return timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3
-    )
+    return tiny_transformer("timm_vit", layers=4, intermediate=128, img_size=32)
 
 
 def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, num_labels=3
-    )
-    return BertForSequenceClassification(config)
+    return tiny_transformer("bert", layers=4, vocab_size=100)
 
 
 def _minilm_shape():
-    from transformers import BertConfig, BertModel
-
     # all-MiniLM-L6-v2's layout (6 BERT layers), tiny widths
-    return BertModel(
-        BertConfig(vocab_size=100, hidden_size=24, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48)
-    )
+    return tiny_transformer("bert", layers=6, hidden=24, intermediate=48, vocab_size=100, bare=True)
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_transformer("llama", layers=4, vocab_size=100, num_key_value_heads=2)
 
 
 def _ast():
-    from transformers import ASTConfig, ASTForAudioClassification
-
-    config = ASTConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_mel_bins=16,
-        max_length=16,
-        num_labels=3,
-    )
-    return ASTForAudioClassification(config)
+    return tiny_transformer("ast", layers=4, max_length=16)
 
 
 class SmallCNN(nn.Module):

@@ -3,7 +3,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, trainer_kwargs
+from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, tiny_transformer, trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
@@ -109,18 +109,9 @@ def test_only_the_peft_parameters_of_sampled_blocks_train(tmp_path):
 
 def _lora_bert(n_layers=4):
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=n_layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
     lora = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return get_peft_model(BertForSequenceClassification(config), lora)
+    return get_peft_model(tiny_transformer("bert", layers=n_layers, vocab_size=50), lora)
 
 
 class HFClassifier(pl.LightningModule):
@@ -220,14 +211,10 @@ def test_scores_during_training_follow_the_update_rule(tmp_path):
 
 
 def _lora_bert_with_adapters():
-    torch.manual_seed(0)
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, num_labels=3
-    )
-    bert = add_adapters(BertForSequenceClassification(config), AdapterConfig(layout="houlsby", bottleneck_size=4))
+    bert = tiny_transformer("bert", layers=4, vocab_size=50, seed=0)
+    bert = add_adapters(bert, AdapterConfig(layout="houlsby", bottleneck_size=4))
     for name, module in bert.named_modules():
         if name.endswith("adapters.mlp") or name.endswith("adapters.attention"):
             nn.init.normal_(module.up.weight)

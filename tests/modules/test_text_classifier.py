@@ -5,9 +5,9 @@ import lightning.pytorch as pl
 import peft
 import pytest
 import torch
-from helpers import trainer_kwargs
+from helpers import tiny_transformer, trainer_kwargs
 from torch.utils.data import DataLoader, Dataset
-from transformers import BertConfig, BertModel
+from transformers import BertConfig
 
 import lightning_peft.modules.text_classifier as text_module
 from lightning_peft.modules import TextClassifier
@@ -18,18 +18,16 @@ LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
-    config = BertConfig(
+    bert = tiny_transformer(
+        "bert",
         vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
         max_position_embeddings=32,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        bare=True,
+        seed=0,
     )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
+    bert.save_pretrained(path)
     return str(path)
 
 
