@@ -220,8 +220,9 @@ def _check_strategy(trainer: pl.Trainer, participant: Callback) -> None:
         raise ValueError(
             f"`{type(participant).__name__}` changes which parameters train during the run, which"
             f" `{type(strategy).__name__}` does not support (it flattens parameters and optimizer state)."
-            ' HINT: use `strategy="ddp"`; with LISA the memory saving comes from frozen layers\' released'
-            " optimizer state, so sharding is rarely needed."
+            ' HINT: use `strategy="ddp"`, or FSDP2 (parameters stay separate tensors there):'
+            " `ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` in"
+            " `configure_model`."
         )
     if isinstance(strategy, DDPStrategy):
         # Frozen layers produce no gradients; DDP must know, or the reducer waits for them and crashes.

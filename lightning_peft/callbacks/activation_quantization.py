@@ -33,7 +33,8 @@ class ActivationQuantization(Callback):
     (and the recomputation of activation checkpoints) runs without them, and checkpointed regions inside the
     model keep their own hooks: activation checkpointing stays effective. Works with every precision setting; as a
     callback it does not replace the strategy's precision plugin, which is what FSDP and DeepSpeed require (tested
-    on single device and DDP; FSDP and DeepSpeed need a GPU and are not yet covered by tests). Use
+    on single device, DDP and FSDP2 — ``ModelParallelStrategy`` with ``fully_shard`` —, where it quantizes exactly
+    what it quantizes on one device; ``FSDPStrategy`` and DeepSpeed need a GPU and are not covered by tests). Use
     :class:`~lightning_peft.plugins.ActivationQuantizedPrecision` if you prefer to think of it as a precision mode,
     on single device or DDP.
 

@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
@@ -96,7 +96,8 @@ class EarlyPruning(Callback):
 
     Supported: timm ViT / DeiT (and the timm-based AST), HF ViT / AST, BERT-style encoders and Llama-style decoders
     (see :mod:`lightning_peft.pruning.surgery`), with or without HF peft LoRA; single device and ``strategy="ddp"``.
-    Not FSDP or DeepSpeed (sharded parameters cannot be sliced in place), nor the spawning DDP variants
+    Not FSDP (``FSDPStrategy`` or FSDP2 through ``ModelParallelStrategy``) or DeepSpeed (sharded parameters
+    cannot be sliced in place), nor the spawning DDP variants
     (``ddp_spawn``: the main process would load the pruned weights into its unpruned copy of the model).
 
     Args:
@@ -185,7 +186,7 @@ class EarlyPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise ValueError(
                 f"`EarlyPruning` slices parameters in place, which `{type(trainer.strategy).__name__}` does not allow"
                 ' (it shards them). HINT: use `strategy="ddp"`; the pruned model is smaller anyway.'

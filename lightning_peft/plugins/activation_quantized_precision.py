@@ -25,7 +25,8 @@ class ActivationQuantizedPrecision(MixedPrecision):
     :class:`~lightning.pytorch.plugins.precision.MixedPrecision` does, and quantizes what autograd saves with the
     package's one :class:`~lightning_peft.quantization.ActivationQuantizer` (also used by the
     :class:`~lightning_peft.callbacks.ActivationQuantization` callback). Validation, testing and prediction get
-    plain autocast. FSDP and DeepSpeed accept only their own precision plugins: use the callback there.
+    plain autocast. Works on single device, DDP and FSDP2 (``ModelParallelStrategy``, which takes any precision
+    plugin); ``FSDPStrategy`` and DeepSpeed accept only their own precision plugins: use the callback there.
 
     Args:
         precision: ``"bf16-mixed"`` or ``"16-mixed"`` (fp16 with a gradient scaler).

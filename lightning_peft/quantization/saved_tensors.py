@@ -212,6 +212,26 @@ def _is_dense(tensor: Tensor) -> bool:
     return True
 
 
+def _storage(tensor: Tensor) -> torch.UntypedStorage | None:
+    """The storage of a parameter or buffer; ``None`` where it has none to compare with.
+
+    FSDP2 (``fully_shard``) keeps parameters as DTensors: their local shard has a storage, the DTensor wrapper
+    does not. The unsharded parameters FSDP2 swaps in for forward are plain ``nn.Parameter`` s, recognised by
+    type in the pack hook.
+    """
+    to_local = getattr(tensor, "to_local", None)
+    if to_local is not None:
+        tensor = to_local()
+    if tensor.layout is not torch.strided or tensor.device.type == "meta":
+        return None
+    try:
+        storage = tensor.untyped_storage()
+        storage.data_ptr()
+    except RuntimeError:  # a wrapper subclass without storage of its own
+        return None
+    return storage
+
+
 def _derives_from_leaf(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight)."""
     node = tensor.grad_fn
@@ -308,7 +328,9 @@ class ActivationQuantizer:
         # nothing below refers to the model or to the autograd graph: the graph keeps the pack hook alive
         self._module_ref: weakref.ref[nn.Module] | None = None
         self._exclusion_handles: list[Any] = []
-        self._param_ptrs: set[int] = set()
+        # address -> the parameter's storage: the weak reference proves the address was not handed on (FSDP2 frees
+        # the unsharded parameters of a block after its forward, and the allocator reuses their memory)
+        self._param_storages: dict[int, weakref.ref] = {}
         self._frozen_shapes: set[torch.Size] = set()
         self._counted: dict[int, weakref.ref] = {}
         self._kept: dict[int, weakref.ref] = {}
@@ -323,7 +345,7 @@ class ActivationQuantizer:
         state.update(
             _module_ref=None,
             _exclusion_handles=[],
-            _param_ptrs=set(),
+            _param_storages={},
             _frozen_shapes=set(),
             _counted={},
             _kept={},
@@ -372,20 +394,21 @@ class ActivationQuantizer:
             handle.remove()
         self._exclusion_handles.clear()
         self._module_ref = None
-        self._param_ptrs.clear()
+        self._param_storages.clear()
         self._frozen_shapes.clear()
 
     def refresh_parameters(self) -> None:
         """Re-read the attached model's parameters: where they live (``.to()``, strategies) and which are frozen."""
         self._parameters_stale = False
         module = self._module_ref() if self._module_ref is not None else None
-        self._param_ptrs.clear()
+        self._param_storages.clear()
         self._frozen_shapes.clear()
         if module is None:
             return
         for tensor in (*module.parameters(), *module.buffers()):
-            if tensor.layout is torch.strided and tensor.device.type != "meta":
-                self._param_ptrs.add(tensor.untyped_storage().data_ptr())
+            storage = _storage(tensor)
+            if storage is not None:
+                self._param_storages[storage.data_ptr()] = weakref.ref(storage)
         for param in module.parameters():
             if not param.requires_grad and param.is_floating_point():
                 self._frozen_shapes.add(param.shape)
@@ -483,7 +506,8 @@ class ActivationQuantizer:
         if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided or tensor.device.type == "meta":
             return _keep(tensor)
         storage = tensor.untyped_storage()
-        in_param_storage = storage.data_ptr() in self._param_ptrs
+        param_storage = self._param_storages.get(storage.data_ptr())
+        in_param_storage = param_storage is not None and param_storage() is storage
         if not in_param_storage and self._count_once(self._counted, storage):
             stats.bytes_before += storage.nbytes()
         if (

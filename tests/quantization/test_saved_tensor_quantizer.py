@@ -303,3 +303,21 @@ def test_pickles_and_copies_without_its_runtime_links():
             model(torch.randn(4, 64)).sum()
         assert stats.num_quantized > 0
         clone.detach()
+
+
+def test_memory_of_a_freed_parameter_is_not_mistaken_for_a_parameter():
+    """FSDP2 frees the unsharded parameters of a block after its forward, and activations then reuse the memory.
+
+    Simulated deterministically: two storages over one buffer have the same address but are different storages.
+    """
+    buffer = bytearray(64 * 64 * 4)
+    module = nn.Linear(64, 64)
+    module.weight = nn.Parameter(torch.frombuffer(buffer, dtype=torch.float32).view(64, 64))
+    quantizer = ActivationQuantizer("int8", min_numel=0)
+    quantizer.attach(module)
+    quantizer.start_step()
+    quantizer.refresh_parameters()
+    activation = torch.frombuffer(buffer, dtype=torch.float32).view(64, 64)
+    assert activation.untyped_storage().data_ptr() == module.weight.untyped_storage().data_ptr()
+    assert isinstance(quantizer.pack(activation), saved_tensors._SavedView)
+    assert isinstance(quantizer.pack(module.weight), saved_tensors._Kept)

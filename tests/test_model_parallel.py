@@ -1,0 +1,115 @@
+"""The methods under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), 2 CPU processes with gloo.
+
+tests/fsdp2_script.py trains and records; Lightning relaunches it once per rank.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from fsdp2_script import Recorder, ShardedViT, loader
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_peft.callbacks import LISA, ActivationQuantization, EarlyPruning, HalfFineTuning
+
+SCRIPT = Path(__file__).parent / "fsdp2_script.py"
+
+
+def _run(scenario: str, out: Path) -> list[dict]:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), scenario, str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def _assert_ranks_identical(ranks: list[dict]) -> None:
+    for name, weight in ranks[0]["final"].items():
+        torch.testing.assert_close(weight, ranks[1]["final"][name], rtol=0, atol=0, msg=name)
+
+
+def _block(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if parts[1] == "blocks" else None
+
+
+@pytest.mark.slow
+def test_lisa_half_finetuning_and_quantization_compose_under_fsdp2(tmp_path):
+    ranks = _run("compose", tmp_path)
+    _assert_ranks_identical(ranks)
+    record = ranks[0]
+    assert ranks[1]["steps"] == record["steps"]
+    history = dict(record["lisa_history"])
+    assert sorted(history) == [0, 2, 4]  # resampled every 2 steps
+    for step, stats in enumerate(record["steps"]):
+        sampled = history[step - step % 2]
+        trainable, changed = set(stats["trainable"]), set(stats["changed"])
+        # only the trainable parameters got a gradient, moved, and hold optimizer state (frozen state released)
+        assert stats["with_grad"] == stats["trainable"]
+        assert changed == trainable
+        assert stats["state"] == stats["trainable"]
+        # LISA: only sampled blocks train; Half Fine-Tuning: only part of each sampled block
+        blocks = {_block(n) for n in trainable} - {None}
+        assert blocks == set(sampled)
+        for index in sampled:
+            in_block = [n for n in record["initial"] if _block(n) == index]
+            assert 0 < sum(n in trainable for n in in_block) < len(in_block)
+        # the embeddings and the head always train
+        assert {"model.patch_embed.proj.weight", "model.head.weight"} <= trainable
+    # Half-Reset at the end: the half frozen by the current draw is back at its initial values
+    assert record["hft_frozen"]
+    for name in record["hft_frozen"]:
+        torch.testing.assert_close(record["final"][name], record["initial"][name], rtol=0, atol=0, msg=name)
+
+    # the quantizer decides as on one device: sharding changes neither what it quantizes nor the bytes
+    torch.manual_seed(0)
+    single = ActivationQuantization(min_numel=1024)
+    module = ShardedViT()
+    module.configure_model = lambda: None
+    pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        callbacks=[LISA(n_layers=2, interval=2, seed=1), HalfFineTuning(seed=2), single, Recorder(single)],
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(module, loader())
+    first = record["steps"][0]["stats"]
+    assert first == vars(single.last_stats)
+    assert first["num_quantized"] > 20 and first["bytes_after"] < 0.8 * first["bytes_before"]
+
+
+@pytest.mark.slow
+def test_ist_over_adapters_with_the_precision_plugin_under_fsdp2(tmp_path):
+    ranks = _run("ist_plugin", tmp_path)
+    _assert_ranks_identical(ranks)
+    record = ranks[0]
+    layer_of = {name: layer for layer, names in enumerate(record["ist_peft_params"]) for name in names}
+    for stats in record["steps"]:
+        changed = set(stats["changed"])
+        assert changed == set(stats["trainable"]) == set(stats["state"])
+        # IST trains the adapters of int(0.25 * 4) = 1 layer per step; the backbone stays frozen
+        assert len({layer_of[n] for n in changed if n in layer_of}) == 1
+        assert changed - set(layer_of) == {"model.head.weight", "model.head.bias"}
+        quantized = stats["stats"]
+        assert quantized["num_quantized"] > 10 and quantized["bytes_after"] < quantized["bytes_before"]
+
+
+def test_early_pruning_refuses_fsdp2(tmp_path):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match=r"`EarlyPruning` slices parameters.*ModelParallelStrategy.*HINT"):
+        EarlyPruning().setup(trainer, ShardedViT(), "fit")
