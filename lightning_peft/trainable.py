@@ -15,6 +15,8 @@ changes in the middle of gradient accumulation. It owns what changing the traina
 * under DDP every rank uses the same seed (:func:`agree_seed`), DDP is told that some parameters go unused
   (``find_unused_parameters=True``), and nothing is frozen before DDP wraps the model, so no parameter is ever
   left out of gradient synchronisation;
+* under FSDP2 (``ModelParallelStrategy``), whose distributed checkpoint expects optimizer state for every
+  parameter that requires grad, the parameters without saved state stay frozen while a checkpoint loads;
 * at the end of ``fit`` the parameters it froze are trainable again, as the user gave them.
 
 Candidates are the parameters with ``requires_grad=True`` when training starts: what the user's module froze
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Set
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -111,6 +115,7 @@ class TrainableSetController(Callback):
         self.num_trainable = 0
         self._last_step: int | None = None
         self._last_wishes: list[Set[str] | None] | None = None
+        self._held_for_loading: list[nn.Parameter] = []
 
     @property
     def release_optimizer_state(self) -> bool:
@@ -125,12 +130,56 @@ class TrainableSetController(Callback):
             _check_strategy(trainer, participant)
             controller = cls()
             trainer.callbacks.append(controller)
+            if isinstance(trainer.strategy, ModelParallelStrategy):
+                controller._wrap_checkpoint_loading(trainer.strategy)
         if participant not in controller.participants:
             controller.participants.append(participant)
         return controller
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        with_state = {id(p) for optimizer in trainer.optimizers for p in optimizer.state}
+        checkpoint[_CHECKPOINT_KEY] = {
+            "with_optimizer_state": sorted(n for n, p in pl_module.named_parameters() if id(p) in with_state)
+        }
+
+    def _hold_for_loading(self, pl_module: pl.LightningModule, ckpt_path: Any) -> None:
+        # FSDP2's distributed checkpoint loads optimizer state into a template with an entry for every parameter
+        # that requires grad, and fails on the parameters whose state was released when they froze: keep those out
+        # of the template until training starts
+        with_state = _names_with_optimizer_state(ckpt_path) if ckpt_path else None
+        if with_state is None:
+            return
+        for name, param in pl_module.named_parameters():
+            if param.requires_grad and name not in with_state:
+                param.requires_grad_(False)
+                self._held_for_loading.append(param)
+
+    def _wrap_checkpoint_loading(self, strategy: ModelParallelStrategy) -> None:
+        # Lightning has no hook between building the optimizers and loading a checkpoint into them under FSDP2
+        # (the checkpoint path is not even known to callbacks before the load): wrap the strategy's loader
+        if getattr(strategy, "_trainable_set_wrapped", False):
+            return
+        load_checkpoint = strategy.load_checkpoint
+
+        def load_with_frozen_set(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            if strategy.lightning_module is not None:
+                self._hold_for_loading(strategy.lightning_module, checkpoint_path)
+            return load_checkpoint(checkpoint_path, *args, **kwargs)
+
+        strategy.load_checkpoint = load_with_frozen_set  # type: ignore[method-assign]
+        strategy._trainable_set_wrapped = True  # type: ignore[attr-defined]
+
+    def _release_held(self) -> None:
+        for param in self._held_for_loading:
+            param.requires_grad_(True)
+        self._held_for_loading = []
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release_held()
         self.candidates = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
         in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [name for name, p in self.candidates.items() if id(p) not in in_optimizer]
@@ -190,6 +239,7 @@ class TrainableSetController(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release_held()
         self._restore()
 
     def _apply(self, trainer: pl.Trainer, allowed: Set[str]) -> None:
@@ -212,6 +262,20 @@ class TrainableSetController(Callback):
     def _restore(self) -> None:
         for param in self.candidates.values():
             param.requires_grad_(True)
+
+
+_CHECKPOINT_KEY = "trainable_set"
+
+
+def _names_with_optimizer_state(ckpt_path: str | os.PathLike) -> set[str] | None:
+    """Names of the parameters that had optimizer state when the checkpoint was saved (``None``: not recorded)."""
+    path = Path(ckpt_path)
+    path = path / "meta.pt" if path.is_dir() else path  # a distributed checkpoint keeps the rest in meta.pt
+    if not path.is_file():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    recorded = checkpoint.get(_CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    return None if recorded is None else set(recorded["with_optimizer_state"])
 
 
 def _check_strategy(trainer: pl.Trainer, participant: Callback) -> None:

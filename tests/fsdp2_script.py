@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import timm
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -98,7 +99,7 @@ def loader() -> DataLoader:
     return DataLoader(data, batch_size=8)
 
 
-def main(scenario: str, out: Path) -> None:
+def main(scenario: str, out: Path, max_steps: int = 6, resume: bool = False) -> None:
     plugins, precision = None, "bf16-mixed"
     extra: dict = {}
     if scenario == "compose":
@@ -117,21 +118,21 @@ def main(scenario: str, out: Path) -> None:
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     recorder = Recorder(owner)
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=1, save_top_k=0)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         precision=precision,
         plugins=plugins,
-        callbacks=[*methods, recorder],
-        max_steps=6,
+        callbacks=[*methods, recorder, checkpoints],
+        max_steps=max_steps,
         default_root_dir=out,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, loader())
+    trainer.fit(module, loader(), ckpt_path=out / "checkpoints" / "last.ckpt" if resume else None)
     if scenario == "compose":
         extra = {"lisa_history": lisa.history, "hft_frozen": hft.frozen_parameter_names()}
     elif scenario == "ist_plugin":
@@ -139,9 +140,9 @@ def main(scenario: str, out: Path) -> None:
     final = {n: full(p) for n, p in module.named_parameters()}
     torch.save(
         {"initial": recorder.initial, "final": final, "steps": recorder.steps, **extra},
-        out / f"rank{trainer.global_rank}.pt",
+        out / f"{'resumed_' if resume else ''}rank{trainer.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), *(int(arg) for arg in sys.argv[3:]))

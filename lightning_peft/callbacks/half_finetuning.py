@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_peft._sharding import gather_whole, local_part, take_local
 from lightning_peft.layers import find_layers
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
@@ -253,8 +254,9 @@ class HalfFineTuning(TrainableSetCallback):
         self._restored = False
         if self.reset is not None and self._pretrained is None:  # the first fit (or a checkpoint without them)
             # only what may train: parameters the user's module froze (a peft base model) never change
+            # the local shard of a sharded (FSDP2) parameter; whole tensors only in checkpoints
             self._pretrained = {
-                name: self._params[name].detach().to("cpu", copy=True)
+                name: local_part(self._params[name]).detach().to("cpu", copy=True)
                 for name in self._block_parameter_names()
                 if self._params[name].requires_grad
             }
@@ -266,6 +268,9 @@ class HalfFineTuning(TrainableSetCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # FSDP2 restores a checkpoint after `on_fit_start`: what it loaded is in place now (the selection drawn in
+        # `on_fit_start` was replaced by the checkpoint's), and the next fit is a new stage
+        self._restored = False
         if self.masks:
             self._install_masks(trainer)
 
@@ -409,7 +414,9 @@ class HalfFineTuning(TrainableSetCallback):
             if name not in self._pretrained:
                 continue
             param = self._params[name]
-            param.copy_(self._pretrained[name].to(device=param.device, dtype=param.dtype))
+            local = local_part(param)
+            self._pretrained[name] = take_local(param, self._pretrained[name])  # whole, if read from a checkpoint
+            local.copy_(self._pretrained[name].to(device=local.device, dtype=local.dtype))
         for name, mask in self.masks.items():
             if name not in self._pretrained:
                 continue
@@ -464,7 +471,14 @@ class HalfFineTuning(TrainableSetCallback):
             "stage_start_epoch": self._stage_start_epoch,
             "generator": None if self._generator is None else self._generator.get_state(),
             "history": self.history,
-            "pretrained": self._pretrained,
+            "pretrained": None
+            if self._pretrained is None
+            else {
+                name: gather_whole(self._params[name], take_local(self._params[name], value))
+                if name in self._params
+                else value
+                for name, value in self._pretrained.items()
+            },
         }
 
     @override
