@@ -3,9 +3,11 @@
 tests/fsdp2_script.py trains and records; Lightning relaunches it once per rank.
 """
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -14,6 +16,7 @@ from fsdp2_script import Recorder, ShardedViT, loader
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_peft.callbacks import LISA, ActivationQuantization, EarlyPruning, HalfFineTuning
+from lightning_peft.modules import ImageClassifier
 
 SCRIPT = Path(__file__).parent / "fsdp2_script.py"
 
@@ -135,3 +138,51 @@ def test_early_pruning_refuses_fsdp2(tmp_path):
     )
     with pytest.raises(ValueError, match=r"`EarlyPruning` slices parameters.*ModelParallelStrategy.*HINT"):
         EarlyPruning().setup(trainer, ShardedViT(), "fit")
+
+
+@pytest.mark.slow
+def test_a_ready_module_trains_under_fsdp2_from_yaml(tmp_path):
+    """The YAML names ModelParallelStrategy; ImageClassifier shards itself; LISA and 8-bit activations join."""
+    config = Path(__file__).parents[1] / "configs" / "vit_digits_lisa_fsdp2.yaml"
+    command = [
+        shutil.which("lightning-peft"),
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=6",
+        "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Final validation metrics after 6 steps" in result.stdout, result.stdout[-2000:]
+    assert "ActivationQuantization(int8): saved for backward" in result.stdout + result.stderr
+    metrics = (tmp_path / "lightning_logs" / "vit_digits_lisa_fsdp2" / "version_0" / "metrics.csv").read_text()
+    header = metrics.splitlines()[0].split(",")
+    assert {"trainable_params", "activation_quantization/bytes_after", "val/acc"} <= set(header)
+
+
+class _Mesh:
+    """A stand-in for a 2-D device mesh (data_parallel x tensor_parallel)."""
+
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, data_parallel: int, tensor_parallel: int) -> None:
+        self.sizes = {"data_parallel": data_parallel, "tensor_parallel": tensor_parallel}
+
+    def __getitem__(self, name: str):
+        return SimpleNamespace(size=lambda: self.sizes[name])
+
+
+def test_a_ready_module_refuses_tensor_parallel_devices_with_a_hint():
+    module = ImageClassifier(
+        "vit_tiny_patch16_224", num_classes=3, model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2}
+    )
+    module._device_mesh = _Mesh(data_parallel=1, tensor_parallel=2)
+    with pytest.raises(ValueError, match=r"gives 2 devices to tensor parallelism.*HINT: `ModelParallelStrategy\("):
+        module.configure_model()
+    module._device_mesh = None
+    module.configure_model()  # no mesh (not FSDP2): nothing to do
+    assert not any(type(m).__name__.startswith("FSDP") for m in module.modules())

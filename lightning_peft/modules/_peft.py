@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_peft.adapters import ADAPTER_PEFT_TYPES, AdapterConfig, add_adapters
+from lightning_peft.layers import find_layers
 
 
 def checked_model_kwargs(owner: str, model_kwargs: Mapping[str, Any] | None, reserved: Sequence[str]) -> dict:
@@ -133,7 +134,11 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 class OptimizedModule(pl.LightningModule):
-    """Optimizer and scheduler set-up shared by the ready modules (classifiers and causal LMs).
+    """Optimizer and scheduler set-up shared by the ready modules (classifiers and causal LMs), and FSDP2 sharding.
+
+    A subclass stores its network as ``self.model``. Under FSDP2 (Lightning's ``ModelParallelStrategy``),
+    :meth:`configure_model` shards each block of the network (found by :func:`~lightning_peft.layers.find_layers`)
+    and then the network itself with ``fully_shard``: a YAML file only has to name the strategy.
 
     Args:
         optimizer: Builds the optimizer from an iterable of parameters.
@@ -157,6 +162,32 @@ class OptimizedModule(pl.LightningModule):
         self.scheduler_factory = scheduler
 
     @override
+    def configure_model(self) -> None:
+        """Shard the blocks, then the whole network, with FSDP2's ``fully_shard`` (only under FSDP2).
+
+        Raises:
+            ValueError: if the strategy's device mesh gives devices to tensor parallelism, for which these
+                modules have no plan.
+        """
+        mesh = self._device_mesh  # set by ModelParallelStrategy only
+        if mesh is None or _is_fully_sharded(self.model):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"{type(self).__name__} shards its network for data parallelism only (FSDP2), but the strategy gives"
+                f" {mesh['tensor_parallel'].size()} devices to tensor parallelism, so every device would train on the"
+                " same data. HINT: `ModelParallelStrategy(data_parallel_size=<number of devices>,"
+                " tensor_parallel_size=1)` (Lightning's default gives a node's devices to tensor parallelism)."
+            )
+        data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for block in find_layers(self.model).blocks:
+            fully_shard(block, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
+    @override
     def configure_optimizers(self) -> Any:
         # Built over everything trainable *now*: callbacks that freeze layers do so after this point and need
         # every candidate parameter in the optimizer to unfreeze it later.
@@ -175,6 +206,13 @@ class OptimizedModule(pl.LightningModule):
         else:
             scheduler_config = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
+
+
+def _is_fully_sharded(module: nn.Module) -> bool:
+    # `configure_model` runs for every Trainer entry point (fit, validate, ...): shard once
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 class ClassifierModule(OptimizedModule):
@@ -219,12 +257,12 @@ class ClassifierModule(OptimizedModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         logits, labels = self.logits_and_labels(batch)
         self.val_acc(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         logits, labels = self.logits_and_labels(batch)
         self.test_acc(logits, labels)
-        self.log("test/loss", F.cross_entropy(logits, labels))
+        self.log("test/loss", F.cross_entropy(logits, labels), sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)

@@ -129,7 +129,7 @@ class CausalLM(OptimizedModule):
     def _evaluate(self, batch: dict[str, Tensor], metric: MeanMetric, stage: str) -> None:
         loss = self.compute_loss(batch)
         metric.update(loss.detach(), weight=self._n_targets(batch))
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
