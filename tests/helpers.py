@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -171,3 +176,22 @@ def tiny_transformer(
     if seed is not None:
         torch.manual_seed(seed)
     return getattr(transformers, bare_name if bare else headed_name)(config)
+
+
+CONFIGS_DIR = Path(__file__).parents[1] / "configs"
+_FINAL = re.compile(r"Final validation metrics after (\d+) steps: (.*)")
+
+
+def run_config(config_name: str, cwd: Path, *overrides: str, timeout: int = 900) -> tuple[int, dict[str, float]]:
+    """Run ``lightning-peft fit --config configs/<config_name> <overrides>`` as a user does, in ``cwd``.
+
+    Returns the number of steps and the final validation metrics the CLI prints (fails the test on an error).
+    """
+    command = [shutil.which("lightning-peft"), "fit", "--config", str(CONFIGS_DIR / config_name), *overrides]
+    command.append("--trainer.enable_progress_bar=false")
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = _FINAL.search(result.stdout)
+    assert found is not None, result.stdout[-2000:]
+    metrics = dict(item.split("=") for item in found.group(2).split(", "))
+    return int(found.group(1)), {name: float(value) for name, value in metrics.items()}

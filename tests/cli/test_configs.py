@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from helpers import run_config
 
 from lightning_peft.callbacks import LISA
 from lightning_peft.cli import PeftCLI, cli_main
@@ -79,13 +80,7 @@ def test_cli_main_returns_nothing_for_the_console_script(tmp_path, monkeypatch):
 
 def _final_accuracy(config_name: str, workdir: Path) -> float:
     """Run `lightning-peft fit --config configs/<config_name>` as a user does; return its printed val/acc."""
-    config = Path(__file__).parents[2] / "configs" / config_name
-    command = [shutil.which("lightning-peft"), "fit", "--config", str(config), "--trainer.enable_progress_bar=false"]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = re.search(r"Final validation metrics after \d+ steps: .*val/acc=([0-9.]+)", result.stdout)
-    assert found is not None, result.stdout[-2000:]
-    return float(found.group(1))
+    return run_config(config_name, workdir)[1]["val/acc"]
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,7 @@
-import re
-import shutil
-import subprocess
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import changed, snapshot, trainer_kwargs
+from helpers import changed, run_config, snapshot, trainer_kwargs
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft.callbacks import LISA
@@ -87,18 +82,6 @@ def test_errors_name_the_argument():
 @pytest.mark.slow
 def test_ast_keywords_config_learns_through_the_cli(tmp_path):
     """The AST config as a user runs it (about a minute): far above chance (0.10) on unseen voices."""
-    config = Path(__file__).parents[2] / "configs" / "ast_keywords_lisa.yaml"
-    command = [
-        shutil.which("lightning-peft"),
-        "fit",
-        "--config",
-        str(config),
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        "--trainer.enable_progress_bar=false",
-    ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = re.search(r"Final validation metrics after (\d+) steps: .*val/acc=([0-9.]+)", result.stdout)
-    assert found is not None, result.stdout[-2000:]
-    assert int(found.group(1)) == 15 * 34  # 15 epochs of 1,080 training clips in batches of 32
-    assert float(found.group(2)) >= 0.7  # 0.872 measured
+    steps, metrics = run_config("ast_keywords_lisa.yaml", tmp_path, f"--data.init_args.cache_dir={tmp_path / 'cache'}")
+    assert steps == 15 * 34  # 15 epochs of 1,080 training clips in batches of 32
+    assert metrics["val/acc"] >= 0.7  # 0.872 measured
