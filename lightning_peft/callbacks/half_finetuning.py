@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -100,8 +101,8 @@ class HalfFineTuning(TrainableSetCallback):
         verbose: print a summary of every draw.
 
     Raises:
-        ValueError: if an argument is out of range (at construction), or if ``granularity="layer"`` would train no
-            block of the model (at setup).
+        ValueError: if an argument is out of range (at construction); at setup, if ``granularity="layer"`` would
+            train no block of the model, or if a model without a block stack (channel halves) runs under FSDP2.
 
     Example::
 
@@ -189,6 +190,12 @@ class HalfFineTuning(TrainableSetCallback):
         if stage != "fit":
             return
         self._find_units(pl_module)
+        if self._stackless and self.granularity == "category" and isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError(
+                f"HalfFineTuning splits the channels of {type(pl_module).__name__} (it has no block stack) with"
+                " gradient masks over whole parameters, which FSDP2's sharded parameters do not support. HINT: use"
+                ' `strategy="ddp"`, `granularity="layer"`, or `layers=` with the path of a block container.'
+            )
         if self.granularity == "layer":
             n_blocks = len(self._blocks)
             if round(self.ratio * n_blocks) < 1:

@@ -417,3 +417,13 @@ def test_ddp_ranks_draw_the_same_halves_and_stay_identical(tmp_path):
     assert len(ranks[0]["history"]) == 3
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
+
+
+def test_channel_halves_are_refused_under_fsdp2(tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(ValueError, match=r"no block stack.*FSDP2.*HINT: use `strategy=\"ddp\"`"):
+        HalfFineTuning().setup(trainer, CNNModule(), "fit")
