@@ -51,8 +51,9 @@ class ActivationQuantization(Callback):
         stochastic_rounding: unbiased random rounding (its own generator; global RNG untouched).
         exclude_modules: glob patterns of module names (``named_modules()`` of the LightningModule, e.g.
             ``"model.head"``) whose saved tensors are kept as they are.
-        compile: fuse quantization and dequantization with ``torch.compile`` (recommended on GPU: the eager
-            ops make several passes over memory; the first step compiles).
+        compile: fuse quantization and dequantization with ``torch.compile``. ``None`` (default): on a CUDA GPU,
+            where the eager ops' several passes over memory cost most (the first step compiles; if compilation
+            fails, a warning and the eager kernels); ``True``: also on CPU; ``False``: never.
         log_bytes: log the before / after bytes with ``pl_module.log``.
 
     Raises:
@@ -74,7 +75,7 @@ class ActivationQuantization(Callback):
         min_numel: int = DEFAULT_MIN_NUMEL,
         stochastic_rounding: bool = False,
         exclude_modules: list[str] | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         log_bytes: bool = True,
     ) -> None:
         self.quantizer = ActivationQuantizer(

@@ -35,7 +35,7 @@ class ActivationQuantizedPrecision(MixedPrecision):
         min_numel: tensors with fewer elements are kept as they are.
         stochastic_rounding: unbiased random rounding instead of round-to-nearest.
         exclude_modules: glob patterns of module names whose saved tensors are kept as they are.
-        compile: fuse quantization and dequantization with ``torch.compile`` (recommended on GPU).
+        compile: fuse quantization and dequantization with ``torch.compile``; ``None`` (default): on a CUDA GPU.
         device: device type of ``torch.autocast``; ``"cuda"`` when CUDA is available, else ``"cpu"``.
         scaler: a ``torch.amp.GradScaler`` for ``"16-mixed"`` (one is made if ``None``).
 
@@ -66,7 +66,7 @@ class ActivationQuantizedPrecision(MixedPrecision):
         min_numel: int = DEFAULT_MIN_NUMEL,
         stochastic_rounding: bool = False,
         exclude_modules: list[str] | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         device: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:

@@ -7,15 +7,17 @@ group stores its absolute maximum as a float32 scale, so a group's largest magni
 largest value (127 for int8, 448 for E4M3, 57344 for E5M2).
 
 The eager path is vectorised over groups; large tensors are processed in chunks of ``chunk_numel`` elements so
-that the float32 temporaries stay small next to the tensor itself. With ``compile=True`` the round-to-nearest
-path runs as one ``torch.compile``-fused kernel per direction (no float32 temporaries; on GPU, Triton kernels
-close to the memory-traffic floor), falling back to eager where it does not apply.
+that the float32 temporaries stay small next to the tensor itself. With ``compile=True`` (and by default on CUDA
+tensors) the round-to-nearest path runs as one ``torch.compile``-fused kernel per direction (no float32
+temporaries; on GPU, Triton kernels close to the memory-traffic floor), falling back to eager where it does not
+apply, and for good (with one warning) if compilation fails, e.g. where Triton or a C++ compiler is missing.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,9 +198,36 @@ def _compiled(function: Callable) -> Callable:
     return torch.compile(function, dynamic=True)
 
 
-def _use_compiled(compile: bool) -> bool:
+# functions whose compilation failed once: the eager path serves them from then on
+_FAILED: set[Callable] = set()
+
+
+def _use_compiled(compile: bool | None, tensor: Tensor) -> bool:
+    if compile is None:  # auto: where the eager ops' passes over memory cost most next to the model's kernels
+        compile = tensor.is_cuda
     # inside a region that torch.compile is tracing, the eager ops are traced (and fused) anyway
     return compile and not torch.compiler.is_compiling()
+
+
+def _run_compiled(function: Callable, *args: Tensor | torch.dtype) -> tuple[Tensor, Tensor] | Tensor | None:
+    """``function`` compiled, on ``args``; ``None`` (use eager) if its compilation failed, now or before."""
+    if function in _FAILED:
+        return None
+    try:
+        # autocast off: its state is part of what a compiled variant is specialised on (models switch it)
+        with torch.autocast(args[0].device.type, enabled=False):
+            return _compiled(function)(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the compiler stack (Triton, C++ compiler, ...)
+        _FAILED.add(function)
+        warnings.warn(
+            f"torch.compile of the 8-bit {function.__name__} kernel failed ({type(error).__name__}: {error});"
+            " using the eager kernels from now on (slower on GPU, same results). HINT: pass `compile=False` to"
+            " skip the attempt.",
+            stacklevel=2,
+        )
+        return None
 
 
 def quantize(
@@ -208,7 +237,7 @@ def quantize(
     stochastic_rounding: bool = False,
     generator: torch.Generator | None = None,
     chunk_numel: int = _DEFAULT_CHUNK_NUMEL,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> QuantizedTensor:
     """Quantize a floating-point tensor to 8 bits with one absmax scale per group of ``group_size`` elements.
 
@@ -221,7 +250,7 @@ def quantize(
         generator: random generator for stochastic rounding (on the tensor's device); the global one if ``None``.
         chunk_numel: elements processed at once by the eager path; bounds the float32 temporaries.
         compile: use the ``torch.compile``-fused kernel for round-to-nearest when the number of elements is a
-            multiple of ``group_size`` (the first call per format and dtype compiles).
+            multiple of ``group_size`` (the first call per format and dtype compiles); ``None``: for CUDA tensors.
 
     Returns:
         The :class:`QuantizedTensor`.
@@ -243,11 +272,11 @@ def quantize(
         raise ValueError(f"Only floating-point tensors can be quantized, got dtype {tensor.dtype}.")
     flat = tensor.detach().reshape(-1)
     numel = flat.numel()
-    if _use_compiled(compile) and not stochastic_rounding and numel > 0 and numel % group_size == 0:
-        # autocast off: its state is part of what a compiled variant is specialised on (models switch it)
-        with torch.autocast(flat.device.type, enabled=False):
-            data, scale = _compiled(_FUSED[format][0])(flat.view(-1, group_size))
-        return QuantizedTensor(data.view(-1), scale, tensor.shape, tensor.dtype, format, group_size)
+    if _use_compiled(compile, flat) and not stochastic_rounding and numel > 0 and numel % group_size == 0:
+        fused = _run_compiled(_FUSED[format][0], flat.view(-1, group_size))
+        if fused is not None:
+            data, scale = fused
+            return QuantizedTensor(data.view(-1), scale, tensor.shape, tensor.dtype, format, group_size)
     n_groups = max(1, -(-numel // group_size))
     data = torch.empty(n_groups * group_size, dtype=spec.storage_dtype, device=flat.device)
     scale = torch.empty(n_groups, dtype=torch.float32, device=flat.device)
@@ -273,7 +302,7 @@ def quantize(
     return QuantizedTensor(data, scale, tensor.shape, tensor.dtype, format, group_size)
 
 
-def dequantize(quantized: QuantizedTensor, compile: bool = False) -> Tensor:
+def dequantize(quantized: QuantizedTensor, compile: bool | None = None) -> Tensor:
     """Restore a contiguous tensor of the original shape and dtype from a :class:`QuantizedTensor`.
 
     bfloat16 tensors are restored in bfloat16 arithmetic (8-bit values convert exactly, and bfloat16 has the
@@ -281,17 +310,18 @@ def dequantize(quantized: QuantizedTensor, compile: bool = False) -> Tensor:
 
     Args:
         quantized: the output of :func:`quantize`.
-        compile: use the ``torch.compile``-fused kernel (float32 arithmetic, one pass).
+        compile: use the ``torch.compile``-fused kernel (float32 arithmetic, one pass); ``None``: for CUDA
+            tensors.
 
     Returns:
         The dequantized tensor.
     """
-    if _use_compiled(compile):
-        with torch.autocast(quantized.data.device.type, enabled=False):
-            values = _compiled(_FUSED[quantized.format][1])(
-                quantized.data.view(-1, quantized.group_size), quantized.scale, quantized.dtype
-            )
-        return values.view(-1)[: quantized.numel()].view(quantized.shape)
+    if _use_compiled(compile, quantized.data):
+        values = _run_compiled(
+            _FUSED[quantized.format][1], quantized.data.view(-1, quantized.group_size), quantized.scale, quantized.dtype
+        )
+        if values is not None:
+            return values.view(-1)[: quantized.numel()].view(quantized.shape)
     compute_dtype = torch.bfloat16 if quantized.dtype is torch.bfloat16 else torch.float32
     values = quantized.data.view(-1, quantized.group_size).to(compute_dtype)
     values.mul_(quantized.scale.to(compute_dtype).unsqueeze(1))

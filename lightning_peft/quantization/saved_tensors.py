@@ -135,7 +135,7 @@ class _QuantizedStorage:
 
     __slots__ = ("__weakref__", "_restored", "compile", "quantized")
 
-    def __init__(self, quantized: QuantizedTensor, compile: bool) -> None:
+    def __init__(self, quantized: QuantizedTensor, compile: bool | None) -> None:
         self.quantized = quantized
         self.compile = compile
         self._restored: weakref.ref[Tensor] | None = None
@@ -269,8 +269,9 @@ class ActivationQuantizer:
             ``"blocks.0.*"``) whose saved tensors are kept as they are; needs :meth:`attach`.
         seed: seed of the stochastic-rounding generators.
         compile: quantize and dequantize with ``torch.compile``-fused kernels (round-to-nearest, sizes that are
-            a multiple of ``group_size``; eager otherwise). Worth it on GPU, where the eager ops cost several
-            passes over memory; the first step pays for compilation.
+            a multiple of ``group_size``; eager otherwise). ``None`` (default): for tensors on a CUDA GPU, where
+            the eager ops' several passes over memory cost most (the first step pays for compilation; if
+            compilation fails, one warning and eager from then on); ``True``: also on CPU; ``False``: never.
 
     Raises:
         ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel`` or an
@@ -296,7 +297,7 @@ class ActivationQuantizer:
         stochastic_rounding: bool = False,
         exclude_modules: Iterable[str] | None = None,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> None:
         _check_format(format)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:

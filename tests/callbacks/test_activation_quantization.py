@@ -122,6 +122,18 @@ def test_gradients_match_unquantized(tmp_path, format, threshold, precision):
     assert not callback.quantizer.hooks_active
 
 
+def test_compiled_kernels_give_the_eager_gradients_in_training(tmp_path):
+    """``compile=True`` in a bf16 training step: the fused kernels round as the eager ones (one step, same batch)."""
+    grads = []
+    for compile in (False, True):
+        model = TinyViT()
+        callback = ActivationQuantization(min_numel=1024, compile=compile)
+        _trainer(tmp_path, [callback], precision="bf16-mixed").fit(model, _data())
+        assert callback.last_stats.num_quantized > 10
+        grads.append(model.grads[0])
+    assert _min_cosine(grads[0], grads[1]) >= 0.999
+
+
 def test_logs_bytes_and_leaves_validation_alone(tmp_path):
     model = TinyViT()
     callback = ActivationQuantization(min_numel=1024)

@@ -1,7 +1,9 @@
+import warnings
+
 import pytest
 import torch
 
-from lightning_peft.quantization import FORMATS, dequantize, quantize
+from lightning_peft.quantization import FORMATS, dequantize, formats, quantize
 
 # Round-to-nearest error of one element, relative to its group's absmax (int8) or to the element itself plus a
 # floor for subnormals (FP8: half a unit in the last place, with 3 / 2 mantissa bits).
@@ -127,3 +129,41 @@ def test_compiled_kernels_match_eager():
     # sizes that are not a multiple of the group fall back to the eager path
     odd = torch.randn(7, 5)
     torch.testing.assert_close(dequantize(quantize(odd, compile=True), compile=True), dequantize(quantize(odd)))
+
+
+def test_compile_defaults_to_cuda_tensors_only(monkeypatch):
+    calls = []
+
+    def recording(function):
+        calls.append(function.__name__)
+        return function
+
+    monkeypatch.setattr(formats, "_compiled", recording)
+    x = torch.randn(4, 256)
+    dequantize(quantize(x))  # CPU tensor, compile=None: eager
+    assert calls == []
+    dequantize(quantize(x, compile=True), compile=True)
+    assert calls == ["_quantize_int8_groups", "_dequantize_int8_groups"]
+
+
+def test_a_failing_compiler_falls_back_to_eager_once_with_a_warning(monkeypatch):
+    def broken(function):
+        def run(*args):
+            raise RuntimeError("Cannot find a working triton installation")
+
+        return run
+
+    monkeypatch.setattr(formats, "_compiled", broken)
+    monkeypatch.setattr(formats, "_FAILED", set())
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"torch.compile of the 8-bit _quantize_int8_groups kernel failed.*triton"):
+        fallback = quantize(x, compile=True)
+    eager = quantize(x, compile=False)
+    assert torch.equal(fallback.data, eager.data) and torch.equal(fallback.scale, eager.scale)
+    with pytest.warns(UserWarning, match="_dequantize_int8_groups"):
+        restored = dequantize(fallback, compile=True)
+    assert torch.equal(restored, dequantize(eager, compile=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls go straight to eager
+        quantize(x, compile=True)
+        dequantize(fallback, compile=True)
