@@ -65,3 +65,43 @@ def test_int8_activations_halve_saved_bytes_under_bf16(tmp_path, compile):
     pl.Trainer(callbacks=[callback], **kw).fit(ViTModule())
     stats = callback.last_stats
     assert stats.bytes_after <= 0.55 * stats.bytes_before
+
+
+def test_fsdp2_on_one_gpu_trains_and_resumes_exactly(tmp_path):
+    """FSDP2 over one CUDA device (a mesh of one): DTensor parameters on CUDA, NCCL, compiled 8-bit kernels."""
+    from fsdp2_script import ShardedViT, full, loader
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_peft.callbacks import HalfFineTuning
+
+    def fit(max_steps, resume):
+        module = ShardedViT()
+        quantization = ActivationQuantization(min_numel=1024)
+        callbacks = [
+            LISA(n_layers=2, interval=2, seed=1),
+            HalfFineTuning(seed=2, reset="on_train_end"),
+            quantization,
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0),
+        ]
+        trainer = pl.Trainer(
+            accelerator="gpu",
+            devices=1,
+            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+            precision="bf16-mixed",
+            callbacks=callbacks,
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt" if resume else None)
+        assert quantization.last_stats.num_quantized > 10
+        return {name: full(param).cpu() for name, param in module.named_parameters()}
+
+    uninterrupted = fit(10, resume=False)
+    fit(8, resume=False)  # one epoch: 64 images in batches of 8
+    resumed = fit(10, resume=True)
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=1e-4, atol=1e-5, msg=name)
