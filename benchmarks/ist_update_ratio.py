@@ -92,7 +92,9 @@ def tweet_data() -> Any:
     return data
 
 
-def run_one(data: Any, ratio: float | None, seed: int, steps: int, root: str) -> dict[str, Any]:
+def run_one(
+    data: Any, ratio: float | None, seed: int, steps: int, root: str, release_state: bool = False
+) -> dict[str, Any]:
     """Fine-tune with plain LoRA (``ratio=None``) or IST + LoRA at ``update_ratio=ratio``; return the run's numbers."""
     from lightning_peft.modules import TextClassifier
 
@@ -109,7 +111,8 @@ def run_one(data: Any, ratio: float | None, seed: int, steps: int, root: str) ->
     callbacks: list[Callback] = [probe]
     ist = None
     if ratio is not None:
-        ist = IST(update_ratio=ratio, seed=None, plot=False, **IST_SETTINGS)  # seed None: seed_everything's
+        # seed None: seed_everything's
+        ist = IST(update_ratio=ratio, seed=None, plot=False, release_optimizer_state=release_state, **IST_SETTINGS)
         callbacks.append(ist)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -191,7 +194,9 @@ def render(results: dict[str, Any]) -> str:
         f" on a 6-layer model: all-MiniLM-L6-v2 with peft LoRA r=8 (alpha 16) on every Linear of the encoder"
         f" blocks, tweet sentiment (3 classes, 1,000 validation tweets, majority class 0.42), {setup['steps']} steps"
         f" of 16 x 48 tokens, AdamW lr {LORA_LR:g}; IST with `interval=10, n_candidates=3, candidate_ratio=0.5,"
-        f" suppression=0.25, reward_lr=10` (as in `fidelity.py`). Seeds {', '.join(map(str, setup['seeds']))}"
+        f" suppression=0.25, reward_lr=10` (as in `fidelity.py`); the optimizer state of a layer's LoRA that stops"
+        f" training is {'released (restarts at each draw)' if setup.get('release_state') else 'kept (IST default)'}."
+        f" Seeds {', '.join(map(str, setup['seeds']))}"
         " (initialisation, training order, IST sampling; same split). Mean ± sample std over the seeds.",
         "",
         "| method | LoRA layers trained per step | trainable params per step | val acc | vs LoRA (paired)"
@@ -293,12 +298,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-seed", type=int, default=LANGUAGE_SEED, help="seed of the longer run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a busy 2-core machine)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument(
+        "--release-state",
+        action="store_true",
+        help="IST(release_optimizer_state=True): LoRA state restarts at each draw (results get a _released_state name)",
+    )
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the JSON results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{NAME}.json", out / f"{NAME}.md"
+    name = NAME + ("_released_state" if args.release_state else "")
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     if args.render:
         md_path.write_text(render(json.loads(json_path.read_text())))
         return
@@ -315,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             "lora": LORA_CONFIG,
             "lr": LORA_LR,
             "ist": IST_SETTINGS,
+            "release_state": args.release_state,
         },
         "runs": [],
         "long_runs": [],
@@ -332,13 +344,16 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             for ratio in [None, *ratios]:
                 print(f"{method_key(ratio)}, seed {seed}, {args.steps} steps ...", flush=True)
-                record(run_one(data, ratio, seed, args.steps, root), results["runs"])
+                record(run_one(data, ratio, seed, args.steps, root, args.release_state), results["runs"])
         results["summary"] = summarize(results["runs"], ratios)
         if args.long_steps > 0:
             long_ratios = sorted({RATIOS[0], best_ratio(results["summary"], ratios)})
             for ratio in [None, *long_ratios]:
                 print(f"{method_key(ratio)}, seed {args.long_seed}, {args.long_steps} steps ...", flush=True)
-                record(run_one(data, ratio, args.long_seed, args.long_steps, root), results["long_runs"])
+                record(
+                    run_one(data, ratio, args.long_seed, args.long_steps, root, args.release_state),
+                    results["long_runs"],
+                )
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path.write_text(render(results))

@@ -107,6 +107,41 @@ def test_only_the_peft_parameters_of_sampled_blocks_train(tmp_path):
     assert not changed(before, model) & _base_block_params(model)
 
 
+class AdamSteps(Callback):
+    """After each optimizer step: Adam's step count of every adapter parameter that has optimizer state."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = trainer.optimizers[0].state
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self.steps.append({names[id(p)]: int(s["step"]) for p, s in state.items() if ".adapters." in names[id(p)]})
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_optimizer_state_of_undrawn_layers_is_kept_unless_released(tmp_path, release):
+    """The official code only flips requires_grad: Adam's moments persist; released, they restart at each draw."""
+    assert IST().release_optimizer_state is False  # the official behaviour is the default
+    model = AdapterModel()
+    ist = IST(update_ratio=0.25, interval=100, seed=0, release_optimizer_state=release)
+    recorder, adam = StepRecorder(ist), AdamSteps()
+    pl.Trainer(callbacks=[ist, recorder, adam], max_steps=12, **trainer_kwargs(tmp_path)).fit(model)
+    draws = [sampled for sampled, _ in recorder.steps]
+    assert all(len(sampled) == 1 for sampled in draws)  # int(0.25 * 4)
+    for step, (sampled, counts) in enumerate(zip(draws, adam.steps, strict=True)):
+        current = _adapter_params(model, sampled)
+        # how many optimizer steps this block's adapters have trained so far, this one included
+        trained = sum(1 for earlier in draws[: step + 1] if earlier == sampled)
+        run = 1 + next((i for i, earlier in enumerate(reversed(draws[:step])) if earlier != sampled), step)
+        assert {counts[name] for name in current} == {run if release else trained}
+        if release:
+            assert set(counts) == current  # undrawn layers hold no state
+        else:
+            assert set(counts) == _adapter_params(model, set().union(*draws[: step + 1]))
+    assert len(set(draws)) > 1
+
+
 def _lora_bert(n_layers=4):
     from peft import LoraConfig, get_peft_model
 
