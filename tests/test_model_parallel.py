@@ -117,12 +117,16 @@ def test_ist_over_adapters_with_the_precision_plugin_under_fsdp2(tmp_path):
     _assert_ranks_identical(ranks)
     record = ranks[0]
     layer_of = {name: layer for layer, names in enumerate(record["ist_peft_params"]) for name in names}
+    drawn: set[str] = set()
     for stats in record["steps"]:
         changed = set(stats["changed"])
-        assert changed == set(stats["trainable"]) == set(stats["state"])
+        assert changed == set(stats["trainable"])
         # IST trains the adapters of int(0.25 * 4) = 1 layer per step; the backbone stays frozen
         assert len({layer_of[n] for n in changed if n in layer_of}) == 1
         assert changed - set(layer_of) == {"model.head.weight", "model.head.bias"}
+        # layers drawn before keep their optimizer state for their next draw (IST's default, as the official code)
+        drawn |= set(stats["trainable"])
+        assert set(stats["state"]) == drawn
         quantized = stats["stats"]
         assert quantized["num_quantized"] > 10 and quantized["bytes_after"] < quantized["bytes_before"]
 
