@@ -170,6 +170,24 @@ class Probe(Callback):
 # ------------------------------------------------------------------------------------------------------- language
 
 
+def quiet_cpu_trainer(root: str, callbacks: list, **limits: Any) -> pl.Trainer:
+    """A one-device CPU Trainer without logger, checkpoints, progress bar or model summary, as every run here uses.
+
+    ``limits`` are the run's length (``max_epochs``, ``limit_train_batches``, ``num_sanity_val_steps``, ...).
+    """
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **limits,
+    )
+
+
 def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, Any]:
     from lightning_peft.modules import TextClassifier
 
@@ -205,19 +223,7 @@ def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, An
                 seed=None,
             )
         )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=steps,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
+    trainer = quiet_cpu_trainer(root, callbacks, max_epochs=1, limit_train_batches=steps, num_sanity_val_steps=0)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
@@ -391,17 +397,7 @@ def _forgetting_run(method: str, seed: int, epochs: int, lr: float, data: dict[s
     loader = DataLoader(
         TensorDataset(data["train_x"], data["train_y"]), batch_size=32, shuffle=True, generator=generator
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
+    trainer = quiet_cpu_trainer(root, callbacks, max_epochs=epochs)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     return {

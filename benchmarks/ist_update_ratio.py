@@ -61,6 +61,7 @@ from fidelity import (  # noqa: E402
     RESULTS_DIR,
     Probe,
     _environment,
+    quiet_cpu_trainer,
 )
 
 from lightning_peft.callbacks import IST  # noqa: E402
@@ -114,19 +115,7 @@ def run_one(
         # seed None: seed_everything's
         ist = IST(update_ratio=ratio, seed=None, plot=False, release_optimizer_state=release_state, **IST_SETTINGS)
         callbacks.append(ist)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=steps,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
+    trainer = quiet_cpu_trainer(root, callbacks, max_epochs=1, limit_train_batches=steps, num_sanity_val_steps=0)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
