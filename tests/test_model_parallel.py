@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from fsdp2_script import Recorder, ShardedViT, loader
-from helpers import run_config
+from helpers import run_config, trainer_kwargs
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_peft.callbacks import LISA, ActivationQuantization, EarlyPruning, HalfFineTuning
@@ -79,18 +79,10 @@ def test_lisa_half_finetuning_and_quantization_compose_under_fsdp2(composed, tmp
     single = ActivationQuantization(min_numel=1024)
     module = ShardedViT()
     module.configure_model = lambda: None
-    pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="bf16-mixed",
-        callbacks=[LISA(n_layers=2, interval=2, seed=1), HalfFineTuning(seed=2), single, Recorder(single)],
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    ).fit(module, loader())
+    callbacks = [LISA(n_layers=2, interval=2, seed=1), HalfFineTuning(seed=2), single, Recorder(single)]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, precision="bf16-mixed", max_steps=1)).fit(
+        module, loader()
+    )
     first = record["steps"][0]["stats"]
     assert first == vars(single.last_stats)
     assert first["num_quantized"] > 20 and first["bytes_after"] < 0.8 * first["bytes_before"]

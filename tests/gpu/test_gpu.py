@@ -85,16 +85,11 @@ def test_fsdp2_on_one_gpu_trains_and_resumes_exactly(tmp_path):
             ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0),
         ]
         trainer = pl.Trainer(
-            accelerator="gpu",
-            devices=1,
             strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-            precision="bf16-mixed",
             callbacks=callbacks,
-            max_steps=max_steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
+            **trainer_kwargs(
+                tmp_path, accelerator="gpu", precision="bf16-mixed", max_steps=max_steps, enable_checkpointing=True
+            ),
         )
         trainer.fit(module, loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt" if resume else None)
         assert quantization.last_stats.num_quantized > 10
