@@ -1,31 +1,15 @@
 """The fidelity benchmark's forgetting experiment on a small budget: data in MNIST's format, the shipped CNN, and a
 Half Fine-Tuning run (channel halves of the CNN) that learns the new task."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_benchmark
 
 pytest.importorskip("digit_recognizer")
 pytest.importorskip("mlxtend")
 pytest.importorskip("sklearn")
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "fidelity.py"
-
-
-def _load_benchmark():
-    name = "benchmarks_fidelity"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fidelity = _load_benchmark()
+fidelity = load_benchmark("fidelity")
 
 
 @pytest.fixture(autouse=True)

@@ -1,29 +1,14 @@
 """The memory benchmark on tiny models: every method is measured, LISA really releases optimizer state, and
 activation quantization really shrinks what is saved for backward."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 from torch import nn
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
-
-
-def _load_benchmark():
-    name = "benchmarks_memory"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-memory = _load_benchmark()
+memory = load_benchmark("memory")
 
 
 def test_storage_bytes_counts_a_shared_storage_once():
