@@ -36,6 +36,8 @@ class ActivationQuantizedPrecision(MixedPrecision):
         stochastic_rounding: unbiased random rounding instead of round-to-nearest.
         exclude_modules: glob patterns of module names whose saved tensors are kept as they are.
         compile: fuse quantization and dequantization with ``torch.compile``; ``None`` (default): on a CUDA GPU.
+        recompute_weight_copies: cast a weight again in backward instead of keeping autocast's copy of it from
+            the forward (bit-identical; saves 2 bytes per parameter under bf16).
         device: device type of ``torch.autocast``; ``"cuda"`` when CUDA is available, else ``"cpu"``.
         scaler: a ``torch.amp.GradScaler`` for ``"16-mixed"`` (one is made if ``None``).
 
@@ -67,6 +69,7 @@ class ActivationQuantizedPrecision(MixedPrecision):
         stochastic_rounding: bool = False,
         exclude_modules: list[str] | None = None,
         compile: bool | None = None,
+        recompute_weight_copies: bool = True,
         device: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
@@ -86,6 +89,7 @@ class ActivationQuantizedPrecision(MixedPrecision):
             stochastic_rounding=stochastic_rounding,
             exclude_modules=exclude_modules,
             compile=compile,
+            recompute_weight_copies=recompute_weight_copies,
         )
 
     @property

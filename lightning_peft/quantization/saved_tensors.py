@@ -8,7 +8,11 @@ What is never quantized (the tensor is kept as it is):
 - model parameters and buffers, found by type and storage; the cast copies of parameters that autocast makes for a
   Linear or a convolution (a bf16 copy is not a Parameter and lives at another address): a trainable one is
   recognised by following ``grad_fn`` through casts and views to an ``AccumulateGrad``, a frozen one (no
-  ``grad_fn``) by being a leaf with the shape of a frozen parameter of the attached model;
+  ``grad_fn``) by being a leaf with the shape of a frozen parameter of the attached model. Rather than keeping
+  such a copy for backward, the quantizer casts the parameter again when backward needs it
+  (``recompute_weight_copies``; bit-identical, since a cast is deterministic) wherever it can prove which
+  parameter the copy was made from: a trainable one through its ``AccumulateGrad``, a frozen one when the copy
+  is saved inside the forward of a plain ``nn.Linear`` whose weight it is;
 - integer, bool and 8-bit tensors; tensor subclasses and non-strided layouts;
 - tensors with fewer than ``min_numel`` elements;
 - tensors saved while a module named in ``exclude_modules`` runs its forward, or inside :func:`skip_quantization`.
@@ -114,15 +118,22 @@ class SavedTensorStats:
         num_saved: tensors handed to the pack hook.
         num_quantized: tensors stored quantized (a deduplicated one counts each time).
         num_deduplicated: saves served by a quantized copy made earlier in the step.
+        num_recomputed: saves of autocast's weight copies that backward casts again from the parameter instead.
         bytes_before: unique bytes saved for backward without quantization.
         bytes_after: unique bytes saved for backward with quantization.
+        bytes_weight_copies: the part of ``bytes_after`` that is copies of parameters made by autocast (a
+            Linear's bf16 weight), kept as they are because their parameter could not be proven (with
+            ``recompute_weight_copies``) or is not to be recast (without). They grow with the model, activations
+            with the batch: at few tokens per step they bound how far ``bytes_after / bytes_before`` can fall.
     """
 
     num_saved: int = 0
     num_quantized: int = 0
     num_deduplicated: int = 0
+    num_recomputed: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
+    bytes_weight_copies: int = 0
 
     @property
     def ratio(self) -> float:
@@ -176,6 +187,31 @@ class _Kept:
         self.version = version
 
 
+class _Recast:
+    """What the pack hook returns for autocast's copy of a parameter: the parameter, cast again in backward."""
+
+    __slots__ = ("dtype", "geometry", "parameter", "version")
+
+    def __init__(self, parameter: Tensor, copy: Tensor) -> None:
+        self.parameter = weakref.ref(parameter)
+        self.dtype = copy.dtype
+        self.geometry = (copy.shape, copy.stride(), copy.storage_offset())
+        self.version = parameter._version
+
+    def restore(self) -> Tensor:
+        parameter = self.parameter()
+        if parameter is None or parameter.untyped_storage().nbytes() == 0 or parameter._version != self.version:
+            state = "was freed" if parameter is None or parameter.untyped_storage().nbytes() == 0 else "changed"
+            raise RuntimeError(
+                f"the parameter whose {self.dtype} copy autograd saved {state} between forward and backward, so"
+                " lightning_peft's activation quantization cannot cast it again. HINT: pass"
+                " `recompute_weight_copies=False` to keep autocast's copies instead (as autograd would)."
+            )
+        with torch.no_grad():
+            size, stride, offset = self.geometry
+            return parameter.to(self.dtype).as_strided(size, stride, offset)
+
+
 def _keep(tensor: Tensor) -> _Kept:
     # Returning a saved *output* unchanged would let the SavedVariable own the tensor, which owns its grad_fn,
     # which owns the SavedVariable: a cycle through C++ that gc cannot see, leaking the whole graph when a
@@ -184,7 +220,7 @@ def _keep(tensor: Tensor) -> _Kept:
 
 
 def _unpack(packed: Any) -> Tensor:
-    if isinstance(packed, _SavedView):
+    if isinstance(packed, (_SavedView, _Recast)):
         return packed.restore()
     if isinstance(packed, _Kept):
         tensor = packed.tensor
@@ -232,22 +268,69 @@ def _storage(tensor: Tensor) -> torch.UntypedStorage | None:
     return storage
 
 
-def _derives_from_leaf(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight)."""
+def _source_leaf(tensor: Tensor) -> Tensor | None:
+    """The leaf that requires grad of which ``tensor`` is a cast / view (autocast's copy of a weight), or None.
+
+    ``tensor`` itself when it is such a leaf; for a copy, the ``AccumulateGrad`` at the end of its chain of casts
+    and views names the leaf.
+    """
     node = tensor.grad_fn
     if node is None:
-        return tensor.requires_grad
+        return tensor if tensor.requires_grad else None
     for _ in range(_MAX_CHAIN):
         name = type(node).__name__
         if name == "AccumulateGrad":
-            return True
+            return node.variable
         if name not in _CAST_AND_VIEW_NODES:
-            return False
+            return None
         inputs = [fn for fn, _ in node.next_functions if fn is not None]
         if len(inputs) != 1:
-            return False
+            return None
         node = inputs[0]
-    return False
+    return None
+
+
+def _derives_from_leaf(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight)."""
+    return _source_leaf(tensor) is not None
+
+
+_linear_weights = threading.local()
+
+
+def _enter_linear(module: nn.Module, _: Any) -> None:
+    stack = getattr(_linear_weights, "stack", None)
+    if stack is None:
+        stack = _linear_weights.stack = []
+    stack.append(module._parameters.get("weight"))  # not `.weight`: no parametrization runs
+
+
+def _exit_linear(*_: Any) -> None:
+    stack = getattr(_linear_weights, "stack", None)
+    if stack:
+        stack.pop()
+
+
+def _current_linear_weight() -> Tensor | None:
+    stack = getattr(_linear_weights, "stack", None)
+    return stack[-1] if stack else None
+
+
+def _is_copy_of(copy: Tensor, parameter: Tensor) -> bool:
+    """Whether ``copy``'s storage can be autocast's cast of the whole ``parameter``.
+
+    The same number of elements in another floating dtype, the parameter dense in row-major order (its cast keeps
+    that layout, which the saved view's strides refer to).
+    """
+    return (
+        isinstance(parameter, torch.Tensor)
+        and type(parameter) in (nn.Parameter, torch.Tensor)
+        and parameter.dtype != copy.dtype
+        and parameter.is_floating_point()
+        and parameter.is_contiguous()
+        and parameter.device == copy.device
+        and copy.untyped_storage().nbytes() == parameter.numel() * copy.element_size()
+    )
 
 
 class ActivationQuantizer:
@@ -272,6 +355,12 @@ class ActivationQuantizer:
             a multiple of ``group_size``; eager otherwise). ``None`` (default): for tensors on a CUDA GPU, where
             the eager ops' several passes over memory cost most (the first step pays for compilation; if
             compilation fails, one warning and eager from then on); ``True``: also on CPU; ``False``: never.
+        recompute_weight_copies: instead of keeping autocast's low-precision copy of a weight until backward
+            (2 bytes per parameter of the model under bf16 autocast: 2.1 GiB of a 1.1B model), cast the weight
+            again when backward needs it. Bit-identical, and it costs one cast per weight in backward; applies
+            to trainable weights (proven through the autograd graph) and to frozen weights of plain
+            ``nn.Linear`` layers (proven by the layer whose forward saves them). A weight changed in place
+            between forward and backward raises an error, as autograd would.
 
     Raises:
         ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel`` or an
@@ -298,6 +387,7 @@ class ActivationQuantizer:
         exclude_modules: Iterable[str] | None = None,
         seed: int = 0,
         compile: bool | None = None,
+        recompute_weight_copies: bool = True,
     ) -> None:
         _check_format(format)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -325,6 +415,7 @@ class ActivationQuantizer:
         self.exclude_modules = list(exclude_modules or [])
         self.seed = seed
         self.compile = compile
+        self.recompute_weight_copies = recompute_weight_copies
         self.stats = SavedTensorStats()
         # nothing below refers to the model or to the autograd graph: the graph keeps the pack hook alive
         self._module_ref: weakref.ref[nn.Module] | None = None
@@ -387,6 +478,14 @@ class ActivationQuantizer:
             if name and any(fnmatch.fnmatchcase(name, p) for p in self.exclude_modules):
                 self._exclusion_handles.append(submodule.register_forward_pre_hook(_enter_exclusion))
                 self._exclusion_handles.append(submodule.register_forward_hook(_exit_exclusion, always_call=True))
+            # the layers whose frozen weight's copy can be recast: nn.Linear's own forward, an unparametrized weight
+            if (
+                self.recompute_weight_copies
+                and type(submodule).forward is nn.Linear.forward
+                and isinstance(submodule._parameters.get("weight"), torch.Tensor)
+            ):
+                self._exclusion_handles.append(submodule.register_forward_pre_hook(_enter_linear))
+                self._exclusion_handles.append(submodule.register_forward_hook(_exit_linear, always_call=True))
         self.refresh_parameters()
 
     def detach(self) -> None:
@@ -511,17 +610,40 @@ class ActivationQuantizer:
         in_param_storage = param_storage is not None and param_storage() is storage
         if not in_param_storage and self._count_once(self._counted, storage):
             stats.bytes_before += storage.nbytes()
-        if (
-            not tensor.is_floating_point()
-            or tensor.element_size() < 2
-            or tensor.numel() < max(1, self.min_numel)
-            or _excluded()
-            or self._is_parameter(tensor, in_param_storage)
-        ):
+        if not tensor.is_floating_point() or tensor.element_size() < 2 or _excluded():
             if not in_param_storage and self._count_once(self._kept, storage):
                 stats.bytes_after += storage.nbytes()
             return _keep(tensor)
+        if in_param_storage or self._is_parameter(tensor, in_param_storage):
+            if in_param_storage:
+                return _keep(tensor)
+            source = self._copied_parameter(tensor) if self.recompute_weight_copies else None
+            if source is not None:
+                stats.num_recomputed += 1
+                return _Recast(source, tensor)
+            if self._count_once(self._kept, storage):
+                stats.bytes_after += storage.nbytes()
+                stats.bytes_weight_copies += storage.nbytes()
+            return _keep(tensor)
+        if tensor.numel() < max(1, self.min_numel):
+            if self._count_once(self._kept, storage):
+                stats.bytes_after += storage.nbytes()
+            return _keep(tensor)
         return self._quantize(tensor, storage)
+
+    @staticmethod
+    def _copied_parameter(copy: Tensor) -> Tensor | None:
+        """The parameter of which ``copy`` is autocast's cast (or a view of it), where that can be proven."""
+        source = _source_leaf(copy)
+        if source is None:
+            # a frozen weight's copy has no grad_fn: inside a plain nn.Linear's forward, a leaf saved with the
+            # weight's shape can only be the weight's copy (the input is saved only for a trainable weight)
+            base = copy._base if copy._base is not None else copy
+            weight = _current_linear_weight()
+            if weight is None or weight.requires_grad or base.grad_fn is not None or base.shape != weight.shape:
+                return None
+            source = weight
+        return source if source is not copy and _is_copy_of(copy, source) else None
 
     def _quantize(self, tensor: Tensor, storage: torch.UntypedStorage) -> _SavedView:
         stats = self.stats

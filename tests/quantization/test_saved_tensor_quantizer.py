@@ -70,28 +70,128 @@ def _round_trip(quantizer, tensor):
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_parameters_and_autocast_copies_are_kept_and_activations_quantized(autocast, frozen, monkeypatch):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_parameters_and_autocast_copies_are_kept_and_activations_quantized(autocast, frozen, recompute, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 8))
     # a frozen layer in the middle: its weight (or autocast's copy, without grad_fn) is saved for the input grad
     model[2].requires_grad_(not frozen)
-    quantizer = ActivationQuantizer("int8", min_numel=0)
+    quantizer = ActivationQuantizer("int8", min_numel=0, recompute_weight_copies=recompute)
     quantizer.attach(model)
     records = _recording(quantizer, monkeypatch)
     x = torch.randn(32, 64)
     with quantizer.step(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         model(x).sum().backward()
     weight_shapes = {(128, 64), (64, 128), (8, 64), (64, 8)}
-    kept = [(t, p) for t, p in records if _is_kept(t, p)]
     quantized = [(t, p) for t, p in records if isinstance(p, saved_tensors._SavedView)]
-    # the weights saved (layers 2 and 4; layer 0 needs none) are kept: the Parameter, or autocast's bf16 copy
-    weights = [t for t, _ in records if tuple(t.shape) in weight_shapes and t.dim() == 2 and t.shape[0] != 32]
-    assert len(weights) == 2 and all(any(t is w for w, _ in kept) for t in weights)
-    if autocast:
-        assert all(t.dtype == torch.bfloat16 for t in weights)  # really the copies, not the fp32 parameters
+    # the weights saved (layers 2 and 4; layer 0 needs none): the Parameter, or autocast's bf16 copy
+    weights = [(t, p) for t, p in records if tuple(t.shape) in weight_shapes and t.dim() == 2 and t.shape[0] != 32]
+    assert len(weights) == 2
+    if autocast and recompute:
+        # really the copies, cast again from the parameters in backward (bit for bit), and not held meanwhile
+        assert all(t.dtype == torch.bfloat16 and isinstance(p, saved_tensors._Recast) for t, p in weights)
+        assert all(torch.equal(saved_tensors._unpack(p), t) for t, p in weights)
+        assert quantizer.stats.num_recomputed == 2 and quantizer.stats.bytes_weight_copies == 0
+    elif autocast:
+        assert all(t.dtype == torch.bfloat16 and _is_kept(t, p) for t, p in weights)
+        # counted once each, in bf16: (128 x 64 + 8 x 64) x 2 bytes
+        assert quantizer.stats.bytes_weight_copies == (128 * 64 + 8 * 64) * 2
+    else:
+        assert all(_is_kept(t, p) for t, p in weights)
+        assert quantizer.stats.bytes_weight_copies == 0  # the Parameters themselves are not counted at all
+        assert quantizer.stats.num_recomputed == 0
     # every activation (batch dimension 32) was quantized
     activations = [t for t, _ in records if t.shape[0] == 32]
     assert activations and all(any(t is a for a, _ in quantized) for t in activations)
+
+
+def _weight_copy_model(frozen_middle: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 8))
+    model[2].requires_grad_(not frozen_middle)
+    return model
+
+
+def _grads(model, x, quantizer=None):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if quantizer is None:
+            loss = model(x).square().mean()
+        else:
+            with quantizer.step():
+                loss = model(x).square().mean()
+    loss.backward()
+    return [x.grad, *(p.grad for p in model.parameters() if p.grad is not None)]
+
+
+@pytest.mark.parametrize("frozen_middle", [False, True])
+def test_recomputed_weight_copies_give_the_exact_gradients_and_are_not_held(frozen_middle, monkeypatch):
+    model, x = _weight_copy_model(frozen_middle), torch.randn(16, 64)
+    reference = _grads(model, x)
+    # nothing quantized (min_numel above every tensor): only the weight copies are treated, so exact equality
+    quantizer = ActivationQuantizer(min_numel=1 << 62)
+    quantizer.attach(model)
+    assert all(torch.equal(a, b) for a, b in zip(reference, _grads(model, x, quantizer), strict=True))
+    # every Linear's weight is saved (x requires grad), and so is the first layer's copy of x, a leaf as well
+    assert quantizer.stats.num_recomputed == 4
+    assert quantizer.stats.bytes_weight_copies == 0
+    copies = 2 * (256 * 64 + 256 * 256 + 8 * 256 + 16 * 64)
+    assert quantizer.stats.bytes_after == quantizer.stats.bytes_before - copies
+
+    # the copies die when autocast leaves (its cache holds the trainable ones until then): nothing else holds them
+    copies = []
+    pack = quantizer.pack
+
+    def recording_pack(tensor):
+        if tensor.dtype == torch.bfloat16 and tensor.dim() == 2 and tensor.shape[0] != 16:
+            copies.append(weakref.ref(tensor._base if tensor._base is not None else tensor))
+        return pack(tensor)
+
+    monkeypatch.setattr(quantizer, "pack", recording_pack)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with quantizer.step():
+            loss = model(x.clone().requires_grad_()).square().mean()
+    gc.collect()
+    assert len(copies) == 3 and all(ref() is None for ref in copies)  # the weights' (x's is 16 x 64)
+    loss.backward()
+
+
+def test_an_inplace_change_of_a_weight_before_backward_is_detected():
+    model = _weight_copy_model(frozen_middle=True)
+    quantizer = ActivationQuantizer(min_numel=1 << 62)
+    quantizer.attach(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), quantizer.step():
+        loss = model(torch.randn(16, 64, requires_grad=True)).square().mean()
+    with torch.no_grad():
+        model[2].weight.mul_(2)  # frozen: autograd itself would not notice
+    with pytest.raises(RuntimeError, match="recompute_weight_copies=False"):
+        loss.backward()
+
+
+def test_copies_that_cannot_be_proven_are_kept():
+    class ScaledLinear(nn.Linear):  # its own forward: a frozen-shaped leaf inside it could be anything
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), ScaledLinear(256, 256), nn.GELU(), nn.Linear(256, 8))
+    model[2].requires_grad_(False)
+    quantizer = ActivationQuantizer(min_numel=1 << 62)
+    quantizer.attach(model)
+    x = torch.randn(16, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), quantizer.step():
+        model(x).sum().backward()
+    # the trainable weights (and x's copy) through their AccumulateGrad; the frozen one in a subclass stays kept
+    assert quantizer.stats.num_recomputed == 3
+    assert quantizer.stats.bytes_weight_copies == 256 * 256 * 2
+    # switched off, every copy is kept
+    off = ActivationQuantizer(min_numel=1 << 62, recompute_weight_copies=False)
+    off.attach(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), off.step():
+        model(x).sum().backward()
+    assert off.stats.num_recomputed == 0
+    assert off.stats.bytes_weight_copies == 2 * (256 * 64 + 256 * 256 + 8 * 256 + 16 * 64)
 
 
 def test_parameters_integer_and_small_tensors_pass_through_untouched():
