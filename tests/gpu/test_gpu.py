@@ -100,3 +100,37 @@ def test_fsdp2_on_one_gpu_trains_and_resumes_exactly(tmp_path):
     resumed = fit(10, resume=True)
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_recomputed_weight_copies_are_exact_and_free_memory_on_gpu():
+    """Autocast's bf16 weight copies cast again in backward: the same gradients bit for bit, and not held."""
+    from lightning_peft.quantization import ActivationQuantizer
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", depth=8, num_classes=10).cuda()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+
+    def step(quantizer):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if quantizer is None:
+                loss = model(x).float().square().mean()
+            else:
+                with quantizer.step():
+                    loss = model(x).float().square().mean()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before  # what the graph holds for backward
+        loss.backward()
+        return held, [p.grad.clone() for p in model.parameters()]
+
+    plain_held, plain = step(None)
+    # nothing quantized: only the weight copies are treated
+    recast = ActivationQuantizer(min_numel=1 << 62)
+    recast.attach(model)
+    recast_held, grads = step(recast)
+    assert all(torch.equal(a, b) for a, b in zip(plain, grads, strict=True))
+    assert recast.stats.num_recomputed > 0 and recast.stats.bytes_weight_copies == 0
+    weights_bf16 = sum(p.numel() * 2 for p in model.parameters() if p.dim() == 2)
+    assert plain_held - recast_held >= 0.9 * weights_bf16
