@@ -8,6 +8,8 @@ unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -47,3 +49,24 @@ def take_local(param: Tensor, whole: Tensor) -> Tensor:
     with torch.no_grad():
         sharded = distribute_tensor(whole.to(mesh.device_type), mesh, param.placements, src_data_rank=None)
     return sharded.to_local().cpu()
+
+
+def check_optimizers(trainer: Any) -> None:
+    """Refuse, before the first step, an optimizer that cannot update sharded (DTensor) parameters.
+
+    bitsandbytes' 8-bit optimizers run their own kernels on the parameter's storage, which a DTensor does not
+    expose: under FSDP2 their first step fails deep inside bitsandbytes ("... does not have a sharding strategy
+    registered").
+
+    Raises:
+        ValueError: for a bitsandbytes optimizer over DTensor parameters.
+    """
+    for optimizer in getattr(trainer, "optimizers", None) or ():
+        if type(optimizer).__module__.split(".")[0] != "bitsandbytes":
+            continue
+        if any(_is_sharded(p) for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                f"`{type(optimizer).__name__}` (bitsandbytes) cannot update FSDP2's sharded (DTensor) parameters."
+                " HINT: use `torch.optim.AdamW` under `ModelParallelStrategy`, or train without sharding (single"
+                " device or DDP) to keep the 8-bit optimizer state."
+            )

@@ -39,6 +39,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft._logging import logger_writes_this_step
+from lightning_peft._sharding import check_optimizers
 
 __all__ = ["TrainableSetCallback", "TrainableSetController", "agree_seed"]
 
@@ -180,6 +181,7 @@ class TrainableSetController(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release_held()
+        check_optimizers(trainer)
         self.candidates = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
         in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [name for name, p in self.candidates.items() if id(p) not in in_optimizer]

@@ -175,3 +175,32 @@ def test_a_ready_module_refuses_tensor_parallel_devices_with_a_hint():
     module._device_mesh = None
     module.configure_model()  # no mesh (not FSDP2): nothing to do
     assert not any(type(m).__name__.startswith("FSDP") for m in module.modules())
+
+
+def test_bitsandbytes_optimizers_over_sharded_parameters_are_refused_before_a_step(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_peft._sharding import check_optimizers
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(64, 64), mesh, [Shard(0)]))
+        plain = torch.nn.Parameter(torch.randn(64, 64))
+        refused = SimpleNamespace(optimizers=[bnb.optim.AdamW8bit([sharded])])
+        with pytest.raises(ValueError, match=r"AdamW8bit.*DTensor.*HINT: use `torch.optim.AdamW`"):
+            check_optimizers(refused)
+        # the callbacks of the 8-bit-memory combination check at the start of training (LISA's, through the one
+        # controller every layer-wise method goes through)
+        from lightning_peft.trainable import TrainableSetController
+
+        for callback in (ActivationQuantization(), TrainableSetController()):
+            with pytest.raises(ValueError, match="cannot update FSDP2's sharded"):
+                callback.on_train_start(refused, pl.LightningModule())
+        # what works is let through: torch's AdamW over DTensors, the 8-bit optimizer over plain tensors
+        check_optimizers(SimpleNamespace(optimizers=[torch.optim.AdamW([sharded]), bnb.optim.AdamW8bit([plain])]))
+    finally:
+        dist.destroy_process_group()

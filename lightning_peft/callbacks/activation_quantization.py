@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_peft._logging import logger_writes_this_step
+from lightning_peft._sharding import check_optimizers
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL, ActivationQuantizer, SavedTensorStats
 
 __all__ = ["ActivationQuantization"]
@@ -105,6 +106,10 @@ class ActivationQuantization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.quantizer.attach(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_optimizers(trainer)  # the 8-bit-memory combination (AdamW8bit) does not shard: say so before a step
 
     @override
     def on_train_batch_start(
