@@ -144,7 +144,8 @@ class ActivationQuantization(Callback):
             rank_zero_info(
                 f"{type(self).__name__}({self.quantizer.format}): saved for backward in the first step"
                 f" {stats.bytes_before / _MIB:.1f} MiB -> {stats.bytes_after / _MIB:.1f} MiB"
-                f" ({stats.ratio:.2f}x; {stats.num_quantized} of {stats.num_saved} tensors quantized)."
+                f" ({stats.ratio:.2f}x; {stats.num_quantized} of {stats.num_saved} tensors quantized,"
+                f" {stats.num_recomputed} weight copies cast again in backward instead of kept)."
             )
 
     @override
