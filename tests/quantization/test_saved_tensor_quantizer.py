@@ -421,3 +421,20 @@ def test_memory_of_a_freed_parameter_is_not_mistaken_for_a_parameter():
     assert activation.untyped_storage().data_ptr() == module.weight.untyped_storage().data_ptr()
     assert isinstance(quantizer.pack(activation), saved_tensors._SavedView)
     assert isinstance(quantizer.pack(module.weight), saved_tensors._Kept)
+
+
+def test_peft_lora_base_weights_are_recast_too():
+    """peft's LoRA layer runs its frozen base nn.Linear inside its own forward: the base weight's copy is proven
+    by that inner layer, the adapters' through the autograd graph."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"]))
+    x = torch.randn(16, 64)
+    reference = _grads(model, x)
+    quantizer = ActivationQuantizer(min_numel=1 << 62)
+    quantizer.attach(model)
+    assert all(torch.equal(a, b) for a, b in zip(reference, _grads(model, x, quantizer), strict=True))
+    assert quantizer.stats.bytes_weight_copies == 0
+    # the two base weights (frozen), the four adapter matrices and x's copy
+    assert quantizer.stats.num_recomputed == 2 + 4 + 1
