@@ -11,8 +11,9 @@ What is never quantized (the tensor is kept as it is):
   ``grad_fn``) by being a leaf with the shape of a frozen parameter of the attached model. Rather than keeping
   such a copy for backward, the quantizer casts the parameter again when backward needs it
   (``recompute_weight_copies``; bit-identical, since a cast is deterministic) wherever it can prove which
-  parameter the copy was made from: a trainable one through its ``AccumulateGrad``, a frozen one when the copy
-  is saved inside the forward of a plain ``nn.Linear`` whose weight it is;
+  parameter the copy was made from: a trainable one when the copy's ``grad_fn`` is a cast straight onto the
+  parameter's ``AccumulateGrad`` (not a cast of a rearranged view), a frozen one when the copy is saved inside the
+  forward of a plain ``nn.Linear`` whose weight it is;
 - integer, bool and 8-bit tensors; tensor subclasses and non-strided layouts;
 - tensors with fewer than ``min_numel`` elements;
 - tensors saved while a module named in ``exclude_modules`` runs its forward, or inside :func:`skip_quantization`.
@@ -316,20 +317,22 @@ def _current_linear_weight() -> Tensor | None:
     return stack[-1] if stack else None
 
 
-def _is_copy_of(copy: Tensor, parameter: Tensor) -> bool:
-    """Whether ``copy``'s storage can be autocast's cast of the whole ``parameter``.
+def _is_cast_of(base: Tensor, parameter: Tensor) -> bool:
+    """Whether ``base`` (a tensor that is no view) can be ``parameter.to(base.dtype)``, element for element.
 
-    The same number of elements in another floating dtype, the parameter dense in row-major order (its cast keeps
-    that layout, which the saved view's strides refer to).
+    The same shape in another floating dtype, both dense in row-major order, ``base`` filling its storage: then
+    casting the parameter again rebuilds that storage, and every view a layer saved of it.
     """
     return (
-        isinstance(parameter, torch.Tensor)
-        and type(parameter) in (nn.Parameter, torch.Tensor)
-        and parameter.dtype != copy.dtype
+        type(parameter) in (nn.Parameter, torch.Tensor)
         and parameter.is_floating_point()
+        and parameter.dtype != base.dtype
+        and parameter.shape == base.shape
+        and parameter.device == base.device
         and parameter.is_contiguous()
-        and parameter.device == copy.device
-        and copy.untyped_storage().nbytes() == parameter.numel() * copy.element_size()
+        and base.is_contiguous()
+        and base.storage_offset() == 0
+        and base.untyped_storage().nbytes() == base.numel() * base.element_size()
     )
 
 
@@ -634,16 +637,23 @@ class ActivationQuantizer:
     @staticmethod
     def _copied_parameter(copy: Tensor) -> Tensor | None:
         """The parameter of which ``copy`` is autocast's cast (or a view of it), where that can be proven."""
-        source = _source_leaf(copy)
-        if source is None:
+        base = copy._base if copy._base is not None else copy
+        node = base.grad_fn
+        if node is not None:
+            # a trainable weight's copy: one cast straight from the weight (not from a rearranged view of it)
+            if type(node).__name__ != "ToCopyBackward0":
+                return None
+            inputs = [fn for fn, _ in node.next_functions if fn is not None]
+            if len(inputs) != 1 or type(inputs[0]).__name__ != "AccumulateGrad":
+                return None
+            source = inputs[0].variable
+        else:
             # a frozen weight's copy has no grad_fn: inside a plain nn.Linear's forward, a leaf saved with the
             # weight's shape can only be the weight's copy (the input is saved only for a trainable weight)
-            base = copy._base if copy._base is not None else copy
-            weight = _current_linear_weight()
-            if weight is None or weight.requires_grad or base.grad_fn is not None or base.shape != weight.shape:
+            source = _current_linear_weight()
+            if source is None or source.requires_grad or base.requires_grad:
                 return None
-            source = weight
-        return source if source is not copy and _is_copy_of(copy, source) else None
+        return source if _is_cast_of(base, source) else None
 
     def _quantize(self, tensor: Tensor, storage: torch.UntypedStorage) -> _SavedView:
         stats = self.stats

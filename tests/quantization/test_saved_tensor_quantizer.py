@@ -438,3 +438,25 @@ def test_peft_lora_base_weights_are_recast_too():
     assert quantizer.stats.bytes_weight_copies == 0
     # the two base weights (frozen), the four adapter matrices and x's copy
     assert quantizer.stats.num_recomputed == 2 + 4 + 1
+
+
+def test_a_copy_of_a_rearranged_weight_is_not_recast_from_the_weight():
+    """A copy of ``weight.t().contiguous()`` has the weight's size but another element order: casting the weight
+    again would restore wrong values. Only a direct cast of the whole weight is recast."""
+
+    class TransposedLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 256) / 16)  # used as (in, out)
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight.t().contiguous())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), TransposedLinear(), nn.GELU(), nn.Linear(256, 8))
+    x = torch.randn(16, 64)
+    reference = _grads(model, x)
+    quantizer = ActivationQuantizer(min_numel=1 << 62)
+    quantizer.attach(model)
+    assert all(torch.equal(a, b) for a, b in zip(reference, _grads(model, x, quantizer), strict=True))
+    assert quantizer.stats.bytes_weight_copies == 256 * 64 * 2  # the rearranged copy, kept
