@@ -498,6 +498,60 @@ def _combination_markdown(combo: dict) -> list[str]:
     return lines
 
 
+def plot(report: dict, path: Path) -> Path:
+    """Bar charts of ``report``: per model, the bytes saved for backward by configuration (weight copies apart)
+    and, with ``--combination``, the counted memory of full fine-tuning against LISA + int8 + AdamW8bit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = list(report["models"].values())
+    combined = any("combination" in entry for entry in entries)
+    fig, axes = plt.subplots(
+        len(entries), 2 if combined else 1, figsize=(13 if combined else 7, 3.2 * len(entries)), squeeze=False
+    )
+    gib = 2**30
+    for row, entry in enumerate(entries):
+        ax = axes[row][0]
+        results = entry["results"]
+        labels = [r["format"] for r in results]
+        copies = [r["saved_weight_copies"] / gib for r in results]
+        others = [(r["saved_bytes_after"] - r["saved_weight_copies"]) / gib for r in results]
+        ax.barh(labels, others, color="tab:blue", label="activations (8-bit data and scales where quantized)")
+        ax.barh(labels, copies, left=others, color="tab:orange", label="autocast's weight copies (kept)")
+        for y, result in enumerate(results):
+            ax.text(result["saved_bytes_after"] / gib, y, f" {result['saved_ratio_vs_unquantized']:.2f}x", va="center")
+        ax.invert_yaxis()
+        ax.set(xlabel="GiB saved for backward", title=entry["description"])
+        ax.set_xlim(0, 1.15 * max(r["saved_bytes_after"] for r in results) / gib)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize="small", frameon=False)
+        if not combined:
+            continue
+        ax = axes[row][1]
+        combo = entry.get("combination")
+        if combo is None:
+            ax.axis("off")
+            continue
+        parts = ("params", "grads", "optimizer_state", "saved")
+        colors = ("tab:gray", "tab:green", "tab:purple", "tab:blue")
+        bars = {"full FT (AdamW)": combo["full_adamw"], "LISA + int8 + AdamW8bit": combo["lisa_int8_adamw8bit"]}
+        left = [0.0] * len(bars)
+        for part, color in zip(parts, colors, strict=True):
+            widths = [counted[part] / gib for counted in bars.values()]
+            ax.barh(list(bars), widths, left=left, color=color, label=part.replace("_", " "))
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        ax.text(left[1], 1, f" {combo['ratio']:.2f}x", va="center")
+        ax.invert_yaxis()
+        ax.set(xlabel="GiB, one step, counted", title=f"memory, target <= {combo['target']}x full FT")
+        ax.set_xlim(0, 1.12 * left[0])
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=4, fontsize="small", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 DEFAULT_SIZES = {"cpu": "small", "gpu": "gpu"}
 
 
@@ -536,7 +590,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--lisa-layers", type=int, default=2, help="blocks LISA trains in --combination (default 2)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--render", type=Path, default=None, help="rewrite the markdown and chart of a results JSON, measuring nothing"
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(report))
+        print(f"wrote {plot(report, args.render.with_suffix('.png'))}")
+        return report
     args.sizes = args.sizes or DEFAULT_SIZES[args.mode]
     args.steps = args.steps or (20 if args.mode == "gpu" else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.mode == "gpu" else 1)
@@ -547,7 +609,8 @@ def main(argv: list[str] | None = None) -> dict:
     stem = args.output / output_stem(args.mode, args.sizes, args.saved_only)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    plot(report, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json, {stem}.md and {stem}.png")
     return report
 
 

@@ -48,6 +48,13 @@ def test_full_run_measures_bytes_time_and_gradients(tmp_path):
     assert written["sizes"] == "tiny" and not written["saved_only"]
     table = (tmp_path / "activation_quantization_cpu_tiny.md").read_text()
     assert "--sizes tiny" in table and "| int8 |" in table and "grad cos min" in table
+    chart = tmp_path / "activation_quantization_cpu_tiny.png"
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    # --render rebuilds the markdown and the chart from the JSON alone
+    chart.unlink()
+    (tmp_path / "activation_quantization_cpu_tiny.md").unlink()
+    benchmark.main(["--render", str(tmp_path / "activation_quantization_cpu_tiny.json")])
+    assert (tmp_path / "activation_quantization_cpu_tiny.md").read_text() == table and chart.exists()
 
 
 def test_saved_only_runs_forwards_and_agrees_on_bytes(tmp_path):
@@ -86,3 +93,4 @@ def test_combination_counts_lisa_int8_adamw8bit_against_full_finetuning(tmp_path
     assert combo["ratio"] == pytest.approx(sum(lisa.values()) / sum(full.values()))
     table = (tmp_path / "activation_quantization_cpu_tiny_saved.md").read_text()
     assert "LISA + int8 + AdamW8bit" in table and "--combination" in table
+    assert (tmp_path / "activation_quantization_cpu_tiny_saved.png").exists()
