@@ -366,8 +366,8 @@ class ActivationQuantizer:
             between forward and backward raises an error, as autograd would.
 
     Raises:
-        ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel`` or an
-            ``exclude_modules`` that is not a list of strings.
+        ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel``, an
+            ``exclude_modules`` that is not a list of strings or a ``recompute_weight_copies`` that is not a bool.
 
     Example::
 
@@ -410,6 +410,11 @@ class ActivationQuantizer:
             raise ValueError(
                 f"`exclude_modules` must be a list of module-name patterns, got {exclude_modules!r}."
                 ' HINT: write `exclude_modules=["head"]` (a list), not `exclude_modules="head"`.'
+            )
+        if not isinstance(recompute_weight_copies, bool):
+            raise ValueError(
+                f"`recompute_weight_copies` must be True or False, got {recompute_weight_copies!r}."
+                " HINT: True (the default) casts weights again in backward; False keeps autocast's copies."
             )
         self.format = format
         self.group_size = group_size
