@@ -63,8 +63,10 @@ class ActivationQuantization(Callback):
         log_bytes: log the before / after bytes with ``pl_module.log``.
 
     Raises:
-        ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel`` or a non-list
-            ``exclude_modules``; in ``setup``, for an ``exclude_modules`` pattern that matches no module.
+        ValueError: for an unknown ``format``, a ``group_size`` below 1, a negative ``min_numel``, a non-list
+            ``exclude_modules`` or a non-bool ``recompute_weight_copies``; in ``setup``, for an ``exclude_modules``
+            pattern that matches no module; at the start of training, for a bitsandbytes optimizer over FSDP2's
+            sharded parameters.
 
     Example::
 
