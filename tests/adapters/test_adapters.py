@@ -19,13 +19,7 @@ from lightning_peft.adapters import (
 )
 from lightning_peft.modules._peft import apply_peft, build_peft_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _timm_vit():

@@ -3,18 +3,12 @@
 import json
 
 import pytest
-import torch
 from helpers import load_benchmark
 
 benchmark = load_benchmark("activation_quantization")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, *extra):

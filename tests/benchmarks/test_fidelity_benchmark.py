@@ -12,12 +12,7 @@ pytest.importorskip("sklearn")
 fidelity = load_benchmark("fidelity")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_are_brought_to_mnist_format():

@@ -12,13 +12,7 @@ from lightning_peft.callbacks import LISA, ActivationQuantization, EarlyPruning
 from lightning_peft.pruning import apply_pruning_plan, find_lora_layers
 from lightning_peft.trainable import TrainableSetController
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora_params(module):

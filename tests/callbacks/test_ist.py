@@ -13,12 +13,7 @@ from lightning_peft.callbacks import IST
 OUTSIDE = {"embed.weight", "embed.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class AdapterModel(TinyBlockModel):

@@ -20,12 +20,7 @@ from lightning_peft.pruning.surgery import ParameterReplacements
 FAMILIES = ["timm", "timm_ast", "bert", "hf_vit", "hf_ast", "llama"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_masks(masks, seed=1):
