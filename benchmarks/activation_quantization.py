@@ -87,29 +87,22 @@ def _vit(sizes: str, device: torch.device) -> Workload:
     return Workload("vit", description, model.to(device), batch, loss)
 
 
-def _llama(sizes: str, device: torch.device) -> Workload:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if sizes in ("gpu", "widths"):
-        # the TinyLlama-1.1B shape; `widths`: 2 of its 22 layers, so that a CPU steps it in seconds
-        layers = 22 if sizes == "gpu" else 2
-        config = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=layers,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-        )
-        batch_size, seq_len = (4, 1024) if sizes == "gpu" else (1, 1024)
-        description = (
-            f"Llama 1.1B (TinyLlama shape), {batch_size} x {seq_len} tokens"
-            if sizes == "gpu"
-            else f"Llama 1.1B widths, 2 of 22 layers, {batch_size} x {seq_len} tokens"
-        )
-    elif sizes == "small":
-        config = LlamaConfig(
+# the TinyLlama-1.1B shape; `widths`: 2 of its 22 layers, so that a CPU steps it in seconds
+_TINYLLAMA = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
+# sizes -> (LlamaConfig arguments, batch size, tokens per sequence, description)
+_LLAMAS = {
+    "gpu": (_TINYLLAMA, 4, 1024, "Llama 1.1B (TinyLlama shape), 4 x 1024 tokens"),
+    "widths": ({**_TINYLLAMA, "num_hidden_layers": 2}, 1, 1024, "Llama 1.1B widths, 2 of 22 layers, 1 x 1024 tokens"),
+    "small": (
+        dict(
             vocab_size=4096,
             hidden_size=256,
             intermediate_size=768,
@@ -117,10 +110,13 @@ def _llama(sizes: str, device: torch.device) -> Workload:
             num_attention_heads=8,
             num_key_value_heads=4,
             max_position_embeddings=512,
-        )
-        batch_size, seq_len, description = 4, 256, "Llama 4 x 256 hidden, 4 layers (random weights), 4 x 256 tokens"
-    else:
-        config = LlamaConfig(
+        ),
+        4,
+        256,
+        "Llama 4 x 256 hidden, 4 layers (random weights), 4 x 256 tokens",
+    ),
+    "tiny": (
+        dict(
             vocab_size=256,
             hidden_size=64,
             intermediate_size=128,
@@ -128,8 +124,19 @@ def _llama(sizes: str, device: torch.device) -> Workload:
             num_attention_heads=2,
             num_key_value_heads=1,
             max_position_embeddings=64,
-        )
-        batch_size, seq_len, description = 2, 32, "Llama, hidden 64, 2 layers, 2 x 32 tokens"
+        ),
+        2,
+        32,
+        "Llama, hidden 64, 2 layers, 2 x 32 tokens",
+    ),
+}
+
+
+def _llama(sizes: str, device: torch.device) -> Workload:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arguments, batch_size, seq_len, description = _LLAMAS[sizes]
+    config = LlamaConfig(**arguments)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
