@@ -269,31 +269,22 @@ def _storage(tensor: Tensor) -> torch.UntypedStorage | None:
     return storage
 
 
-def _source_leaf(tensor: Tensor) -> Tensor | None:
-    """The leaf that requires grad of which ``tensor`` is a cast / view (autocast's copy of a weight), or None.
-
-    ``tensor`` itself when it is such a leaf; for a copy, the ``AccumulateGrad`` at the end of its chain of casts
-    and views names the leaf.
-    """
+def _derives_from_leaf(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight)."""
     node = tensor.grad_fn
     if node is None:
-        return tensor if tensor.requires_grad else None
+        return tensor.requires_grad
     for _ in range(_MAX_CHAIN):
         name = type(node).__name__
         if name == "AccumulateGrad":
-            return node.variable
+            return True
         if name not in _CAST_AND_VIEW_NODES:
-            return None
+            return False
         inputs = [fn for fn, _ in node.next_functions if fn is not None]
         if len(inputs) != 1:
-            return None
+            return False
         node = inputs[0]
-    return None
-
-
-def _derives_from_leaf(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight)."""
-    return _source_leaf(tensor) is not None
+    return False
 
 
 _linear_weights = threading.local()
