@@ -418,7 +418,7 @@ class ActivationQuantizer:
         self.stats = SavedTensorStats()
         # nothing below refers to the model or to the autograd graph: the graph keeps the pack hook alive
         self._module_ref: weakref.ref[nn.Module] | None = None
-        self._exclusion_handles: list[Any] = []
+        self._hook_handles: list[Any] = []
         # address -> the parameter's storage: the weak reference proves the address was not handed on (FSDP2 frees
         # the unsharded parameters of a block after its forward, and the allocator reuses their memory)
         self._param_storages: dict[int, weakref.ref] = {}
@@ -435,7 +435,7 @@ class ActivationQuantizer:
         state = self.__dict__.copy()
         state.update(
             _module_ref=None,
-            _exclusion_handles=[],
+            _hook_handles=[],
             _param_storages={},
             _frozen_shapes=set(),
             _counted={},
@@ -475,23 +475,23 @@ class ActivationQuantizer:
                 )
         for name, submodule in module.named_modules():
             if name and any(fnmatch.fnmatchcase(name, p) for p in self.exclude_modules):
-                self._exclusion_handles.append(submodule.register_forward_pre_hook(_enter_exclusion))
-                self._exclusion_handles.append(submodule.register_forward_hook(_exit_exclusion, always_call=True))
+                self._hook_handles.append(submodule.register_forward_pre_hook(_enter_exclusion))
+                self._hook_handles.append(submodule.register_forward_hook(_exit_exclusion, always_call=True))
             # the layers whose frozen weight's copy can be recast: nn.Linear's own forward, an unparametrized weight
             if (
                 self.recompute_weight_copies
                 and type(submodule).forward is nn.Linear.forward
                 and isinstance(submodule._parameters.get("weight"), torch.Tensor)
             ):
-                self._exclusion_handles.append(submodule.register_forward_pre_hook(_enter_linear))
-                self._exclusion_handles.append(submodule.register_forward_hook(_exit_linear, always_call=True))
+                self._hook_handles.append(submodule.register_forward_pre_hook(_enter_linear))
+                self._hook_handles.append(submodule.register_forward_hook(_exit_linear, always_call=True))
         self.refresh_parameters()
 
     def detach(self) -> None:
         """Forget the model and remove the hooks :meth:`attach` put on it."""
-        for handle in self._exclusion_handles:
+        for handle in self._hook_handles:
             handle.remove()
-        self._exclusion_handles.clear()
+        self._hook_handles.clear()
         self._module_ref = None
         self._param_storages.clear()
         self._frozen_shapes.clear()
@@ -576,8 +576,9 @@ class ActivationQuantizer:
         table[ptr] = weakref.ref(storage)
         return True
 
-    def _is_parameter(self, tensor: Tensor, in_param_storage: bool) -> bool:
-        if in_param_storage or _derives_from_leaf(tensor):
+    def _is_parameter_copy(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` (not in a parameter's storage) is a cast / view of a parameter."""
+        if _derives_from_leaf(tensor):
             return True
         # autocast's copy of a frozen weight: a leaf without grad_fn (or a view of one) shaped like a frozen param
         base = tensor._base if tensor._base is not None else tensor
@@ -607,15 +608,15 @@ class ActivationQuantizer:
         storage = tensor.untyped_storage()
         param_storage = self._param_storages.get(storage.data_ptr())
         in_param_storage = param_storage is not None and param_storage() is storage
-        if not in_param_storage and self._count_once(self._counted, storage):
+        if in_param_storage:
+            return _keep(tensor)
+        if self._count_once(self._counted, storage):
             stats.bytes_before += storage.nbytes()
         if not tensor.is_floating_point() or tensor.element_size() < 2 or _excluded():
-            if not in_param_storage and self._count_once(self._kept, storage):
+            if self._count_once(self._kept, storage):
                 stats.bytes_after += storage.nbytes()
             return _keep(tensor)
-        if in_param_storage or self._is_parameter(tensor, in_param_storage):
-            if in_param_storage:
-                return _keep(tensor)
+        if self._is_parameter_copy(tensor):
             source = self._copied_parameter(tensor) if self.recompute_weight_copies else None
             if source is not None:
                 stats.num_recomputed += 1

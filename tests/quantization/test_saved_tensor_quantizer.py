@@ -397,7 +397,7 @@ def test_pickles_and_copies_without_its_runtime_links():
     with quantizer.step():
         model(torch.randn(4, 64)).sum()
     for clone in (pickle.loads(pickle.dumps(quantizer)), copy.deepcopy(quantizer)):
-        assert clone._module_ref is None and clone._hooks is None and not clone._exclusion_handles
+        assert clone._module_ref is None and clone._hooks is None and not clone._hook_handles
         assert (clone.format, clone.exclude_modules, clone.stochastic_rounding) == ("fp8_e4m3", ["head"], True)
         clone.attach(model)
         with clone.step() as stats:
