@@ -188,6 +188,22 @@ def quiet_cpu_trainer(root: str, callbacks: list, **limits: Any) -> pl.Trainer:
     )
 
 
+def fit_and_record(trainer: pl.Trainer, module: pl.LightningModule, data: Any, probe: Probe) -> dict[str, Any]:
+    """Fit ``module`` on ``data``; the record every language run starts with: steps, final validation metrics,
+    wall time of the fit and the training steps' time (from ``probe``)."""
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    return {
+        "steps": trainer.global_step,
+        "val_acc": float(trainer.callback_metrics["val/acc"]),
+        "val_loss": float(trainer.callback_metrics["val/loss"]),
+        "fit_seconds": round(seconds, 1),
+        "train_step_seconds": round(sum(probe.step_seconds), 1),
+        "median_step_ms": round(1000 * statistics.median(probe.step_seconds), 1),
+    }
+
+
 def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, Any]:
     from lightning_peft.modules import TextClassifier
 
@@ -224,19 +240,11 @@ def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, An
             )
         )
     trainer = quiet_cpu_trainer(root, callbacks, max_epochs=1, limit_train_batches=steps, num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "method": method,
         "label": LANGUAGE_LABELS[method],
         "lr": lr,
-        "steps": trainer.global_step,
-        "val_acc": float(trainer.callback_metrics["val/acc"]),
-        "val_loss": float(trainer.callback_metrics["val/loss"]),
-        "fit_seconds": round(seconds, 1),
-        "train_step_seconds": round(sum(probe.step_seconds), 1),
-        "median_step_ms": round(1000 * statistics.median(probe.step_seconds), 1),
+        **fit_and_record(trainer, module, data, probe),
         **probe.results,
         "rss_peak_delta_bytes": process.peak_delta(),
     }

@@ -61,6 +61,7 @@ from fidelity import (  # noqa: E402
     RESULTS_DIR,
     Probe,
     _environment,
+    fit_and_record,
     quiet_cpu_trainer,
 )
 
@@ -116,20 +117,13 @@ def run_one(
         ist = IST(update_ratio=ratio, seed=None, plot=False, release_optimizer_state=release_state, **IST_SETTINGS)
         callbacks.append(ist)
     trainer = quiet_cpu_trainer(root, callbacks, max_epochs=1, limit_train_batches=steps, num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
+    record = fit_and_record(trainer, module, data, probe)
     lora_params = sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
     result: dict[str, Any] = {
         "method": method_key(ratio),
         "update_ratio": ratio,
         "seed": seed,
-        "steps": trainer.global_step,
-        "val_acc": float(trainer.callback_metrics["val/acc"]),
-        "val_loss": float(trainer.callback_metrics["val/loss"]),
-        "fit_seconds": round(seconds, 1),
-        "train_step_seconds": round(sum(probe.step_seconds), 1),
-        "median_step_ms": round(1000 * statistics.median(probe.step_seconds), 1),
+        **record,
         "trainable_params_per_step": probe.results["trainable_params"],
         "lora_params": lora_params,
         "total_params": probe.results["total_params"],
