@@ -37,6 +37,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -287,6 +288,7 @@ TWEET_RUNS = {
 
 def run_tweets(steps: int, estimation_steps: int, lr: float, runs: list[str]) -> dict[str, Any]:
     import lightning.pytorch as pl
+    from fidelity import quiet_cpu_trainer  # the CPU Trainer of the other language benchmarks
     from lightning.pytorch.callbacks import Callback
 
     from lightning_peft.callbacks import EarlyPruning
@@ -323,20 +325,13 @@ def run_tweets(steps: int, estimation_steps: int, lr: float, runs: list[str]) ->
             pruning = EarlyPruning(estimation_steps=estimation_steps, **TWEET_RUNS[name])
             callbacks.append(pruning)
         params_before, lora_before = sum(p.numel() for p in module.parameters()), _lora_params(module)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            limit_train_batches=steps,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
-        start = time.perf_counter()
-        trainer.fit(module, data)
-        wall = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as root:
+            trainer = quiet_cpu_trainer(
+                root, callbacks, max_epochs=1, limit_train_batches=steps, num_sanity_val_steps=0
+            )
+            start = time.perf_counter()
+            trainer.fit(module, data)
+            wall = time.perf_counter() - start
         row = {
             "val_acc": float(trainer.callback_metrics["val/acc"]),
             "wall_s": wall,
