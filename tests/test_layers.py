@@ -26,10 +26,10 @@ FAMILIES = {
         lambda: timm.create_model(
             "swin_tiny_patch4_window7_224", depths=(1, 1, 2, 1), embed_dim=32, num_heads=(1, 2, 4, 8)
         ),
-        "layers",
+        [f"layers.{i}.blocks" for i in range(4)],
         5,
     ),
-    "timm_convnext": (lambda: timm.create_model("convnext_atto"), "stages", 12),
+    "timm_convnext": (lambda: timm.create_model("convnext_atto"), [f"stages.{i}.blocks" for i in range(4)], 12),
     "hf_bert": (_bert, "bert.encoder.layer", 3),
     "hf_vit": (
         lambda: tiny_transformer("vit", **TINY, image_size=32, patch_size=8, num_labels=2),
@@ -57,7 +57,7 @@ def test_finds_blocks_of_each_family(family):
     build, path, n_blocks = FAMILIES[family]
     model = build()
     stack = find_layers(model)
-    assert stack.path == path
+    assert stack.paths == ([path] if isinstance(path, str) else path)
     assert len(stack) == n_blocks
     # every parameter is either in exactly one block or outside
     all_names = [n for n, _ in model.named_parameters()]

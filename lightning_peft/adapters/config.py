@@ -35,14 +35,14 @@ class AdapterConfig:
         scale: factor on each adapter's output (each adapter keeps its own ``scale`` attribute).
         kernel_size: kernel of the conformer adapter's depthwise convolution over tokens.
         norm: normalisation of the conformer adapter, ``"batch"`` or ``"layer"``.
-        layers: dotted path of the block container when the automatic search is wrong.
-        sites: where a sublayer starts and ends inside a block, for layouts that are not built in:
-            ``{"attention": ["attn", "attn.proj"], "mlp": ["mlp", "mlp.fc2"]}`` (entry module, output projection;
-            paths relative to the block). Built in: timm ViT/DeiT (``attn`` / ``attn.proj``, ``mlp`` /
-            ``mlp.fc2``), HF ViT and AST (``attention`` / ``attention.o_proj``, ``mlp`` / ``mlp.fc2``; 4.x
-            ``attention.output.dense``, ``intermediate`` / ``output.dense``), BERT (``attention`` /
-            ``attention.output.dense``, ``intermediate`` / ``output.dense``), Llama-style decoders (``self_attn`` /
-            ``self_attn.o_proj``, ``mlp`` / ``mlp.down_proj``).
+        layers: dotted path of the block container, or a list of paths (one per stack), when the automatic search
+            is wrong.
+        sites: where a sublayer starts and ends inside a block, for layouts the registry does not know:
+            ``{"attention": ["attn.qkv", "attn.proj"], "mlp": ["mlp.fc1", "mlp.fc2"]}`` (entry module, whose input
+            is the sublayer's input, and output projection; paths relative to the block). By default both come from
+            the layout registry (:mod:`lightning_peft.layout`): the first projection and the output projection of
+            the block's self-attention and of its MLP. Declaring the block's layout once with
+            :func:`~lightning_peft.layout.register_layout` serves every method; ``sites`` serves the adapters only.
         modules_to_save: names (or name suffixes) of modules that train fully besides the adapters, e.g. the head.
         task_type: as in peft; ``"SEQ_CLS"`` without ``modules_to_save`` keeps an HF ``classifier`` / ``score``
             head trainable.
@@ -71,7 +71,7 @@ class AdapterConfig:
     scale: float = 1.0
     kernel_size: int = 31
     norm: str = "batch"
-    layers: str | None = None
+    layers: str | list[str] | None = None
     sites: dict[str, list[str]] | None = None
     modules_to_save: list[str] | None = None
     task_type: str | None = None

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lightning_peft.adapters.config import AdapterConfig
 from lightning_peft.adapters.layers import Adapter, build_adapter
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import block_anatomy, find_layers, is_projection, out_features
 
 __all__ = [
     "ADAPTER_CONTAINER",
@@ -23,20 +23,6 @@ __all__ = [
 # Name of the ModuleDict each block gets: `<block>.adapters.attention` / `<block>.adapters.mlp`.
 ADAPTER_CONTAINER = "adapters"
 
-# (entry module, output projection) of each sublayer, relative to a block, tried in order.
-_KNOWN_SITES: dict[str, tuple[tuple[str, str], ...]] = {
-    "attention": (
-        ("attn", "attn.proj"),  # timm ViT / DeiT (and timm-based AST)
-        ("attention", "attention.o_proj"),  # HF ViT / AST, transformers 5
-        ("attention", "attention.output.dense"),  # HF BERT; ViT / AST in transformers 4
-        ("self_attn", "self_attn.o_proj"),  # Llama-style decoders
-    ),
-    "mlp": (
-        ("mlp", "mlp.fc2"),  # timm ViT / DeiT; HF ViT / AST, transformers 5
-        ("intermediate", "output.dense"),  # HF BERT; ViT / AST in transformers 4
-        ("mlp", "mlp.down_proj"),  # Llama-style decoders
-    ),
-}
 _HF_HEADS = ("classifier", "score")
 
 
@@ -83,27 +69,39 @@ class _AdapterHook:
         return output + self.adapter(source)
 
 
-def _resolve_site(block: nn.Module, location: str, config: AdapterConfig) -> tuple[nn.Module, nn.Module] | None:
-    candidates = (
-        (tuple(config.sites[location]),) if config.sites and location in config.sites else _KNOWN_SITES[location]
-    )
-    for entry_path, exit_path in candidates:
+def _resolve_site(block: nn.Module, location: str, config: AdapterConfig) -> tuple[nn.Module, nn.Module] | str:
+    """(entry module, output projection) of a sublayer, from ``config.sites`` or the layout registry.
+
+    The entry module's input is the sublayer's input (what a parallel adapter reads): the first projection of the
+    self-attention (q or the fused qkv) or of the MLP. Returns why nothing was found otherwise.
+    """
+    if config.sites and location in config.sites:
+        entry_path, exit_path = config.sites[location]
         try:
-            entry, exit_module = block.get_submodule(entry_path), block.get_submodule(exit_path)
-        except AttributeError:
-            continue
-        return entry, exit_module
-    return None
+            return block.get_submodule(entry_path), block.get_submodule(exit_path)
+        except AttributeError as error:
+            return f"`sites` names a module the block does not have ({error})"
+    anatomy = block_anatomy(block)
+    if location == "attention":
+        selfattention = [site for site in anatomy.attention if not site.cross]
+        if selfattention:
+            site = selfattention[0]
+            return (site.qkv if site.qkv is not None else site.q), site.o
+    else:
+        if anatomy.mlp:
+            site = anatomy.mlp[0]
+            return site.in_projs[0], site.down
+    seen = [f"{path}: {why}" for path, why in anatomy.unrecognised if why.lower().startswith(location[:3])]
+    return f"the layout registry recognises no {location} in it" + (f" ({'; '.join(seen)})" if seen else "")
 
 
 def _width(module: nn.Module, location: str, block_name: str) -> int:
-    width = getattr(module, "out_features", None)
-    if not isinstance(width, int):
+    if not is_projection(module):
         raise ValueError(
-            f"The {location} output projection of block {block_name!r} ({type(module).__name__}) has no"
-            " `out_features`. HINT: point `sites` at the Linear layer that ends the sublayer."
+            f"The {location} output projection of block {block_name!r} ({type(module).__name__}) is not a Linear /"
+            " Conv1D layer. HINT: point `sites` at the Linear layer that ends the sublayer."
         )
-    return width
+    return out_features(module)
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig | None = None, freeze_base: bool = True) -> nn.Module:
@@ -158,12 +156,13 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None, freeze_b
         container = nn.ModuleDict()
         for location in config.locations:
             site = _resolve_site(block, location, config)
-            if site is None:
+            if isinstance(site, str):
                 children = [name for name, _ in block.named_modules() if name][:30]
                 raise ValueError(
-                    f"Cannot find the {location} sublayer of block {block_name!r} ({type(block).__name__}); tried"
-                    f" {[list(s) for s in _KNOWN_SITES[location]]}. Its modules: {children}."
-                    f" HINT: pass `sites={{'{location}': [entry module, output projection]}}` in the AdapterConfig."
+                    f"Cannot find the {location} sublayer of block {block_name!r} ({type(block).__name__}): {site}."
+                    f" Its modules: {children}. HINT: pass `sites={{'{location}': [entry module, output projection]}}`"
+                    " in the AdapterConfig, or declare the block's layout once with"
+                    " `lightning_peft.layout.register_layout`."
                 )
             entry, exit_module = site
             width = _width(exit_module, location, block_name)

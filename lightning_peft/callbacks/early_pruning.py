@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
@@ -110,7 +110,8 @@ class EarlyPruning(Callback):
         peft_rank_ratio: fraction of ranks removed from each remaining LoRA layer.
         seed: breaks ties between equal scores. ``None`` uses the ``seed_everything`` seed when one was set; rank 0's
             seed is used by every rank, and rank 0's plan is broadcast, so all ranks prune alike.
-        layers: dotted path of the block container, when the automatic search picks the wrong one.
+        layers: dotted path of the block container, or a list of paths (one per stack), when the automatic search
+            picks the wrong ones.
         plot: save the mask plot at pruning time (needs a logger with a directory).
 
     Raises:
@@ -142,7 +143,7 @@ class EarlyPruning(Callback):
         peft_module_ratio: float = 0.75,
         peft_rank_ratio: float = 0.5,
         seed: int | None = None,
-        layers: str | None = None,
+        layers: str | list[str] | None = None,
         plot: bool = True,
     ) -> None:
         if isinstance(estimation_steps, bool) or not isinstance(estimation_steps, int) or estimation_steps < 1:
@@ -204,6 +205,14 @@ class EarlyPruning(Callback):
                 apply_pruning_plan(pl_module, self.plan)
             return
         sites = find_sites(pl_module, self.layers)
+        if sites.skipped and (self.head_ratio or self.neuron_ratio):
+            listed = "; ".join(f"{path}: {why}" for path, why in sites.skipped[:6])
+            more = f" (and {len(sites.skipped) - 6} more)" if len(sites.skipped) > 6 else ""
+            rank_zero_warn(
+                f"EarlyPruning leaves {len(sites.skipped)} attention / MLP site(s) unpruned: {listed}{more}."
+                " HINT: declare the block's layout with `lightning_peft.layout.register_layout` if the registry"
+                " misreads it; what is left out still trains as usual."
+            )
         if not self.head_ratio:
             sites = Sites(attention=[], mlp=sites.mlp)
         if not self.neuron_ratio:
@@ -213,9 +222,10 @@ class EarlyPruning(Callback):
         has_adapters = peft_on and bool(adapter_modules(pl_module))
         if not sites.attention and not sites.mlp and not has_lora and not has_adapters:
             raise ValueError(
-                f"`EarlyPruning` found nothing to prune in {type(pl_module).__name__}: no attention or MLP layout it"
-                " knows inside the blocks, and no LoRA layer (or all ratios are 0). HINT: pass `layers=` with the"
-                " dotted path of the block container; supported layouts are timm ViT, HF ViT/AST, BERT and Llama."
+                f"`EarlyPruning` found nothing to prune in {type(pl_module).__name__}: no attention or MLP site in"
+                " its blocks that the layout registry can prune, and no LoRA layer or adapter (or all ratios are 0)."
+                " HINT: attach LoRA (peft) or adapters, declare your block's layout with"
+                " `lightning_peft.layout.register_layout`, or pass `layers=` with the block container path(s)."
             )
         if sites.attention or sites.mlp:
             self.masks = PruningMasks(sites)

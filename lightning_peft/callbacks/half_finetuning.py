@@ -125,7 +125,7 @@ class HalfFineTuning(TrainableSetCallback):
         reselect_every_n_epochs: int | None = None,
         reset: str | None = None,
         seed: int | None = None,
-        layers: str | None = None,
+        layers: str | list[str] | None = None,
         verbose: bool = False,
     ) -> None:
         super().__init__(release_optimizer_state=True)

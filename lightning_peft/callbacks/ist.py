@@ -79,7 +79,8 @@ class IST(TrainableSetCallback):
         reward_lr: step size of the score update (10).
         seed: seed of the sampler. ``None`` uses the ``seed_everything`` seed when one was set, else a random one;
             rank 0's seed is used by every rank.
-        layers: dotted path of the block container, when the automatic search picks the wrong one.
+        layers: dotted path of the block container, or a list of paths (one per stack), when the automatic search
+            picks the wrong ones.
         verbose: print the scores at each importance update.
         plot: save ``ist_scores.png`` at the end of training (needs a logger with a directory).
         release_optimizer_state: free the optimizer state of PEFT parameters whose layer stops training (they
@@ -112,7 +113,7 @@ class IST(TrainableSetCallback):
         suppression: float = 0.25,
         reward_lr: float = 10.0,
         seed: int | None = None,
-        layers: str | None = None,
+        layers: str | list[str] | None = None,
         verbose: bool = False,
         plot: bool = True,
         release_optimizer_state: bool = False,
@@ -187,6 +188,11 @@ class IST(TrainableSetCallback):
         if stage != "fit":
             return
         self.stack = find_layers(pl_module, self.layers)
+        self.stack.refuse_shared(
+            "IST",
+            "IST scores and samples distinct blocks; with shared blocks use plain LoRA / adapters (every step trains"
+            " them all), or HalfFineTuning.",
+        )
         self._find_peft_modules(pl_module)
         n_blocks = self.n_layers
         for name, count, ratio in (

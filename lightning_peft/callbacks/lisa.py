@@ -23,13 +23,14 @@ class LISA(TrainableSetCallback):
     Paper: Pan et al. 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient Large Language Model
     Fine-Tuning", https://arxiv.org/abs/2403.17919.
 
-    Everything outside the block stack (embeddings, final norm, head) always trains, unless the user's module froze
-    it. Every ``interval`` optimizer steps, ``n_layers`` blocks are sampled uniformly (or by ``layer_weights``)
-    without replacement and the
-    other blocks are frozen; one LR schedule runs across periods. The optimizer state of frozen blocks is released
-    (the paper treats it as discarded at each period), which is where the memory saving over full fine-tuning comes
-    from; a block sampled again starts with fresh state. The blocks are found by
-    :func:`lightning_peft.layers.find_layers`; freezing goes through the shared
+    Everything outside the blocks (embeddings, final norm, head, downsamplers between stages) always trains, unless
+    the user's module froze it. Every ``interval`` optimizer steps, ``n_layers`` blocks are sampled uniformly (or by
+    ``layer_weights``) without replacement and the other blocks are frozen. A model with several stacks (encoder and
+    decoder, the stages of a CNN, two towers) is sampled as one pool of all its blocks, so every block has the same
+    chance whatever its stack; ``per_stack=True`` samples ``n_layers`` blocks in each stack instead. One LR schedule
+    runs across periods. The optimizer state of frozen blocks is released (the paper treats it as discarded at each
+    period), which is where the memory saving over full fine-tuning comes from; a block sampled again starts with
+    fresh state. The blocks are found by :func:`lightning_peft.layers.find_layers`; freezing goes through the shared
     :class:`~lightning_peft.trainable.TrainableSetController`, so LISA composes with the other methods (a parameter
     trains only if every method allows it) and with gradient accumulation (sets change only between optimizer
     steps). Under DDP all ranks sample the same blocks with no extra configuration.
@@ -44,8 +45,8 @@ class LISA(TrainableSetCallback):
     Args:
         n_layers: number of blocks trained in each period (the paper's γ: 2; 4 for 70B models).
         interval: optimizer steps between two samplings (the paper's K; LMFlow's default is 20).
-        layers: dotted path of the block container, when the automatic search picks the wrong one
-            (``"model.layers"``).
+        layers: dotted path of the block container, or a list of paths (one per stack), when the automatic search
+            picks the wrong ones (``"model.layers"``, ``["encoder.block", "decoder.block"]``).
         release_optimizer_state: release the optimizer state of blocks that stop training. ``False`` keeps it, as
             public implementations do (more memory, state carried across periods); kept for comparison.
         layer_weights: sampling weights of the blocks, one per block in depth order (``None``: uniform, as in the
@@ -55,11 +56,14 @@ class LISA(TrainableSetCallback):
             rank 0's seed is used by every rank.
         verbose: print the sampled block indices at each sampling.
         plot: save the block-by-step plot at the end of training (needs a logger with a directory).
+        per_stack: sample ``n_layers`` blocks in every stack (``n_layers`` x number of stacks in all) instead of
+            ``n_layers`` from the pool of all blocks.
 
     Raises:
         ValueError: if ``n_layers`` or ``interval`` is below 1 or ``layer_weights`` has a negative value or fewer
             than ``n_layers`` positive ones (at construction), or if ``n_layers`` exceeds the number of blocks of the
-            model or ``layer_weights`` does not have one weight per block (at setup).
+            model (or than the smallest stack, with ``per_stack``), ``layer_weights`` does not have one weight per
+            block, or the model applies shared blocks several times, as ALBERT (at setup).
 
     Example::
 
@@ -79,12 +83,13 @@ class LISA(TrainableSetCallback):
         self,
         n_layers: int = 2,
         interval: int = 20,
-        layers: str | None = None,
+        layers: str | list[str] | None = None,
         release_optimizer_state: bool = True,
         layer_weights: list[float] | None = None,
         seed: int | None = None,
         verbose: bool = False,
         plot: bool = True,
+        per_stack: bool = False,
     ) -> None:
         super().__init__(release_optimizer_state=release_optimizer_state)
         if not isinstance(n_layers, int) or n_layers < 1:
@@ -105,6 +110,14 @@ class LISA(TrainableSetCallback):
                     f" {layer_weights!r}. HINT: give every block that may train a positive weight, or leave it None"
                     " for uniform sampling."
                 )
+        if not isinstance(per_stack, bool):
+            raise ValueError(f"`per_stack` must be True or False, got {per_stack!r}.")
+        if per_stack and layer_weights is not None:
+            raise ValueError(
+                "`per_stack=True` and `layer_weights` cannot be combined. HINT: give `layer_weights` for the pool of"
+                " all blocks, or sample per stack uniformly."
+            )
+        self.per_stack = per_stack
         self.layer_weights = layer_weights
         self.n_layers = n_layers
         self.interval = interval
@@ -124,19 +137,32 @@ class LISA(TrainableSetCallback):
         if stage != "fit":
             return
         self.stack = find_layers(pl_module, self.layers)
+        self.stack.refuse_shared(
+            "LISA",
+            "sampling among shared blocks trains all of them or none; use HalfFineTuning (it halves the shared"
+            " block while embeddings and head train), LoRA, or full fine-tuning.",
+        )
         n_blocks = len(self.stack)
-        if self.n_layers > n_blocks:
+        if self.per_stack:
+            smallest = min(self.stack.stacks, key=len)
+            if self.n_layers > len(smallest):
+                raise ValueError(
+                    f"`n_layers` must be between 1 and {len(smallest)} with `per_stack=True` (stack"
+                    f" {smallest.path!r} has {len(smallest)} blocks), got {self.n_layers}. HINT: lower `n_layers`,"
+                    " or sample from the pool of all blocks (`per_stack=False`)."
+                )
+        elif self.n_layers > n_blocks:
             raise ValueError(
                 f"`n_layers` must be between 1 and {n_blocks} (the model has {n_blocks} blocks at"
-                f" {self.stack.path!r}), got {self.n_layers}. HINT: lower `n_layers`, or pass `layers=` if a"
-                " different container holds the blocks."
+                f" {self.stack.path!r}), got {self.n_layers}. HINT: lower `n_layers`, or pass `layers=` if other"
+                " containers hold the blocks."
             )
         if self.layer_weights is not None and len(self.layer_weights) != n_blocks:
             raise ValueError(
                 f"`layer_weights` must have one weight per block ({n_blocks} at {self.stack.path!r}), got"
                 f" {len(self.layer_weights)}. HINT: list {n_blocks} weights in depth order."
             )
-        if self.n_layers == n_blocks:
+        if self.n_layers == n_blocks and not self.per_stack:
             rank_zero_warn(
                 f"LISA samples all {n_blocks} blocks (`n_layers={self.n_layers}`): this is full fine-tuning."
             )
@@ -160,12 +186,19 @@ class LISA(TrainableSetCallback):
 
     def _sample(self, step: int) -> None:
         assert self.stack is not None and self._generator is not None
-        if self.layer_weights is None:
+        if self.per_stack:
+            sampled = []
+            for stack in self.stack.stacks:
+                order = torch.randperm(len(stack), generator=self._generator)
+                sampled += [stack.start + i for i in order[: self.n_layers].tolist()]
+            self.sampled = sorted(sampled)
+        elif self.layer_weights is None:
             order = torch.randperm(len(self.stack), generator=self._generator)
+            self.sampled = sorted(order[: self.n_layers].tolist())
         else:
             weights = torch.tensor(self.layer_weights, dtype=torch.float64)
             order = torch.multinomial(weights, self.n_layers, replacement=False, generator=self._generator)
-        self.sampled = sorted(order[: self.n_layers].tolist())
+            self.sampled = sorted(order.tolist())
         self._sampled_at = step
         self._allowed = None
         self.history.append((step, self.sampled))

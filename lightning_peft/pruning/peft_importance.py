@@ -13,20 +13,22 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.layout import is_projection
 from lightning_peft.pruning.surgery import ParameterReplacements, _is_lora, _slice_attr
 
 __all__ = ["LoraImportance", "find_lora_layers", "prune_lora_ranks", "remove_lora"]
 
 
 def find_lora_layers(root: nn.Module) -> dict[str, nn.Module]:
-    """``{path: module}`` of every HF peft LoRA Linear layer under ``root`` that holds at least one adapter.
+    """``{path: module}`` of every HF peft LoRA layer under ``root`` that holds at least one adapter.
 
-    LoRA on other layer types (convolutions, embeddings) is neither scored nor pruned.
+    Counted: LoRA on ``nn.Linear``, transformers ``Conv1D`` (GPT-2) and ``nn.Conv2d`` (their ``A`` / ``B`` keep the
+    rank in the same dimensions). LoRA on embeddings is neither scored nor pruned.
     """
     return {
         name: m
         for name, m in root.named_modules()
-        if _is_lora(m) and isinstance(m.base_layer, nn.Linear) and len(m.lora_A) > 0
+        if _is_lora(m) and (is_projection(m.base_layer) or isinstance(m.base_layer, nn.Conv2d)) and len(m.lora_A) > 0
     }
 
 
@@ -82,7 +84,10 @@ class LoraImportance:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self.recording:
                 with torch.no_grad():
-                    out = output if base.bias is None else output - base.bias.to(output.dtype)
+                    bias = base.bias
+                    if bias is not None and isinstance(base, nn.Conv2d):  # channels first
+                        bias = bias[:, None, None]
+                    out = output if bias is None else output - bias.to(output.dtype)
                     self._base_out[path] = out.detach().float().norm()
 
         return hook
@@ -110,10 +115,11 @@ class LoraImportance:
                 for adapter, lora_a in layer.lora_A.items():
                     a, b = lora_a.weight, layer.lora_B[adapter].weight
                     score = torch.zeros(a.shape[0], device=a.device)
+                    # rank i: row i of A, column i of B (convolution kernels summed too)
                     if a.grad is not None:
-                        score += (a.grad.float() * a.float()).sum(dim=1).abs()
+                        score += (a.grad.float() * a.float()).flatten(1).sum(dim=1).abs()
                     if b.grad is not None:
-                        score += (b.grad.float() * b.float()).sum(dim=0).abs()
+                        score += (b.grad.float() * b.float()).transpose(0, 1).flatten(1).sum(dim=1).abs()
                     sums[adapter] = sums[adapter] + score if adapter in sums else score
         self._rank_count += 1
 
@@ -165,8 +171,14 @@ def prune_lora_ranks(
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     _slice_attr(lora_a, "weight", 0, index, record)
     _slice_attr(lora_b, "weight", 1, index, record)
-    lora_a.out_features = len(index)
-    lora_b.in_features = len(index)
+    for module, attr in (
+        (lora_a, "out_features"),
+        (lora_a, "out_channels"),
+        (lora_b, "in_features"),
+        (lora_b, "in_channels"),
+    ):
+        if hasattr(module, attr):
+            setattr(module, attr, len(index))
     layer.r[adapter] = len(index)
 
 

@@ -43,7 +43,7 @@ class PruningPlan:
     lora_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     adapters_removed: list[str] = field(default_factory=list)
     adapter_units: dict[str, list[int]] = field(default_factory=dict)
-    layers: str | None = None
+    layers: str | list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain Python containers (for checkpoints, JSON)."""

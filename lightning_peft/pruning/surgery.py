@@ -1,28 +1,20 @@
-"""Physical pruning: find the attention heads and MLP neurons of a model and slice its Linear layers.
+"""Physical pruning: slice the attention heads and MLP neurons of a model's blocks.
 
-A *site* is one place that can shrink: an attention module (its heads) or an MLP (its hidden neurons). Sites are
-found inside the blocks of :func:`lightning_peft.layers.find_layers`, by the layouts the supported families use:
+A *site* is one place that can shrink: an attention module (its heads) or an MLP (its hidden neurons). The sites
+come from the layout registry (:func:`lightning_peft.layout.block_anatomy`) over every block of every stack that
+:func:`lightning_peft.layout.find_layers` finds — self- and cross-attention of encoders and decoders included — so
+this module holds no family knowledge: it slices what the registry describes (separate or fused ``[q | k | v]``
+projections, ``Linear`` or transformers ``Conv1D``, per-head extras such as relative-position bias tables and
+separate q/k/v biases; gated, plain or fused ``gate_up`` MLPs).
 
-========================  ==============================================  ============================================
-family                    attention (heads)                               MLP (neurons)
-========================  ==============================================  ============================================
-timm ViT / DeiT / AST     ``attn.qkv`` (fused), ``attn.proj``             ``mlp.fc1`` -> ``mlp.fc2``
-                          (``num_heads``, ``head_dim``, ``attn_dim``)     (timm ``SwiGLU``: ``fc1_g``, ``fc1_x``)
-HF ViT / AST (v5), Llama  ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``  ``mlp.fc1`` -> ``mlp.fc2``;
-                          (``head_dim``; grouped-query attention)         ``gate_proj``, ``up_proj`` -> ``down_proj``
-HF BERT-style encoders    ``attention.self.{query,key,value}``,           ``intermediate.dense`` -> ``output.dense``
-                          ``attention.output.dense``
-========================  ==============================================  ============================================
-
-Every Linear may be wrapped by an HF peft LoRA layer: slicing the base weight slices the matching side of each
+Every projection may be wrapped by an HF peft LoRA layer: slicing the base weight slices the matching side of each
 adapter (``lora_B`` rows for output features, ``lora_A`` columns for input features), so a LoRA-adapted model
 shrinks exactly like a plain one.
 
 With grouped-query attention (fewer key/value heads than query heads) the unit that can be removed is a whole
 key/value group: one key/value head and the query heads that share it. Removing groups keeps the number of query
-heads per group unchanged (``num_key_value_groups``), so the attention kernels need no change; pruning query heads
-inside groups instead would leave the groups unequal, which no kernel supports. For ordinary multi-head attention a
-group is one head.
+heads per group unchanged, so the attention kernels need no change. For ordinary multi-head attention a group is
+one head.
 
 Every replaced parameter is recorded in a :class:`ParameterReplacements`, which moves the optimizer's state to the
 smaller parameters (:func:`replace_in_optimizer`).
@@ -36,12 +28,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import AttentionSite, MlpSite, block_anatomy, find_layers
+from lightning_peft.layout.anatomy import _base, _is_conv1d
 
 __all__ = [
     "AttentionSite",
     "MlpSite",
     "ParameterReplacements",
+    "Sites",
     "find_sites",
     "prune_attention",
     "prune_linear",
@@ -50,136 +44,29 @@ __all__ = [
 ]
 
 
-def _base(module: nn.Module) -> nn.Module:
-    """The Linear under an HF peft wrapper (or the module itself)."""
-    return getattr(module, "base_layer", module)
-
-
-def _is_linear(module: nn.Module | None) -> bool:
-    return module is not None and isinstance(_base(module), nn.Linear)
-
-
 def _is_lora(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
 
 
 @dataclass
-class AttentionSite:
-    """An attention module whose heads can be pruned.
-
-    Attributes:
-        path: dotted name of the attention module under the root given to :func:`find_sites`.
-        block: index of the block in the layer stack.
-        kind: ``"fused"`` (timm ``qkv``), ``"separate"`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``) or ``"bert"``.
-        module: the attention module (for ``"bert"``, the self-attention module holding query/key/value).
-        out_proj: the Linear (maybe LoRA-wrapped) that receives the concatenated head outputs.
-        num_heads: number of query heads.
-        num_kv_heads: number of key/value heads (equal to ``num_heads`` without grouped-query attention).
-        head_dim: features per head.
-    """
-
-    path: str
-    block: int
-    kind: str
-    module: nn.Module
-    out_proj: nn.Module
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (1 without grouped-query attention)."""
-        return self.num_heads // self.num_kv_heads
-
-
-@dataclass
-class MlpSite:
-    """An MLP whose hidden neurons can be pruned.
-
-    Attributes:
-        path: dotted name of the module holding the MLP's layers (the block itself for BERT-style layers).
-        block: index of the block in the layer stack.
-        in_projs: the Linears producing the hidden features (``fc1``; ``gate_proj`` and ``up_proj``), output-sliced.
-        out_proj: the Linear consuming them (``fc2`` / ``down_proj``), input-sliced.
-        owner: the module whose ``intermediate_size`` / ``hidden_features`` attribute is kept in step, if any.
-    """
-
-    path: str
-    block: int
-    in_projs: list[nn.Module]
-    out_proj: nn.Module
-    owner: nn.Module | None = None
-
-    @property
-    def hidden(self) -> int:
-        """Current number of hidden neurons."""
-        return _base(self.out_proj).in_features
-
-
-@dataclass
 class Sites:
-    """The prunable sites of a model, in block order."""
+    """The prunable sites of a model, in block order, and what could not be pruned (``(path, reason)``)."""
 
     attention: list[AttentionSite] = field(default_factory=list)
     mlp: list[MlpSite] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _attention_site(path: str, block: int, module: nn.Module, parent: nn.Module | None) -> AttentionSite | None:
-    if all(_is_linear(getattr(module, n, None)) for n in ("qkv", "proj")) and hasattr(module, "num_heads"):
-        if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
-            return None  # a norm over all heads' features (scale_norm) would change when heads go: not prunable
-        heads, head_dim = int(module.num_heads), int(module.head_dim)
-        return AttentionSite(path, block, "fused", module, module.proj, heads, heads, head_dim)
-    if all(_is_linear(getattr(module, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        head_dim = int(getattr(module, "head_dim", 0))
-        if head_dim <= 0:
-            return None
-        heads = _base(module.q_proj).out_features // head_dim
-        kv_heads = _base(module.k_proj).out_features // head_dim
-        if heads % kv_heads:
-            return None
-        return AttentionSite(path, block, "separate", module, module.o_proj, heads, kv_heads, head_dim)
-    if all(_is_linear(getattr(module, n, None)) for n in ("query", "key", "value")) and hasattr(
-        module, "attention_head_size"
-    ):
-        out_proj = getattr(getattr(parent, "output", None), "dense", None)
-        if not _is_linear(out_proj):
-            return None
-        heads, head_dim = int(module.num_attention_heads), int(module.attention_head_size)
-        return AttentionSite(path, block, "bert", module, out_proj, heads, heads, head_dim)
-    return None
-
-
-def _mlp_site(path: str, block: int, module: nn.Module) -> MlpSite | None:
-    if type(module).__name__ == "GluMlp":  # fc1 holds both GLU halves in one chunked output: not handled
-        return None
-    if _is_linear(getattr(module, "fc1", None)) and _is_linear(getattr(module, "fc2", None)):
-        if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
-            return None
-        return MlpSite(path, block, [module.fc1], module.fc2, module)
-    if all(_is_linear(getattr(module, n, None)) for n in ("fc1_g", "fc1_x", "fc2")):
-        if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
-            return None
-        return MlpSite(path, block, [module.fc1_g, module.fc1_x], module.fc2, module)
-    if all(_is_linear(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):
-        return MlpSite(path, block, [module.gate_proj, module.up_proj], module.down_proj, module)
-    intermediate = getattr(module, "intermediate", None)
-    output = getattr(module, "output", None)
-    if _is_linear(getattr(intermediate, "dense", None)) and _is_linear(getattr(output, "dense", None)):
-        return MlpSite(path, block, [intermediate.dense], output.dense, None)
-    return None
-
-
-def find_sites(root: nn.Module, layers: str | None = None) -> Sites:
-    """Find the prunable attention modules and MLPs inside the blocks of ``root``.
+def find_sites(root: nn.Module, layers: str | Sequence[str] | None = None) -> Sites:
+    """Find the prunable attention modules and MLPs inside every block of ``root``.
 
     Args:
         root: the model (or LightningModule) to search; site paths are relative to it.
-        layers: dotted path of the block container, passed to :func:`~lightning_peft.layers.find_layers`.
+        layers: block container path(s), passed to :func:`~lightning_peft.layout.find_layers`.
 
     Returns:
-        The sites, in block order. Blocks of a layout not in the table of this module contribute none.
+        The sites, in block order; ``skipped`` names every attention or MLP that cannot be pruned and why (a layout
+        the registry does not know, a norm over all heads, a position bias shared across layers, shared weights).
 
     Example::
 
@@ -190,23 +77,19 @@ def find_sites(root: nn.Module, layers: str | None = None) -> Sites:
         [('blocks.0.attn', 4), ('blocks.1.attn', 4)]
     """
     stack = find_layers(root, layers)
-    names = {id(m): n for n, m in root.named_modules()}
     sites = Sites()
-    for index, block in enumerate(stack.blocks):
-        parents = {id(child): parent for parent in block.modules() for child in parent.children()}
-        seen_mlp: set[int] = set()
-        for module in block.modules():
-            path = names[id(module)]
-            if _is_lora(module) or isinstance(module, nn.Linear):
-                continue
-            attention = _attention_site(path, index, module, parents.get(id(module)))
-            if attention is not None:
-                sites.attention.append(attention)
-                continue
-            mlp = _mlp_site(path, index, module)
-            if mlp is not None and id(mlp.out_proj) not in seen_mlp:
-                seen_mlp.add(id(mlp.out_proj))
-                sites.mlp.append(mlp)
+    if stack.shared is not None:
+        sites.skipped.append((stack.path, f"{stack.shared}; pruning one use would prune them all"))
+        return sites
+    for index, (name, block) in enumerate(zip(stack.names, stack.blocks, strict=True)):
+        anatomy = block_anatomy(block, name, index)
+        for site in anatomy.attention:
+            if site.problem is None:
+                sites.attention.append(site)
+            else:
+                sites.skipped.append((site.path, f"attention heads: {site.problem}"))
+        sites.mlp.extend(anatomy.mlp)
+        sites.skipped.extend(anatomy.unrecognised)
     return sites
 
 
@@ -245,6 +128,9 @@ def _slice_attr(module: nn.Module, name: str, dim: int, index: Tensor, record: P
     old = getattr(module, name, None)
     if old is None:
         return
+    if not isinstance(old, nn.Parameter):  # a buffer (BEiT's zero k_bias): slice it in place of the old one
+        module._buffers[name] = old.index_select(dim, index.to(old.device)).clone()
+        return
     new = _sliced_parameter(old, dim, index)
     setattr(module, name, new)
     if record is not None:
@@ -252,11 +138,12 @@ def _slice_attr(module: nn.Module, name: str, dim: int, index: Tensor, record: P
 
 
 def prune_linear(module: nn.Module, index: Tensor, side: str, record: ParameterReplacements | None = None) -> None:
-    """Keep only the output (``side="out"``) or input (``side="in"``) features ``index`` of a Linear, in place.
+    """Keep only the output (``side="out"``) or input (``side="in"``) features ``index`` of a projection, in place.
 
-    The module object stays the same (hooks and references held by other callbacks remain valid); its weight (and
-    bias, for output features) become new, smaller parameters. An HF peft LoRA wrapper is sliced on the same side:
-    ``lora_B`` rows for output features, ``lora_A`` columns for input features.
+    The projection is an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored as ``(in, out)``), possibly
+    wrapped by HF peft LoRA. The module object stays the same (hooks and references held by other callbacks remain
+    valid); its weight (and bias, for output features) become new, smaller parameters. A LoRA wrapper is sliced on the
+    same side: ``lora_B`` rows for output features, ``lora_A`` columns for input features.
 
     Raises:
         ValueError: for a DoRA-adapted layer (its magnitude vector has no sliced form here) or a bad ``side``.
@@ -265,13 +152,20 @@ def prune_linear(module: nn.Module, index: Tensor, side: str, record: ParameterR
         raise ValueError(f"`side` must be 'out' or 'in', got {side!r}.")
     index = torch.as_tensor(index, dtype=torch.long)
     base = _base(module)
+    conv1d = _is_conv1d(base)
     if side == "out":
-        _slice_attr(base, "weight", 0, index, record)
+        _slice_attr(base, "weight", 1 if conv1d else 0, index, record)
         _slice_attr(base, "bias", 0, index, record)
-        base.out_features = len(index)
+        if conv1d:
+            base.nf = len(index)
+        else:
+            base.out_features = len(index)
     else:
-        _slice_attr(base, "weight", 1, index, record)
-        base.in_features = len(index)
+        _slice_attr(base, "weight", 0 if conv1d else 1, index, record)
+        if conv1d:
+            base.nx = len(index)
+        else:
+            base.in_features = len(index)
     if not _is_lora(module):
         return
     if any(getattr(module, "use_dora", {}).values()):
@@ -301,6 +195,12 @@ def _feature_index(units: Sequence[int], width: int) -> Tensor:
     return (units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
 
 
+# Attributes of attention modules that hold the head counts / the concatenated heads' width (set when present).
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_WIDTHS = ("all_head_size", "all_head_dim", "inner_dim", "attn_dim", "split_size")
+
+
 def prune_attention(
     site: AttentionSite, kept_heads: Sequence[int], record: ParameterReplacements | None = None
 ) -> None:
@@ -309,8 +209,11 @@ def prune_attention(
     With grouped-query attention ``kept_heads`` must consist of whole key/value groups (see the module docstring).
 
     Raises:
-        ValueError: if ``kept_heads`` is empty, out of range, or splits a key/value group.
+        ValueError: if ``kept_heads`` is empty, out of range, or splits a key/value group, or if the site cannot be
+            pruned (:attr:`AttentionSite.problem`).
     """
+    if site.problem is not None:
+        raise ValueError(f"the heads of {site.path!r} cannot be pruned: {site.problem}.")
     kept = sorted(int(h) for h in kept_heads)
     if not kept or kept[0] < 0 or kept[-1] >= site.num_heads or len(set(kept)) != len(kept):
         raise ValueError(
@@ -325,34 +228,34 @@ def prune_attention(
         )
     d = site.head_dim
     q_index = _feature_index(kept, d)
-    module = site.module
-    if site.kind == "fused":
-        width = site.num_heads * d
-        qkv_index = torch.cat([q_index + i * width for i in range(3)])
-        prune_linear(module.qkv, qkv_index, "out", record)
-        gate = getattr(module, "gate", None)
-        if gate is not None and _is_linear(gate):
-            prune_linear(gate, q_index, "out", record)
-        module.num_heads = len(kept)
-        if hasattr(module, "attn_dim"):
-            module.attn_dim = len(kept) * d
-    elif site.kind == "separate":
-        kv_index = _feature_index(kv_kept, d)
-        prune_linear(module.q_proj, q_index, "out", record)
-        prune_linear(module.k_proj, kv_index, "out", record)
-        prune_linear(module.v_proj, kv_index, "out", record)
-        for name, value in (("num_heads", len(kept)), ("num_attention_heads", len(kept))):
-            if hasattr(module, name):
-                setattr(module, name, value)
-        if hasattr(module, "num_key_value_heads"):
-            module.num_key_value_heads = len(kv_kept)
+    kv_index = _feature_index(kv_kept, d)
+    old_width = site.num_heads * d
+    if site.qkv is not None:
+        kv_width = site.num_kv_heads * d
+        prune_linear(
+            site.qkv, torch.cat([q_index, old_width + kv_index, old_width + kv_width + kv_index]), "out", record
+        )
     else:
-        prune_linear(module.query, q_index, "out", record)
-        prune_linear(module.key, q_index, "out", record)
-        prune_linear(module.value, q_index, "out", record)
-        module.num_attention_heads = len(kept)
-        module.all_head_size = len(kept) * d
-    prune_linear(site.out_proj, q_index, "in", record)
+        prune_linear(site.q, q_index, "out", record)
+        prune_linear(site.k, kv_index, "out", record)
+        prune_linear(site.v, kv_index, "out", record)
+    for owner, name, dim, kind in site.extras:
+        index = {"heads": torch.as_tensor(kept), "q": q_index, "kv": kv_index}[kind]
+        _slice_attr(owner, name, dim, index, record)
+    gate = getattr(site.module, "gate", None)  # timm attention gates (one output per head feature)
+    if gate is not None and site.qkv is not None and isinstance(_base(gate), nn.Linear):
+        prune_linear(gate, q_index, "out", record)
+    module = site.module
+    for name in _HEAD_COUNTS:
+        if getattr(module, name, None) == site.num_heads:
+            setattr(module, name, len(kept))
+    for name in _KV_COUNTS:
+        if getattr(module, name, None) == site.num_kv_heads:
+            setattr(module, name, len(kv_kept))
+    for name in _WIDTHS:
+        if getattr(module, name, None) == old_width:
+            setattr(module, name, len(kept) * d)
+    prune_linear(site.o, q_index, "in", record)
     site.num_heads = len(kept)
     site.num_kv_heads = len(kv_kept)
 
@@ -363,18 +266,21 @@ def prune_mlp(site: MlpSite, kept_neurons: Sequence[int], record: ParameterRepla
     Raises:
         ValueError: if ``kept_neurons`` is empty or out of range.
     """
+    hidden = site.hidden
     kept = sorted(int(i) for i in kept_neurons)
-    if not kept or kept[0] < 0 or kept[-1] >= site.hidden or len(set(kept)) != len(kept):
+    if not kept or kept[0] < 0 or kept[-1] >= hidden or len(set(kept)) != len(kept):
         raise ValueError(
-            f"`kept_neurons` of {site.path!r} must be distinct neurons in [0, {site.hidden}), at least one, got"
+            f"`kept_neurons` of {site.path!r} must be distinct neurons in [0, {hidden}), at least one, got"
             f" {len(kept)} values."
         )
     index = torch.as_tensor(kept, dtype=torch.long)
-    for proj in site.in_projs:
+    for proj in (*site.gate, *site.up):
         prune_linear(proj, index, "out", record)
-    prune_linear(site.out_proj, index, "in", record)
-    for name in ("intermediate_size", "hidden_features"):
-        if site.owner is not None and isinstance(getattr(site.owner, name, None), int):
+    if site.fused is not None:  # [gate | up] halves in one projection
+        prune_linear(site.fused, torch.cat([index, hidden + index]), "out", record)
+    prune_linear(site.down, index, "in", record)
+    for name in ("intermediate_size", "hidden_features", "intermediate_dim"):
+        if site.owner is not None and getattr(site.owner, name, None) == hidden:
             setattr(site.owner, name, len(kept))
 
 
