@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_peft._logging import logger_writes_this_step
 from lightning_peft.adapters import adapter_modules
+from lightning_peft.layout import find_layers
 from lightning_peft.pruning import (
     AdapterImportance,
     LoraImportance,
@@ -31,6 +32,7 @@ from lightning_peft.pruning import (
     replace_in_optimizer,
 )
 from lightning_peft.pruning.surgery import Sites
+from lightning_peft.pruning.verify import SiteVerifier
 from lightning_peft.trainable import TrainableSetController, agree_seed
 
 __all__ = ["EarlyPruning"]
@@ -170,6 +172,8 @@ class EarlyPruning(Callback):
         self.pruned_at: int | None = None
         self.summary: dict[str, Any] = {}
         self.masks: PruningMasks | None = None
+        self.excluded: dict[str, str] = {}  # sites whose pruned copy did not match the masked one: left whole
+        self._verifier: SiteVerifier | None = None
         self.importance: LoraImportance | None = None
         self.adapter_importance: AdapterImportance | None = None
         self._importance_state: dict | None = None
@@ -298,6 +302,12 @@ class EarlyPruning(Callback):
         if step >= self.estimation_steps:
             self.prune(trainer, pl_module)
             return
+        if self.masks is not None and self._verifier is None and not self.excluded:
+            # record one block of each class in this forward; prove its pruning on a copy after the step
+            stack = find_layers(pl_module, self.layers)
+            sites = Sites(attention=self.masks.attention_sites, mlp=self.masks.mlp_sites)
+            self._verifier = SiteVerifier(stack.names, stack.blocks, sites)
+            self._verifier.start()
         for importance in self._importances():
             importance.recording = step >= self.estimation_steps // 2
 
@@ -307,6 +317,16 @@ class EarlyPruning(Callback):
     ) -> None:
         for importance in self._importances():
             importance.recording = False  # validation passes do not count
+        if self._verifier is not None and self._verifier.pending:
+            self._verifier.stop()
+            self.excluded = self._verifier.verify()
+            if self.excluded:
+                reasons = sorted(set(self.excluded.values()))
+                rank_zero_warn(
+                    f"EarlyPruning leaves {len(self.excluded)} attention / MLP site(s) whole: {'; '.join(reasons)}"
+                    f" (sites: {list(self.excluded)[:4]}...). HINT: declare the block's layout with"
+                    " `lightning_peft.layout.register_layout` if it was misread; LoRA and the other sites are pruned."
+                )
 
     @override
     def on_before_optimizer_step(
@@ -333,12 +353,20 @@ class EarlyPruning(Callback):
         heads, neurons, removed, ranks = {}, {}, [], {}
         if self.masks is not None:
             heads = choose_heads(
-                {s.path: (m, s.group_size) for s, m in zip(self.masks.attention_sites, self.masks.heads, strict=True)},
+                {
+                    s.path: (m, s.group_size)
+                    for s, m in zip(self.masks.attention_sites, self.masks.heads, strict=True)
+                    if s.path not in self.excluded
+                },
                 self.head_ratio,
                 generator,
             )
             neurons = choose_neurons(
-                {s.path: m for s, m in zip(self.masks.mlp_sites, self.masks.neurons, strict=True)},
+                {
+                    s.path: m
+                    for s, m in zip(self.masks.mlp_sites, self.masks.neurons, strict=True)
+                    if s.path not in self.excluded
+                },
                 self.neuron_ratio,
                 generator,
             )
@@ -441,9 +469,11 @@ class EarlyPruning(Callback):
     def _summarize(pl_module, plan, mask_values, lora_before, params_before, params_after) -> dict[str, Any]:
         layers = []
         for path, _, mask in mask_values["heads"]:
-            layers.append({"site": path, "kind": "heads", "kept": len(plan.heads[path]), "total": len(mask)})
+            kept = len(plan.heads.get(path, mask))  # a site left whole (not verified) keeps everything
+            layers.append({"site": path, "kind": "heads", "kept": kept, "total": len(mask)})
         for path, _, mask in mask_values["neurons"]:
-            layers.append({"site": path, "kind": "neurons", "kept": len(plan.neurons[path]), "total": len(mask)})
+            kept = len(plan.neurons.get(path, mask))
+            layers.append({"site": path, "kind": "neurons", "kept": kept, "total": len(mask)})
         lora = []
         for path, ranks in lora_before.items():
             for adapter, r in ranks.items():

@@ -55,8 +55,10 @@ class HalfFineTuning(TrainableSetCallback):
       projections, 1 of 2 norms, half of the MLP matrices. A category whose count is odd (Llama's gate/up/down)
       alternates between rounding up and down across blocks, so the total over the stack is the ratio (the paper's
       "2 and 1"). Sizes count, not only numbers: within a category the choice is the subset of modules whose size
-      is closest to ``ratio`` of the category, with the rounding carried from block to block (blocks visited in a
-      random order). **Fused projections**: timm's fused ``qkv`` (and other fused q/k/v weights) cannot be split by
+      is closest to ``ratio`` of the category, with the rounding carried from block to block within each stack
+      (blocks visited in a random order; a model with several stacks, as a ResNet's stages or an encoder and a
+      decoder, balances each stack on its own, so a small block never trains whole to even out a large one).
+      **Fused projections**: timm's fused ``qkv`` (and other fused q/k/v weights) cannot be split by
       ``requires_grad``, which is per tensor; it is one module of three times the size of the output projection, so
       each block trains either ``qkv`` or the output projection, half of the blocks each, and the stack's attention
       parameters train at the ratio (per block 3/4 or 1/4 instead of 2/4 of them).
@@ -174,6 +176,7 @@ class HalfFineTuning(TrainableSetCallback):
         self._restored = False
         # Built at setup.
         self._blocks: list[list[_Unit]] = []
+        self._block_stacks: list[str] = []  # the stack of each block: category balance is kept per stack
         self._outside: list[str] = []
         self._stackless = False
         self._allowed: frozenset[str] | None = None
@@ -217,10 +220,17 @@ class HalfFineTuning(TrainableSetCallback):
             if self.layers is not None:
                 raise
             stack = None
+        if stack is not None and all(len(stack.units(i)) <= 1 for i in range(len(stack))):
+            rank_zero_info(
+                f"HalfFineTuning: every block of {type(pl_module).__name__} holds a single parameter layer (at"
+                f" {stack.path!r}), which cannot be halved by whole tensors; splitting the layers by channels."
+            )
+            stack = None
         if stack is not None:
             self._stackless = False
             self._outside = stack.outside_parameter_names()
             self._blocks = []
+            self._block_stacks = [stack.stack_of(i).path for i in range(len(stack))]
             for index in range(len(stack)):
                 block = []
                 for unit in stack.units(index):
@@ -244,6 +254,7 @@ class HalfFineTuning(TrainableSetCallback):
         self._stackless = True
         *hidden, head = owners
         self._outside = list(head[1])
+        self._block_stacks = []
         self._blocks = [
             [_Unit(name, "layer", params, sum(named[p].numel() for p in params))] for name, params in hidden
         ]
@@ -352,16 +363,19 @@ class HalfFineTuning(TrainableSetCallback):
     def _draw_categories(self) -> list[_Unit]:
         assert self._generator is not None
         chosen: list[_Unit] = []
-        carry: dict[str, float] = {}  # per category: target so far minus chosen so far
+        # per (stack, category): target so far minus chosen so far. Kept per stack, so a small block (a ResNet's
+        # first stage) is never trained whole or frozen whole to balance the rounding of a large one (the last stage)
+        carry: dict[tuple[str, str], float] = {}
         for index in torch.randperm(len(self._blocks), generator=self._generator).tolist():
             by_category: dict[str, list[_Unit]] = {}
             for unit in self._blocks[index]:
                 by_category.setdefault(unit.category, []).append(unit)
+            stack = self._block_stacks[index] if self._block_stacks else ""
             for category, units in by_category.items():
                 size = _total(units)
-                target = self.ratio * size + carry.get(category, 0.0)
+                target = self.ratio * size + carry.get((stack, category), 0.0)
                 picked = [units[i] for i in self._closest_subset([u.numel for u in units], target)]
-                carry[category] = target - _total(picked)
+                carry[stack, category] = target - _total(picked)
                 chosen.extend(picked)
         return chosen
 
@@ -373,7 +387,10 @@ class HalfFineTuning(TrainableSetCallback):
             best: list[tuple[int, ...]] = []
             best_distance = float("inf")
             tolerance = 1e-9 * max(sum(sizes), 1)
-            for k in range(n + 1):
+            # a category of two or more modules keeps at least one trained and one frozen in every block, whatever
+            # the rounding carried from the blocks before (the paper halves each block)
+            sizes_allowed = range(1, n) if n >= 2 else range(n + 1)
+            for k in sizes_allowed:
                 for combo in itertools.combinations(range(n), k):
                     distance = abs(sum(sizes[i] for i in combo) - target)
                     if distance < best_distance - tolerance:
@@ -383,11 +400,12 @@ class HalfFineTuning(TrainableSetCallback):
             pick = int(torch.randint(len(best), (1,), generator=self._generator))
             return list(best[pick])
         picked, total = [], 0
-        for i in torch.randperm(n, generator=self._generator).tolist():
-            if abs(total + sizes[i] - target) < abs(total - target):
+        order = torch.randperm(n, generator=self._generator).tolist()
+        for i in order:
+            if len(picked) < n - 1 and abs(total + sizes[i] - target) < abs(total - target):
                 picked.append(i)
                 total += sizes[i]
-        return sorted(picked)
+        return sorted(picked) or [order[0]]
 
     def _row_masks(self, unit: _Unit) -> dict[str, Tensor]:
         """Row masks (dim 0: output channels) of a layer; parameters with the same number of rows share one."""

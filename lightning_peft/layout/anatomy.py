@@ -29,6 +29,9 @@ Your own block: declare its layout once with :func:`register_layout` and every m
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -80,6 +83,7 @@ _PLAIN = (
     ("lin1", "lin2"),
     ("fc_in", "fc_out"),
     ("dense_h_to_4h", "dense_4h_to_h"),
+    ("linear1", "linear2"),  # nn.TransformerEncoderLayer / DecoderLayer
 )
 _HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -386,18 +390,40 @@ def _make_attention(
     return site
 
 
+# A forward that derives the heads' layout from the width of its input cannot run with fewer heads: it reshapes the
+# heads' output back to that width (timm BEiT / EVA: ``reshape(B, N, C)``) or splits it into ``C // num_heads``.
+_INPUT_WIDTH_RESHAPE = re.compile(r"\.(reshape|view)\(\s*B\s*,\s*N\s*,\s*C\s*\)|\bC\s*//\s*self\.num_heads\b")
+
+
+@functools.cache
+def _reshapes_to_input_width(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return bool(_INPUT_WIDTH_RESHAPE.search(source))
+
+
 def _attention_extras(site: AttentionSite) -> str | None:
     """Find the tensors besides the projections that scale with the heads; return a problem, if any."""
     module = site.module
+    if isinstance(module, nn.MultiheadAttention):
+        return "nn.MultiheadAttention derives its head size from `embed_dim`, which must stay the model width"
+    if _reshapes_to_input_width(type(module)):
+        return (
+            f"{type(module).__name__}.forward derives the heads' layout from the width of its input"
+            " (`reshape(B, N, C)` or `C // num_heads`), which fails once heads are removed"
+        )
     if getattr(module, "has_relative_attention_bias", None) is not None:
         return (
             "T5-style attention: the first layer's position bias (one value per head) is reused by every later"
             " layer, so layers cannot lose different heads"
         )
-    projections = {id(p) for p in (site.q, site.k, site.v, site.qkv, site.o) if p is not None}
+    # projections are not extras: the site's own are sliced, others (a gate, or the MLP of a block declared as its
+    # own attention module) are checked by pruning a copy of the block (lightning_peft.pruning.verify)
     skip: set[int] = set()
     for child in module.modules():
-        if id(child) in projections:
+        if is_projection(child):
             skip.update(id(m) for m in child.modules())
     q_width = site.num_heads * site.head_dim
     kv_width = site.num_kv_heads * site.head_dim
@@ -461,20 +487,39 @@ def _mlp_norm_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _recognise_mlp(path: str, block: int, module: nn.Module) -> MlpSite | str | None:
+def _mlp_between_problem(module: nn.Module, projections: Sequence[nn.Module], local: bool) -> str | None:
+    """Why a layer with parameters between an MLP's projections (PVT's depthwise conv) stops the pruning, if one does.
+
+    ``local`` is False for MLPs whose projections sit directly in the block (BART), where other layers are no
+    obstacle.
+    """
+    if not local:
+        return None
+    inside = {id(m) for p in projections for m in p.modules()}
+    for name, child in module.named_modules():
+        if not name or id(child) in inside or _is_peft_part(name):
+            continue
+        if any(True for _ in child.parameters(recurse=False)):
+            return f"its {type(child).__name__} {name!r} sits between the projections and would need slicing too"
+    return None
+
+
+def _recognise_mlp(path: str, block: int, module: nn.Module, local: bool = True) -> MlpSite | str | None:
     for gate_name, up_name, down_name in _GATED:
         found = [_first_projection(module, (n,)) for n in (gate_name, up_name, down_name)]
         if all(found):
             gate, up, down = (f[1] for f in found)  # type: ignore[index]
-            return _mlp_norm_problem(module) or MlpSite(path, block, [up], down, gate=[gate], owner=module)
+            problem = _mlp_norm_problem(module) or _mlp_between_problem(module, [gate, up, down], local)
+            return problem or MlpSite(path, block, [up], down, gate=[gate], owner=module)
     for fused_name, down_name in _FUSED_GATE_UP:
         fused, down = _first_projection(module, (fused_name,)), _first_projection(module, (down_name,))
         if fused and down and out_features(fused[1]) == 2 * in_features(down[1]):
-            return _mlp_norm_problem(module) or MlpSite(path, block, [], down[1], fused=fused[1], owner=module)
+            problem = _mlp_norm_problem(module) or _mlp_between_problem(module, [fused[1], down[1]], local)
+            return problem or MlpSite(path, block, [], down[1], fused=fused[1], owner=module)
     for up_name, down_name in _PLAIN:
         up, down = _first_projection(module, (up_name,)), _first_projection(module, (down_name,))
         if up and down and up[0] != down[0]:
-            problem = _mlp_norm_problem(module)
+            problem = _mlp_norm_problem(module) or _mlp_between_problem(module, [up[1], down[1]], local)
             if problem:
                 return problem
             if out_features(up[1]) == 2 * in_features(down[1]):  # timm GluMlp: fc1 holds both halves
@@ -525,7 +570,7 @@ def _declared(block: nn.Module, name: str, index: int) -> BlockAnatomy | None:
     for spec in mlp_specs:
         anatomy.mlp.append(
             MlpSite(
-                _join(name, spec.module or ""),
+                _join(name, spec.module if spec.module is not None else spec.down),
                 index,
                 [block.get_submodule(p) for p in spec.up],
                 block.get_submodule(spec.down),
@@ -571,7 +616,7 @@ def block_anatomy(block: nn.Module, name: str = "", index: int = 0) -> BlockAnat
             anatomy.unrecognised.append((path, f"attention: {attention}"))
             covered.update(id(m) for m in module.modules())
             continue
-        mlp = _recognise_mlp(path, index, module)
+        mlp = _recognise_mlp(path, index, module, local=bool(local))
         if isinstance(mlp, MlpSite):
             if id(mlp.down) not in covered:
                 anatomy.mlp.append(mlp)

@@ -17,8 +17,10 @@ Resolution, first match wins:
    children are all of one class, or lists of stages that each hold ``blocks`` (flattened);
 4. the longest ``ModuleList`` / ``Sequential`` of same-class children that hold parameters.
 
-A found block that is itself a stage (most of its parameters in a list of same-class sub-blocks, as a Swin or
-MaxViT stage) is replaced by its sub-blocks. Models that apply one block several times (ALBERT) are found with
+A found block that is a stage (a list of blocks, or a ``*Stage`` class with most of its parameters in a list of
+same-class sub-blocks, as in Swin or MaxViT) is replaced by its sub-blocks; a declared layer that is one of a few
+inside an undeclared repeated module (HF ResNet's conv layers) is replaced by that module. Models that apply one
+block several times (ALBERT) are found with
 :attr:`LayerStack.shared` set: methods that sample or prune blocks refuse them with a reason.
 """
 
@@ -199,16 +201,18 @@ def _children_blocks(name: str, container: nn.Module, min_len: int = 2) -> list[
 
 
 def _refine(blocks: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Replace stage-like blocks by their sub-blocks (a container of same-class sub-blocks holding most parameters).
+    """Replace stage-like blocks by their sub-blocks.
 
-    A list of experts (mixture-of-experts layers) is not a stage: blocks holding one stay whole.
+    A block is a stage when it is itself a list of blocks, or when its class says so (``SwinStage``,
+    ``MaxxVitStage``) and a list of same-class sub-blocks inside it holds most of its parameters. A list of experts
+    (mixture-of-experts layers) is never taken for sub-blocks.
     """
     refined: list[tuple[str, nn.Module]] = []
     for name, block in blocks:
         inner = None
         if _is_container(block):
             inner = _children_blocks(name, block, min_len=1)
-        else:
+        elif "stage" in type(block).__name__.lower():
             total = _numel(block)
             for child_name, child in block.named_modules():
                 if not child_name or not _is_container(child) or "expert" in child_name.lower():
@@ -285,12 +289,26 @@ def _transformers_blocks(modules: dict[str, nn.Module]) -> list[tuple[str, nn.Mo
     if not declared:
         return []
     parents = {id(child): parent for parent in modules.values() for child in parent.children()}
-    found = [
-        (name, module)
-        for name, module in modules.items()
-        if type(module).__name__ in declared and _is_container(parents.get(id(module), nn.Identity()))
-    ]
-    return _drop_outer([(n, m) for n, m in found if _has_params(m)])
+    names = {id(module): name for name, module in modules.items()}
+    found = []
+    for name, module in modules.items():
+        container = parents.get(id(module))
+        if type(module).__name__ not in declared or container is None or not _is_container(container):
+            continue
+        # a declared layer that is one of a few inside an undeclared, repeated module (HF ResNet's conv layers
+        # inside ResNetBasicLayer): the repeated module is the block
+        owner = parents.get(id(container))
+        outer = parents.get(id(owner)) if owner is not None else None
+        if (
+            owner is not None
+            and type(owner).__name__ not in declared
+            and outer is not None
+            and _children_blocks(names[id(outer)], outer) is not None
+        ):
+            name, module = names[id(owner)], owner
+        found.append((name, module))
+    unique = list({name: module for name, module in found}.items())
+    return _drop_outer([(n, m) for n, m in unique if _has_params(m)])
 
 
 def _torch_transformer_blocks(modules: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -314,8 +332,9 @@ def _shared_blocks(root: nn.Module, modules: dict[str, nn.Module]) -> tuple[list
                 blocks = _children_blocks(name, container, min_len=1)
                 if blocks:
                     reason = (
-                        f"{type(module).__name__} applies its {groups} block group(s) {layers} times per forward"
-                        f" (`num_hidden_groups={groups}`, `num_hidden_layers={layers}`): the weights are shared"
+                        f"the model applies its {groups} block group(s) {layers} times per forward"
+                        f" ({type(config).__name__}: `num_hidden_groups={groups}`, `num_hidden_layers={layers}`),"
+                        " so the blocks' weights are shared"
                     )
                     return blocks, reason
     return None

@@ -146,22 +146,26 @@ def choose_lora(
 
 
 def _sync_configs(sites) -> None:
-    """Keep an HF config's head counts true when every attention layer sharing it has the same (pruned) counts.
+    """Keep an HF decoder config's head counts true when every attention layer sharing it has the same counts.
 
-    Only for configs that state ``head_dim`` and ``num_key_value_heads`` (Llama-style): caches (e.g. a static KV
-    cache) are sized from them; the head size stays ``head_dim``. BERT-style configs derive the head size from
-    ``num_attention_heads`` and are left as they are.
+    Only for configs that state ``num_key_value_heads`` (decoders): caches (a static KV cache) are sized from them
+    and some attentions read them in forward (Phi-3 splits its fused projection at ``num_attention_heads x
+    head_dim``). The head size is written as ``head_dim`` first when the config derives it from the head count, so it
+    stays true. BERT-style configs derive the head size from ``num_attention_heads`` and are left as they are.
     """
     by_config: dict[int, list] = {}
     for site in sites:
         config = getattr(site.module, "config", None)
-        if config is not None and hasattr(config, "num_key_value_heads") and getattr(config, "head_dim", None):
+        if config is not None and hasattr(config, "num_key_value_heads"):
             by_config.setdefault(id(config), []).append(site)
     for group in by_config.values():
-        counts = {(s.num_heads, s.num_kv_heads) for s in group}
+        counts = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in group}
         if len(counts) == 1:
             config = group[0].module.config
-            config.num_attention_heads, config.num_key_value_heads = counts.pop()
+            heads, kv_heads, head_dim = counts.pop()
+            if not getattr(config, "head_dim", None):
+                config.head_dim = head_dim
+            config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
 
 
 def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> ParameterReplacements:

@@ -1,0 +1,118 @@
+"""Run every method on every architecture of the model zoo and write the support matrix.
+
+    python benchmarks/support_matrix.py                  # all models; rewrites the README's support section
+    python benchmarks/support_matrix.py hf_t5 timm_swin  # some models; prints only
+
+Each cell is :func:`lightning_peft.support.check_support` on a tiny random model of ``tests/zoo_models.py``: it
+checks what the method promises (see that module), not only that nothing crashed. Results:
+``benchmarks/results/support_matrix.json`` and ``.md``; the markdown table replaces the part of README.md between
+the ``support-matrix`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lightning_peft.support import METHODS, check_support
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+SYMBOL = {"ok": "OK", "partial": "OK*", "refused": "refused", "fail": "FAIL"}
+SHORT = {"HalfFineTuning": "Half FT", "EarlyPruning": "Early pruning", "ActivationQuantization": "8-bit act."}
+
+
+def load_zoo() -> dict:
+    spec = importlib.util.spec_from_file_location("zoo_models", ROOT / "tests" / "zoo_models.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zoo_models"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module.ZOO
+
+
+def run(names: list[str]) -> list[dict]:
+    zoo = load_zoo()
+    unknown = [n for n in names if n not in zoo]
+    if unknown:
+        raise SystemExit(f"unknown zoo entries {unknown}; known: {sorted(zoo)}")
+    rows = []
+    for name in names or sorted(zoo, key=lambda n: (zoo[n].family, zoo[n].kind, n)):
+        entry = zoo[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = check_support(entry.build, entry.inputs(2), entry.output, entry.causal_lm)
+        cells = {r.method: {"status": r.status, "detail": r.detail, "seconds": round(r.seconds, 2)} for r in results}
+        rows.append({"model": name, "family": entry.family, "kind": entry.kind, "cells": cells})
+        print(f"{name:22s} " + "  ".join(f"{SHORT.get(m, m)}={cells[m]['status']}" for m in METHODS), flush=True)
+        for method in METHODS:
+            if cells[method]["status"] in ("fail", "refused", "partial"):
+                print(f"    {method}: {cells[method]['detail'][:240]}", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    header = "| model | family | layout | " + " | ".join(SHORT.get(m, m) for m in METHODS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(METHODS))]
+    notes: dict[str, int] = {}
+    for row in rows:
+        cells = []
+        for method in METHODS:
+            cell = row["cells"][method]
+            text = SYMBOL[cell["status"]]
+            if cell["status"] in ("partial", "refused", "fail"):
+                note = f"{SHORT.get(method, method)}: {cell['detail']}"
+                number = notes.setdefault(note, len(notes) + 1)
+                text += f" [{number}]"
+            cells.append(text)
+        lines.append(f"| `{row['model']}` | {row['family']} | {row['kind']} | " + " | ".join(cells) + " |")
+    counts = {s: sum(r["cells"][m]["status"] == s for r in rows for m in METHODS) for s in SYMBOL}
+    lines += [
+        "",
+        f"{len(rows)} models x {len(METHODS)} methods: {counts['ok']} OK, {counts['partial']} OK with parts left out"
+        f" (OK*), {counts['refused']} refused with a reason, {counts['fail']} failures.",
+        "",
+    ]
+    lines += [f"{number}. {note.replace('|', '/')}" for note, number in notes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help="zoo entries to run (default: all, and rewrite the README)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+    rows = run(args.models)
+    if args.models:
+        return
+    table = markdown(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "python benchmarks/support_matrix.py",
+    }
+    (RESULTS / "support_matrix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (RESULTS / "support_matrix.md").write_text(table)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        readme.write_text(f"{head}{START}\n{table}{END}{tail}")
+        print(f"README.md support matrix rewritten ({len(rows)} models)")
+    else:
+        print(f"README.md has no {START} / {END} markers: table only in {RESULTS / 'support_matrix.md'}")
+
+
+if __name__ == "__main__":
+    main()
