@@ -159,3 +159,87 @@ def test_multihead_attention_in_proj_is_fused_qkv():
     assert roles["self_attn.in_proj"] == "qkv"
     assert roles["self_attn.out_proj"] == "o"
     assert roles["norm1"] == "norm"
+
+
+# ------------------------------------------------------------------------------------------- several stacks
+
+
+def _t5():
+    config = tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=4, vocab_size=32)
+    return tf.T5ForConditionalGeneration(config)
+
+
+def _bart():
+    config = tf.BartConfig(
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=32,
+        max_position_embeddings=16,
+    )
+    return tf.BartForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "paths", "source"),
+    [
+        (lambda: timm.create_model("resnet18"), ["layer1", "layer2", "layer3", "layer4"], "timm group_matcher"),
+        (_t5, ["encoder.block", "decoder.block"], "transformers _no_split_modules"),
+        (_bart, ["model.encoder.layers", "model.decoder.layers"], "transformers _no_split_modules"),
+        (
+            lambda: nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=32),
+            ["encoder.layers", "decoder.layers"],
+            "nn.Transformer",
+        ),
+    ],
+)
+def test_every_stack_in_forward_order(build, paths, source):
+    stack = find_layers(build())
+    assert stack.paths == paths and stack.source == source
+    for s in stack.stacks:  # blocks in order, each knowing its stack
+        assert all(stack.names[i].startswith(s.path + ".") and stack.stack_of(i) == s for i in s.indices)
+    assert sum(len(s) for s in stack.stacks) == len(stack)
+
+
+def test_t5_stacks_hold_every_block_and_the_shared_embedding_sits_outside():
+    stack = find_layers(_t5())
+    assert [len(s) for s in stack.stacks] == [2, 3]
+    assert "shared.weight" in stack.outside_parameter_names()
+    cross = [u.name for u in stack.units(2) if u.role == "q"]
+    assert cross == ["layer.0.SelfAttention.q", "layer.1.EncDecAttention.q"]  # self- and cross-attention
+
+
+def test_explicit_list_of_paths():
+    model = _bart()
+    stack = find_layers(model, ["decoder.layers", "encoder.layers"])  # forward order, whatever the given order
+    assert stack.paths == ["model.encoder.layers", "model.decoder.layers"] and stack.source == "explicit"
+    with pytest.raises(ValueError, match=r"`layers='decoder.nope'` must name one block container"):
+        find_layers(model, ["encoder.layers", "decoder.nope"])
+
+
+def test_hf_resnet_blocks_are_the_residual_layers_not_their_conv_layers():
+    config = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic")
+    stack = find_layers(tf.ResNetModel(config))
+    assert stack.names[0] == "encoder.stages.0.layers.0" and len(stack) == 4
+    assert stack.paths == ["encoder.stages.0.layers", "encoder.stages.1.layers"]
+
+
+def test_shared_blocks_are_flagged_and_refused_with_a_hint_that_does_not_loop():
+    albert = tf.AlbertModel(
+        tf.AlbertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=4, vocab_size=32)
+    )
+    stack = find_layers(albert)
+    assert len(stack) == 1 and stack.shared is not None and "4 times per forward" in stack.shared
+    with pytest.raises(ValueError, match=r"`LISA` works on distinct blocks.*HINT: .*HalfFineTuning") as error:
+        stack.refuse_shared("LISA", "use HalfFineTuning.")
+    assert "`layers=`" not in str(error.value)  # the hint points elsewhere than the path that found the blocks
+
+
+def test_stage_classes_are_refined_into_their_blocks():
+    config = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=2)
+    stack = find_layers(tf.SwinModel(config))
+    assert stack.names == ("encoder.layers.0.blocks.0", "encoder.layers.0.blocks.1", "encoder.layers.1.blocks.0")

@@ -46,6 +46,9 @@ def _seeded(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
         model = factory()
+        for module in model.modules():  # stochastic depth on by default in some timm configs (Swin): off
+            if isinstance(getattr(module, "drop_prob", None), float):
+                module.drop_prob = 0.0
         # some timm models start with an all-zero head (MLP-Mixer, Hiera): no gradient would reach the blocks
         for name, param in model.named_parameters():
             if name.startswith(("head", "fc.")) and param.dim() == 2 and not param.any():

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_peft.layout import block_anatomy
 from lightning_peft.pruning.masks import PruningMasks
+from lightning_peft.pruning.plan import _sync_configs
 from lightning_peft.pruning.surgery import Sites, prune_attention, prune_mlp
 
 __all__ = ["SiteVerifier"]
@@ -36,12 +37,17 @@ def _first_tensor(value: Any) -> Tensor | None:
     return getattr(value, "last_hidden_state", None) if not isinstance(value, (list, tuple)) else None
 
 
-def _without_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # a key/value cache passed along would grow with every verification forward
-    cleaned = {k: (None if "cache" in type(v).__name__.lower() else v) for k, v in kwargs.items()}
-    if "use_cache" in cleaned:
-        cleaned["use_cache"] = False
-    return cleaned
+def _is_cache(value: Any) -> bool:
+    return "cache" in type(value).__name__.lower()
+
+
+def _without_caches(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    # a key/value cache passed along (by keyword or position) would grow with every verification forward
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 class SiteVerifier:
@@ -118,8 +124,7 @@ class SiteVerifier:
         name, block = self._names[index], self._blocks[index]
         if index not in self._inputs:
             return f"{type(block).__name__} did not run in the training forward, so it could not be verified"
-        args, kwargs = self._inputs[index]
-        kwargs = _without_caches(kwargs)
+        args, kwargs = _without_caches(*self._inputs[index])
         trial = copy.deepcopy(block)
         for module in trial.modules():  # the copy must not carry the model's masks or scoring hooks along
             module._forward_pre_hooks.clear()
@@ -151,6 +156,7 @@ class SiteVerifier:
             masks.remove()
             for site in sites.attention:
                 prune_attention(site, kept_heads)
+            _sync_configs(sites.attention)  # the copy's own config (deep-copied with the block)
             for site, mask in zip(sites.mlp, masks.neurons, strict=True):
                 prune_mlp(site, torch.nonzero(mask).flatten().tolist())
             got = _first_tensor(trial(*args, **kwargs))
