@@ -2,6 +2,7 @@
 
     python benchmarks/support_matrix.py                  # all models; rewrites the README's support section
     python benchmarks/support_matrix.py hf_t5 timm_swin  # some models; prints only
+    python benchmarks/support_matrix.py --render         # rewrite the markdown and README from the JSON
 
 Each cell is :func:`lightning_peft.support.check_support` on a tiny random model of ``tests/zoo_models.py``: it
 checks what the method promises (see that module), not only that nothing crashed. Results:
@@ -15,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import re
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -59,6 +61,23 @@ def run(names: list[str]) -> list[dict]:
     return rows
 
 
+def _reason(method: str, cell: dict) -> str:
+    """The part of a cell's detail that explains it, without the model's own module paths."""
+    detail = cell["detail"]
+    if cell["status"] == "partial" and "left out: " in detail:
+        entries = re.sub(r" \(\+\d+ more\)$", "", detail.split("left out: ", 1)[1]).split("; ")
+        reasons = []
+        for entry in entries:
+            reason = entry.split(": ", 1)[1] if ": " in entry else entry
+            reason = re.sub(r" \((RuntimeError|ValueError|IndexError): .*", "", reason)
+            if reason not in reasons:
+                reasons.append(reason)
+        return f"{SHORT.get(method, method)} leaves out: " + "; ".join(reasons)
+    if cell["status"] == "refused":
+        detail = re.sub(r" \(at '[^']*'\)", "", detail.split(" HINT:", 1)[0])
+    return f"{SHORT.get(method, method)}: {detail}"
+
+
 def markdown(rows: list[dict]) -> str:
     header = "| model | family | layout | " + " | ".join(SHORT.get(m, m) for m in METHODS) + " |"
     lines = [header, "|" + "---|" * (3 + len(METHODS))]
@@ -69,8 +88,7 @@ def markdown(rows: list[dict]) -> str:
             cell = row["cells"][method]
             text = SYMBOL[cell["status"]]
             if cell["status"] in ("partial", "refused", "fail"):
-                note = f"{SHORT.get(method, method)}: {cell['detail']}"
-                number = notes.setdefault(note, len(notes) + 1)
+                number = notes.setdefault(_reason(method, cell), len(notes) + 1)
                 text += f" [{number}]"
             cells.append(text)
         lines.append(f"| `{row['model']}` | {row['family']} | {row['kind']} | " + " | ".join(cells) + " |")
@@ -85,22 +103,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", help="zoo entries to run (default: all, and rewrite the README)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    rows = run(args.models)
-    if args.models:
-        return
+def write(rows: list[dict], meta: dict) -> None:
+    """Write the JSON and markdown results and the README's support-matrix section."""
     table = markdown(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": "python benchmarks/support_matrix.py",
-    }
     (RESULTS / "support_matrix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (RESULTS / "support_matrix.md").write_text(table)
     readme = ROOT / "README.md"
@@ -112,6 +118,28 @@ def main() -> None:
         print(f"README.md support matrix rewritten ({len(rows)} models)")
     else:
         print(f"README.md has no {START} / {END} markers: table only in {RESULTS / 'support_matrix.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help="zoo entries to run (default: all, and rewrite the README)")
+    parser.add_argument("--render", action="store_true", help="rewrite the markdown and README from the JSON only")
+    args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "support_matrix.json").read_text())
+        write(saved["rows"], saved["meta"])
+        return
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+    rows = run(args.models)
+    if args.models:
+        return
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "python benchmarks/support_matrix.py",
+    }
+    write(rows, meta)
 
 
 if __name__ == "__main__":

@@ -220,3 +220,35 @@ def test_layer_weights_must_match_the_blocks(tmp_path):
     )
     with pytest.raises(ValueError, match=r"`layer_weights` must have one weight per block \(4 at 'blocks'\), got 2"):
         trainer.fit(TinyBlockModel())
+
+
+class TwoStackModel(TinyBlockModel):
+    """An encoder of 4 blocks and a decoder of 2 (two stacks)."""
+
+    def __init__(self) -> None:
+        super().__init__(n_blocks=4)
+        from helpers import Block
+
+        self.decoder = torch.nn.ModuleList(Block(8) for _ in range(2))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in (*self.blocks, *self.decoder):
+            h = block(h)
+        return self.head(self.norm(h))
+
+
+def test_pool_of_all_stacks_and_per_stack_sampling(tmp_path):
+    pool = LISA(n_layers=1, interval=1, seed=0, layers=["blocks", "decoder"], plot=False)
+    module = TwoStackModel()
+    pl.Trainer(callbacks=[pool], max_steps=40, **trainer_kwargs(tmp_path)).fit(module)
+    assert pool.stack.paths == ["blocks", "decoder"]
+    drawn = {block for _, blocks in pool.history for block in blocks}
+    assert drawn == set(range(6))  # every block of both stacks, from one pool of 6
+    per_stack = LISA(n_layers=1, interval=1, seed=0, layers=["blocks", "decoder"], per_stack=True, plot=False)
+    pl.Trainer(callbacks=[per_stack], max_steps=5, **trainer_kwargs(tmp_path)).fit(TwoStackModel())
+    for _, blocks in per_stack.history:  # one block of each stack at every draw
+        assert len(blocks) == 2 and blocks[0] < 4 <= blocks[1]
+    with pytest.raises(ValueError, match=r"`n_layers` must be between 1 and 2 with `per_stack=True`.*'decoder'"):
+        lisa = LISA(n_layers=3, per_stack=True, layers=["blocks", "decoder"])
+        pl.Trainer(callbacks=[lisa], max_steps=1, **trainer_kwargs(tmp_path)).fit(TwoStackModel())
