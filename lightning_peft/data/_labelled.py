@@ -87,7 +87,7 @@ class LabelledDataModule(SplitDataModule):
 
     def check_model_outputs(self) -> None:
         """Raise a ValueError if the Trainer's model was built for another number of classes than the data has."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)
         model = getattr(trainer, "lightning_module", None) if trainer is not None else None
         hparams = getattr(model, "hparams", None) or {}
         for name in ("num_classes", "num_labels"):

@@ -33,12 +33,12 @@ class Record:
         return f"{self.path!r}, line {self.line}"
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """Return the content of a UTF-8 text file, refusing binary files.
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """Return the content of a text file (UTF-8 unless ``encoding`` says otherwise), refusing binary files.
 
     Raises:
-        ValueError: If the file holds NUL bytes (a binary file: image, archive, model weights) or is not valid
-            UTF-8; the message names the file, the line and the byte offset.
+        ValueError: If the file holds NUL bytes (a binary file: image, archive, model weights) or cannot be
+            decoded with ``encoding``; the message names the file, the line and the byte offset.
 
     Example::
 
@@ -59,12 +59,14 @@ def read_text(path: str | os.PathLike) -> str:
             " them with a glob pattern such as 'corpus/**/*.txt'."
         )
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise ValueError(
-            f"{os.fspath(path)!r} is not UTF-8 text: byte {data[err.start : err.start + 1]!r} at offset {err.start}"
-            f" (line {line}) cannot be decoded. HINT: re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            f"{os.fspath(path)!r} is not {encoding} text: byte {data[err.start : err.start + 1]!r}"
+            f" at offset {err.start}"
+            f" (line {line}) cannot be decoded. HINT: re-save the file as UTF-8"
+            " (e.g. `iconv -f latin1 -t utf-8`), or set `encoding` to the file's encoding (e.g. 'latin-1')."
         ) from err
 
 
@@ -126,7 +128,7 @@ def _table_rows(path: str, text: str) -> list[Record]:
     return records
 
 
-def read_records(path: str | os.PathLike) -> list[Record]:
+def read_records(path: str | os.PathLike, encoding: str = "utf-8") -> list[Record]:
     r"""Return the rows of a ``.csv``, ``.tsv``, ``.jsonl`` or ``.json`` file (text checked as by :func:`read_text`).
 
     Raises:
@@ -148,7 +150,7 @@ def read_records(path: str | os.PathLike) -> list[Record]:
             f"{path!r} must be a table file with one of the suffixes {TABLE_SUFFIXES}, got {Path(path).suffix!r}."
             " HINT: save the data as CSV (a header row, then one example per row) or JSONL (one object per line)."
         )
-    return _table_rows(path, read_text(path))
+    return _table_rows(path, read_text(path, encoding))
 
 
 def require_column(records: Sequence[Record], column: str, option: str) -> None:
@@ -212,7 +214,8 @@ def scan_class_folders(
         folder = root / name
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"{os.fspath(root)!r} has no folder for the class {name!r} (its classes are {class_folders(root)})."
+                f"{os.fspath(root)!r} has no folder for the class {name!r} (its classes are"
+                f" {sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else 'none: no folder'})."
                 " HINT: the training and validation folders must hold the same class folders."
             )
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
