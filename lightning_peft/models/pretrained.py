@@ -7,8 +7,10 @@ such a copy, and leaves every other name alone so an online user still reaches t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 # Hub name (lower case) -> (importable package, name of its function that returns the local HF folder).
@@ -131,10 +133,10 @@ def load_pretrained(loader: Any, name_or_path: str, what: str = "model", **kwarg
     resolved with :func:`resolve_pretrained` (an existing folder, or a package that ships an offline copy); then:
 
     - a name that can only be a path (``./ckpt``, ``/data/model``) but is no folder fails at once, saying so;
-    - a hub name is loaded from the local Hugging Face cache first (``local_files_only=True``);
-    - when it is not cached, with ``HF_HUB_OFFLINE=1`` or with the hub unreachable (a 3 s probe), it fails at once
-      with a message saying what was looked for and how to provide it; only with the hub reachable does
-      ``from_pretrained`` download.
+    - with ``HF_HUB_OFFLINE=1`` or the hub unreachable (a TCP probe of at most 3 s), a hub name is read from the
+      local Hugging Face cache only, and when it is not there the call fails at once with a message saying what
+      was looked for and how to provide it (no retries);
+    - with the hub reachable, ``from_pretrained`` runs as usual (cache, then download).
 
     Args:
         loader: A class with ``from_pretrained`` (``AutoTokenizer``, ``AutoModelForCausalLM``, ...).
@@ -170,30 +172,49 @@ def load_pretrained(loader: Any, name_or_path: str, what: str = "model", **kwarg
             " does not exist (or is not a folder). HINT: fix the path (relative paths start at the directory you run"
             " from), or give a hub name such as 'org/model'."
         )
-    try:
-        return loader.from_pretrained(path, local_files_only=True, **kwargs)
-    except OSError as local_err:
-        cache_miss = local_err
     from huggingface_hub import constants
 
     offline = hub_offline()
     if offline or not hub_reachable():
-        reason = (
-            "HF_HUB_OFFLINE is set"
-            if offline
-            else f"the hub ({hub_endpoint()}) did not answer within" + (f" {HUB_PROBE_TIMEOUT:.0f} s")
-        )
-        raise OSError(
-            f"`{what}` {name_or_path!r} has no local copy and {reason}. Looked for: a local folder {path!r} (none),"
-            f" a package with an offline copy (known: {sorted(OFFLINE_COPIES)}), and the Hugging Face cache"
-            f" {constants.HF_HUB_CACHE} ({cache_miss.__class__.__name__}). " + _PROVIDE_HINT.format(name=name_or_path)
-        ) from cache_miss
+        # Cache only; in offline mode, since `local_files_only` alone still lets transformers retry hub requests.
+        try:
+            with _offline_mode():
+                return loader.from_pretrained(path, local_files_only=True, **kwargs)
+        except OSError as cache_miss:
+            reason = (
+                "HF_HUB_OFFLINE is set"
+                if offline
+                else f"the hub ({hub_endpoint()}) did not answer within {HUB_PROBE_TIMEOUT:.0f} s"
+            )
+            raise OSError(
+                f"`{what}` {name_or_path!r} has no local copy and {reason}. Looked for: a local folder {path!r}"
+                f" (none), a package with an offline copy (known: {sorted(OFFLINE_COPIES)}), and the Hugging Face"
+                f" cache {constants.HF_HUB_CACHE} (not there). " + _PROVIDE_HINT.format(name=name_or_path)
+            ) from cache_miss
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as err:
         raise OSError(
             f"`{what}` {name_or_path!r} could not be loaded from the hub: {err} " + _PROVIDE_HINT.format(name=path)
         ) from err
+
+
+@contextlib.contextmanager
+def _offline_mode() -> Iterator[None]:
+    """Make huggingface_hub (and transformers through it) read the local cache only, then restore the setting."""
+    from huggingface_hub import constants
+
+    saved_constant, saved_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_constant
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def check_timm_weights_available(model_name: str) -> None:
