@@ -109,6 +109,9 @@ def explain_parse_error(text: str, option_names: Iterable[str] = ()) -> str | No
     hint = next((line.strip().lstrip("-").strip() for line in text.splitlines() if "HINT:" in line), None)
     if hint is not None:
         return hint
+    match = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", text)
+    if match:
+        return _unknown_argument(match.group(1), match.group(2))
     match = re.search(r"Expected a dot import path string: (\S+)", text) or re.search(
         r"Problem with given class_path '([^']+)':\s*\n?\s*(?:No module|Import of|not found|.*not a valid)", text
     )
@@ -130,6 +133,47 @@ def explain_parse_error(text: str, option_names: Iterable[str] = ()) -> str | No
             " `lightning-peft fit --model.help ImageClassifier` (or --data.help / --trainer.callbacks.help)."
         )
     return None
+
+
+def _unknown_argument(class_path: str, argument: str) -> str:
+    import importlib
+    import inspect
+
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        parameters = [
+            name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")
+        ]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        parameters = []
+    suggestion = _suggest(argument, parameters)
+    return (
+        f"`{argument}` is not an argument of {class_name}{'; ' + suggestion if suggestion else ''}"
+        f" HINT: its arguments are {parameters}; `lightning-peft fit {_help_option(class_path)} {class_name}`"
+        " describes them."
+    )
+
+
+def _help_option(class_path: str) -> str:
+    """The ``--...help`` option that documents a class: ``--model.help``, ``--data.help`` or a callback's."""
+    import importlib
+
+    import lightning.pytorch as pl
+
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return "--help"
+    for base, option in (
+        (pl.Callback, "--trainer.callbacks.help"),
+        (pl.LightningModule, "--model.help"),
+        (pl.LightningDataModule, "--data.help"),
+    ):
+        if isinstance(cls, type) and issubclass(cls, base):
+            return option
+    return "--help"
 
 
 def _yaml_booleans(node: Any, path: str) -> Iterable[str]:

@@ -54,13 +54,26 @@ def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
         ),
         ("model:\n  class_path: TextClassifer\n", "did you mean 'TextClassifier'"),
         ("trainer:\n  max_step: 3\n", "Unknown option `trainer.max_step`; did you mean 'trainer.max_steps'"),
+        (
+            "trainer:\n  callbacks:\n    - class_path: LISA\n      init_args: {n_layer: 2}\n",
+            "`n_layer` is not an argument of LISA; did you mean 'n_layers'",
+        ),
+        (
+            "model:\n  init_args:\n    num_clases: 3\n",
+            "`num_clases` is not an argument of ImageClassifier; did you mean",
+        ),
     ],
-    ids=["callback", "module", "option"],
+    ids=["callback", "module", "option", "callback-argument", "module-argument"],
 )
 def test_unknown_names_get_suggestions(yaml_text, expected, tmp_path, monkeypatch, capsys):
     code, err = _error(tmp_path, monkeypatch, capsys, yaml_text)
     assert code == 2 and expected in err and "HINT:" in err
     assert "Subtypes:" not in err and "usage:" not in err
+
+
+def test_unknown_argument_names_the_help_option(tmp_path, monkeypatch, capsys):
+    _, err = _error(tmp_path, monkeypatch, capsys, None, "--model.init_args.num_clases=3")
+    assert "did you mean 'num_classes'?" in err and "`lightning-peft fit --model.help ImageClassifier`" in err
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path, monkeypatch, capsys):
