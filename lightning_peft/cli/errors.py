@@ -32,7 +32,20 @@ _YAML_BOOLEAN_WORDS = "yes / no / on / off / true / false / y / n"
 
 
 class UserError(Exception):
-    """A problem in the user's command or files, reported as its message alone (no traceback)."""
+    r"""A problem in the user's command or files, reported as its message alone (no traceback).
+
+    Example::
+
+        >>> from lightning_peft.cli.errors import UserError, check_config_file
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "bad.yaml")
+        >>> _ = open(path, "w").write("trainer: [1\n")
+        >>> try:
+        ...     check_config_file(path)
+        ... except UserError as err:
+        ...     print(str(err).split(": YAML")[0].endswith("bad.yaml, line 2, column 1"))
+        True
+    """
 
 
 def debug_requested(argv: list[str]) -> bool:

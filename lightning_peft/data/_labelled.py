@@ -57,6 +57,16 @@ class LabelledDataModule(SplitDataModule):
     output of the model means (``checkpoint["LabelledDataModuleSubclass"]["label_names"]``), and a resumed run
     whose data has other classes fails instead of training a head on shuffled meanings. ``setup`` also checks
     that the model has one output per class when it runs under a Trainer.
+
+    Example::
+
+        >>> from lightning_peft.data._labelled import LabelledDataModule
+        >>> class Pets(LabelledDataModule):
+        ...     def setup(self, stage=None):
+        ...         self.label_names = ("cat", "dog")
+        >>> pets = Pets()
+        >>> pets.num_classes, pets.state_dict()
+        (2, {'label_names': ['cat', 'dog']})
     """
 
     label_names: tuple[str, ...] | None = None

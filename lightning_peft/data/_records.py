@@ -21,7 +21,14 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 @dataclass(frozen=True)
 class Record:
-    """One row of a table file: its values and where it came from (``line`` is 1-based, the header is line 1)."""
+    """One row of a table file: its values and where it came from (``line`` is 1-based, the header is line 1).
+
+    Example::
+
+        >>> from lightning_peft.data._records import Record
+        >>> Record({"text": "hi"}, "rows.csv", 2).where
+        "'rows.csv', line 2"
+    """
 
     values: dict[str, Any]
     path: str
