@@ -117,6 +117,10 @@ def test_csv_text_classifier_config(method, callback_type, tiny_bert, tmp_path, 
     )
     _check(cli, callback_type, capsys)
     assert cli.datamodule.label_names == ("bad", "good")
+    # the class names travel with the weights
+    cli.trainer.save_checkpoint(tmp_path / "run.ckpt")
+    checkpoint = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    assert checkpoint["TextClassificationFile"]["label_names"] == ["bad", "good"]
 
 
 def test_wrong_class_count_names_the_classes(tmp_path, monkeypatch):
