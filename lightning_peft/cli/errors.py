@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "DEBUG_ENV",
+    "TRACEBACK_HINT",
     "UserError",
     "check_config_file",
     "debug_requested",
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 DEBUG_ENV = "LIGHTNING_PEFT_DEBUG"
-_TRACEBACK_HINT = f"(run with --debug or {DEBUG_ENV}=1 for the full traceback)"
+TRACEBACK_HINT = f"(run with --debug or {DEBUG_ENV}=1 for the full traceback)"
 # YAML 1.1 words that a YAML parser turns into booleans when they are not quoted.
 _YAML_BOOLEAN_WORDS = "yes / no / on / off / true / false / y / n"
 
@@ -122,6 +123,13 @@ def explain_parse_error(text: str, option_names: Iterable[str] = ()) -> str | No
     hint = next((line.strip().lstrip("-").strip() for line in text.splitlines() if "HINT:" in line), None)
     if hint is not None:
         return hint
+    match = re.search(r'Parser key "([^"]+)":\s*Expected a <class \'str\'>\. Got value: (True|False)\b', text)
+    if match:
+        key, value = match.groups()
+        return (
+            f"`{key}` must be a string, got the boolean {value}: YAML reads the bare words {_YAML_BOOLEAN_WORDS} as"
+            f" true / false. HINT: quote the value, e.g. {key}: 'no' (in a list: ['yes', 'no'])."
+        )
     match = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", text)
     if match:
         return _unknown_argument(match.group(1), match.group(2))
@@ -204,15 +212,14 @@ def check_config_file(path: str) -> None:
     """Check a YAML config before jsonargparse reads it: syntax (file, line, column) and booleans among strings.
 
     Raises:
-        UserError: If the file cannot be read, is not valid YAML, or a list of names holds a bare boolean word.
+        UserError: If the file is not valid YAML, or a list of names holds a bare boolean word.
     """
     import yaml
 
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as err:
-        raise UserError(f"The config file {path!r} cannot be read: {err.strerror}. HINT: check the path.") from err
+    if not os.path.isfile(path):
+        return  # `--config` also takes YAML text, and jsonargparse names a missing file itself
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
     try:
         content = yaml.safe_load(text)
     except yaml.YAMLError as err:

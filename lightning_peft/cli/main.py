@@ -16,7 +16,7 @@ import lightning_peft.data
 import lightning_peft.modules
 import lightning_peft.plugins  # noqa: F401
 from lightning_peft.cli.errors import (
-    _TRACEBACK_HINT,
+    TRACEBACK_HINT,
     UserError,
     check_config_file,
     debug_requested,
@@ -95,11 +95,11 @@ def cli_main(args: ArgsType = None) -> None:
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
-    except Exception as err:  # noqa: BLE001 - only our own messages (with a HINT) are shortened; others re-raise
+    except Exception as err:  # only our own messages (with a HINT) are shortened; anything else re-raises
         message = our_message(err)
         if message is None:
             raise
-        sys.stderr.write(f"error: {message}\n{_TRACEBACK_HINT}\n")
+        sys.stderr.write(f"error: {message}\n{TRACEBACK_HINT}\n")
         sys.exit(1)
 
 

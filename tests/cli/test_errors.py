@@ -90,6 +90,14 @@ def test_bare_no_in_a_name_list_is_explained(tmp_path, monkeypatch, capsys):
     assert "'bool' object has no attribute" not in err
 
 
+def test_boolean_where_a_string_is_expected(tmp_path, monkeypatch, capsys):
+    yaml_text = (
+        "data:\n  class_path: TextClassificationFile\n  init_args:\n    train_file: x.csv\n    label_column: no\n"
+    )
+    code, err = _error(tmp_path, monkeypatch, capsys, yaml_text)
+    assert code == 2 and "`label_column` must be a string, got the boolean False" in err and "quote the value" in err
+
+
 def test_console_script_prints_one_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  callbacks:\n    - class_path: LIZA\n")
