@@ -27,7 +27,7 @@ def running_in_ci() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the doctests that call espeak-ng with ``espeak``."""
     for item in items:
-        if type(item).__name__ == "DoctestItem" and item.name in _ESPEAK_DOCTESTS:  # pytest.DoctestItem: 8.1+
+        if type(item).__name__ == "DoctestItem" and item.name in _ESPEAK_DOCTESTS:  # by name: no private import
             item.add_marker(pytest.mark.espeak)
 
 
