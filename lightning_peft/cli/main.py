@@ -33,6 +33,11 @@ class PeftCLI(LightningCLI):
     After ``fit`` it prints the last validation metrics (``val/acc``, ``val/loss``, ...) so a run ends with its
     result on screen.
 
+    Before parsing it checks every ``--config`` file (a YAML syntax error names the file, line and column; a bare
+    ``no`` among names is explained), and a failed parse is reported as one message with a suggestion for a
+    misspelled class, option or argument instead of jsonargparse's union report (see
+    :mod:`lightning_peft.cli.errors`).
+
     Example::
 
         >>> from lightning_peft.cli import cli_main
@@ -105,6 +110,7 @@ def cli_main(args: ArgsType = None) -> None:
 
 def _option_names(parser: Any) -> list[str]:
     """The dotted option names of every subcommand (``trainer.max_steps``, ...), for "did you mean" suggestions."""
+    # argparse / jsonargparse internals, read defensively: without them there is just no suggestion.
     names: set[str] = set()
     action = getattr(parser, "_subcommands_action", None)
     parsers = list(getattr(action, "_name_parser_map", {}).values()) if action is not None else []
