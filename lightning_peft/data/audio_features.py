@@ -17,11 +17,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["AUDIOSET_MEAN", "AUDIOSET_STD", "FilterbankFeatures", "SpecAugment"]
+__all__ = ["AUDIOSET_MEAN", "AUDIOSET_STD", "SAMPLE_RATE", "FilterbankFeatures", "SpecAugment", "resample_to_16k"]
 
 # Mean and standard deviation of AudioSet filterbanks: the normalisation of the public AST checkpoints.
 AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974
+# The sample rate of the AST's features (25 ms / 10 ms frames of 400 / 160 samples).
+SAMPLE_RATE = 16000
+
+
+def resample_to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Resample float audio from ``rate`` to 16 kHz: polyphase filtering with scipy, linear interpolation without it.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from lightning_peft.data.audio_features import resample_to_16k
+        >>> resample_to_16k(np.zeros(44100, dtype=np.float32), 44100).shape
+        (16000,)
+    """
+    if rate == SAMPLE_RATE:
+        return np.asarray(audio, dtype=np.float32)
+    try:
+        from scipy.signal import resample_poly
+    except ImportError:
+        n_out = int(round(len(audio) * SAMPLE_RATE / rate))
+        return np.interp(np.arange(n_out) * rate / SAMPLE_RATE, np.arange(len(audio)), audio).astype(np.float32)
+    common = np.gcd(SAMPLE_RATE, rate)
+    return resample_poly(audio, SAMPLE_RATE // common, rate // common).astype(np.float32)
 
 
 class FilterbankFeatures:

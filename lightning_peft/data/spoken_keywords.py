@@ -20,7 +20,13 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_peft.data._split import SplitDataModule
-from lightning_peft.data.audio_features import AUDIOSET_MEAN, AUDIOSET_STD, FilterbankFeatures, SpecAugment
+from lightning_peft.data.audio_features import (
+    AUDIOSET_MEAN,
+    AUDIOSET_STD,
+    FilterbankFeatures,
+    SpecAugment,
+    resample_to_16k,
+)
 
 __all__ = ["DEFAULT_VOICES", "DEFAULT_WORDS", "SpokenKeywords", "synthesize"]
 
@@ -72,16 +78,7 @@ def _espeak_version(program: str) -> str:
 
 
 def _resample(audio: np.ndarray, rate: int) -> np.ndarray:
-    """Resample float audio to 16 kHz: polyphase filtering with scipy, linear interpolation without it."""
-    if rate == SAMPLE_RATE:
-        return audio
-    try:
-        from scipy.signal import resample_poly
-    except ImportError:
-        n_out = int(round(len(audio) * SAMPLE_RATE / rate))
-        return np.interp(np.arange(n_out) * rate / SAMPLE_RATE, np.arange(len(audio)), audio).astype(np.float32)
-    common = np.gcd(SAMPLE_RATE, rate)
-    return resample_poly(audio, SAMPLE_RATE // common, rate // common).astype(np.float32)
+    return resample_to_16k(audio, rate)
 
 
 def synthesize(word: str, voice: str, speed: int, pitch: int, program: str = "espeak-ng") -> np.ndarray:

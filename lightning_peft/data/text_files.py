@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 import importlib.util
 import os
@@ -13,8 +12,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_peft.data._records import TABLE_SUFFIXES, Record, read_records, read_text
 from lightning_peft.data._split import SplitDataModule
-from lightning_peft.models import resolve_pretrained
+from lightning_peft.models.pretrained import load_pretrained
 
 __all__ = ["TextFiles", "resolve_text_files"]
 
@@ -83,7 +83,11 @@ class _Blocks(Dataset):
 class TextFiles(SplitDataModule):
     """Causal language modelling over local text files, packed into blocks of ``block_size`` tokens.
 
-    Each file is one document; in a ``.csv`` file (with ``text_column`` set) each row's column is one document.
+    A plain text file is one document (files are checked to be UTF-8 text: binary files are refused, naming the
+    file). In a table file (``.csv``, ``.tsv``, ``.jsonl``, ``.json``) each row is one document: its
+    ``text_column`` field (``"text"``), or, for chat data, its ``messages`` field, a list of ``{"role": ...,
+    "content": ...}`` turns rendered with the tokenizer's chat template when it has one (otherwise as
+    ``"<role>: <content>"`` lines). A row with neither field is an error naming the file and the line.
     The documents are shuffled with ``seed`` and split by document (``val_fraction`` of them for validation, so no
     text is in both splits); each split's documents are tokenised, joined with an end-of-document token and cut
     into consecutive blocks of ``block_size`` tokens (the incomplete last block is dropped). The model predicts each
@@ -99,7 +103,9 @@ class TextFiles(SplitDataModule):
         block_size: Tokens per block.
         batch_size: Blocks per batch.
         val_fraction: Fraction of the documents held out for validation (at least one document).
-        text_column: The column holding the text in ``.csv`` files (other files are read whole).
+        text_column: The column / key holding the text of each row of a table file.
+        encoding: The encoding of the files ("utf-8"; e.g. "latin-1" for older CSV exports).
+        messages_column: The column / key holding a chat (a list of ``role`` / ``content`` turns) of a table file.
         max_documents: Keep only this many documents (after the seeded shuffle); None keeps all.
         seed: Seed of the document shuffle and of the training shuffle.
         num_workers: Worker processes of each DataLoader.
@@ -125,7 +131,9 @@ class TextFiles(SplitDataModule):
         block_size: int = 128,
         batch_size: int = 8,
         val_fraction: float = 0.1,
-        text_column: str | None = None,
+        text_column: str = "text",
+        messages_column: str = "messages",
+        encoding: str = "utf-8",
         max_documents: int | None = None,
         seed: int = 42,
         num_workers: int = 0,
@@ -149,6 +157,8 @@ class TextFiles(SplitDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.text_column = text_column
+        self.messages_column = messages_column
+        self.encoding = encoding
         self.max_documents = max_documents
         self.seed = seed
         self.num_workers = num_workers
@@ -162,7 +172,7 @@ class TextFiles(SplitDataModule):
             return self._tokenizer
         from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+        self._tokenizer = load_pretrained(AutoTokenizer, self.tokenizer_name, "tokenizer")
         return self._tokenizer
 
     @property
@@ -175,25 +185,59 @@ class TextFiles(SplitDataModule):
         """Return the documents of all files, in file order.
 
         Raises:
-            ValueError: If a ``.csv`` file is read without ``text_column`` or lacks that column.
+            ValueError: If a file is binary or not UTF-8, a table file cannot be parsed, or a row has neither
+                ``text_column`` nor ``messages_column`` (the message names the file and the line).
         """
         documents = []
         for path in self.paths:
-            if path.endswith(".csv") and self.text_column is not None:
-                with open(path, encoding="utf-8", errors="replace", newline="") as file:
-                    reader = csv.DictReader(file)
-                    if self.text_column not in (reader.fieldnames or []):
-                        raise ValueError(
-                            f"{path!r} has no column `text_column`={self.text_column!r}; its columns are"
-                            f" {reader.fieldnames}. HINT: set `text_column` to one of them."
-                        )
-                    documents += [row[self.text_column] for row in reader if row[self.text_column].strip()]
+            if path.lower().endswith(TABLE_SUFFIXES):
+                for record in read_records(path, self.encoding):
+                    document = self.render_record(record)
+                    if document.strip():
+                        documents.append(document)
             else:
-                with open(path, encoding="utf-8", errors="replace") as file:
-                    text = file.read()
+                text = read_text(path, self.encoding)
                 if text.strip():
                     documents.append(text)
         return documents
+
+    def render_record(self, record: Record) -> str:
+        """Return the document of one table row: its text, or its chat rendered as the tokenizer formats chats."""
+        values = record.values
+        if self.text_column in values:
+            value = values[self.text_column]
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{record.where}: `text_column`={self.text_column!r} must hold a string, got"
+                    f" {type(value).__name__} {str(value)[:40]!r}. HINT: quote the text in the file."
+                )
+            return value
+        if self.messages_column in values:
+            return self.render_chat(values[self.messages_column], record)
+        raise ValueError(
+            f"{record.where} has neither `text_column`={self.text_column!r} nor `messages_column`="
+            f"{self.messages_column!r}; its fields are {sorted(values)}. HINT: set `text_column` (or"
+            " `messages_column` for chats of role/content turns) to the field that holds the text."
+        )
+
+    def render_chat(self, messages: object, record: Record) -> str:
+        """Render a list of ``{"role", "content"}`` turns with the tokenizer's chat template, or as role lines."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(
+                f"{record.where}: `messages_column`={self.messages_column!r} must be a non-empty list of turns, got"
+                f' {type(messages).__name__}. HINT: e.g. [{{"role": "user", "content": "Hi"}}, ...].'
+            )
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
+                raise ValueError(
+                    f"{record.where}: every turn of `{self.messages_column}` must be an object with a string"
+                    f' "role" and a "content", got {str(turn)[:60]!r}.'
+                    ' HINT: e.g. {"role": "assistant", "content": "Hello"}.'
+                )
+        tokenizer = self._load_tokenizer()
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return "".join(f"{turn['role']}: {turn['content']}\n" for turn in messages)
 
     def encode(self, documents: list[str]) -> list[int]:
         """Tokenise the documents and join them, each followed by the end-of-document token."""

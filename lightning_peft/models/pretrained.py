@@ -7,8 +7,11 @@ such a copy, and leaves every other name alone so an online user still reaches t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 # Hub name (lower case) -> (importable package, name of its function that returns the local HF folder).
 # Add a row here to make another offline copy known.
@@ -61,3 +64,201 @@ def resolve_pretrained(name_or_path: str) -> str:
     except ImportError:
         return name_or_path
     return str(getattr(module, getter)())
+
+
+# How long a run waits to learn whether the hub answers before it says what to do instead (seconds).
+HUB_PROBE_TIMEOUT = 3.0
+
+_PROVIDE_HINT = (
+    "HINT: pass a local folder (one made with `save_pretrained(folder)`), or download the files beforehand where"
+    " there is internet (`huggingface-cli download {name}`, or one run with the hub reachable) and set"
+    " HF_HUB_OFFLINE=1 on the machine without it, so only the local cache is read."
+)
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value."""
+    values = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(value.strip().lower() in ("1", "true", "yes", "on") for value in values)
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face hub address (``HF_ENDPOINT``, else https://huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` seconds (DNS included), without HTTP traffic.
+
+    A network that drops packets makes ``from_pretrained`` wait for minutes; this answers in ``timeout``.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # getaddrinfo has no timeout of its own: the probe runs in a daemon thread that is abandoned when slow.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """True for names that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``C:/x``), not a hub id."""
+    return (
+        name_or_path.startswith((".", "/", "~", "\\"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+        or (len(name_or_path) > 1 and name_or_path[1] == ":")
+    )
+
+
+def load_pretrained(loader: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any:
+    """Call ``loader.from_pretrained`` for a local folder or hub name, failing within seconds when it cannot work.
+
+    The one place where this package loads Hugging Face models and tokenizers by name. ``name_or_path`` is first
+    resolved with :func:`resolve_pretrained` (an existing folder, or a package that ships an offline copy); then:
+
+    - a name that can only be a path (``./ckpt``, ``/data/model``) but is no folder fails at once, saying so;
+    - with ``HF_HUB_OFFLINE=1`` or the hub unreachable (a TCP probe of at most 3 s), a hub name is read from the
+      local Hugging Face cache only, and when it is not there the call fails at once with a message saying what
+      was looked for and how to provide it (no retries);
+    - with the hub reachable, ``from_pretrained`` runs as usual (cache, then download).
+
+    Args:
+        loader: A class with ``from_pretrained`` (``AutoTokenizer``, ``AutoModelForCausalLM``, ...).
+        name_or_path: A local folder or a hub name.
+        what: What is loaded, for messages (the argument name, e.g. ``"model"`` or ``"tokenizer"``).
+        **kwargs: More arguments for ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError: If a local path does not exist.
+        OSError: If a hub name has no local copy and the hub cannot be used, or loading fails.
+
+    Example::
+
+        >>> from transformers import AutoTokenizer
+        >>> from lightning_peft.models.pretrained import load_pretrained
+        >>> tokenizer = load_pretrained(AutoTokenizer, "sentence-transformers/all-MiniLM-L6-v2", "tokenizer")
+        >>> tokenizer("hello")["input_ids"]
+        [101, 7592, 102]
+    """
+    path = resolve_pretrained(name_or_path)
+    if os.path.isdir(path):
+        try:
+            return loader.from_pretrained(path, **kwargs)
+        except OSError as err:
+            raise OSError(
+                f"`{what}` {name_or_path!r}: the folder {path!r} could not be loaded: {err}"
+                f" HINT: the folder must hold what `save_pretrained` writes (config.json and weights for a model,"
+                f" tokenizer files for a tokenizer)."
+            ) from err
+    if looks_like_local_path(path) or os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"`{what}` {name_or_path!r} looks like a local folder, but {os.path.abspath(os.path.expanduser(path))!r}"
+            " does not exist (or is not a folder). HINT: fix the path (relative paths start at the directory you run"
+            " from), or give a hub name such as 'org/model'."
+        )
+    from huggingface_hub import constants
+
+    offline = hub_offline()
+    if offline or not hub_reachable():
+        # Cache only; in offline mode, since `local_files_only` alone still lets transformers retry hub requests.
+        try:
+            with _offline_mode():
+                return loader.from_pretrained(path, local_files_only=True, **kwargs)
+        except OSError as cache_miss:
+            reason = (
+                "HF_HUB_OFFLINE is set"
+                if offline
+                else f"the hub ({hub_endpoint()}) did not answer within {HUB_PROBE_TIMEOUT:.0f} s"
+            )
+            raise OSError(
+                f"`{what}` {name_or_path!r} has no local copy and {reason}. Looked for: a local folder {path!r}"
+                f" (none), a package with an offline copy (known: {sorted(OFFLINE_COPIES)}), and the Hugging Face"
+                f" cache {constants.HF_HUB_CACHE} (not there). " + _PROVIDE_HINT.format(name=name_or_path)
+            ) from cache_miss
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"`{what}` {name_or_path!r} could not be loaded from the hub: {err} " + _PROVIDE_HINT.format(name=path)
+        ) from err
+
+
+@contextlib.contextmanager
+def _offline_mode() -> Iterator[None]:
+    """Make huggingface_hub (and transformers through it) read the local cache only, then restore the setting."""
+    from huggingface_hub import constants
+
+    saved_constant, saved_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_constant
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+def check_timm_weights_available(model_name: str) -> None:
+    """Fail within seconds when timm's pretrained weights of ``model_name`` are neither cached nor downloadable.
+
+    timm downloads from the Hugging Face hub (``hf_hub_id`` of the model's pretrained config) or a URL into
+    torch's hub folder. When the weights are in neither cache and the hub is offline (``HF_HUB_OFFLINE=1``) or
+    does not answer within seconds, this raises instead of letting ``timm.create_model(pretrained=True)`` retry.
+
+    Raises:
+        OSError: Naming the model, where its weights were looked for, and how to provide them.
+    """
+    import timm
+
+    cfg = timm.get_pretrained_cfg(model_name)
+    if cfg is None:
+        return
+    cfg = cfg.to_dict()
+    hub_id = cfg.get("hf_hub_id")
+    places = []
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        for filename in ("open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
+                return
+        places.append(f"the Hugging Face cache {constants.HF_HUB_CACHE} ({repo})")
+    url = cfg.get("url")
+    if url:
+        import torch
+
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+        if os.path.isfile(cached):
+            return
+        places.append(cached)
+    if not places:
+        return
+    offline = hub_offline()
+    if offline or not hub_reachable():
+        reason = "HF_HUB_OFFLINE is set" if offline else f"the hub ({hub_endpoint()}) did not answer"
+        raise OSError(
+            f"`pretrained=True` needs timm's weights of {model_name!r}, which are not cached and {reason}."
+            f" Looked in: {'; '.join(places)}. HINT: run once where there is internet (timm caches the weights),"
+            " or save a state dict (`torch.save(model.state_dict(), path)`) and pass it as `checkpoint_path` with"
+            " `pretrained: false`."
+        )

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_peft.models import resolve_pretrained
+from lightning_peft.models.pretrained import load_pretrained
 from lightning_peft.modules._peft import OptimizedModule, apply_peft, build_peft_config, checked_model_kwargs
 
 _RESERVED_MODEL_KWARGS = ("pretrained_model_name_or_path", "config")
@@ -91,15 +91,8 @@ class CausalLM(OptimizedModule):
                 ) from err
             network = AutoModelForCausalLM.from_config(hf_config, **model_kwargs)
         else:
-            path = resolve_pretrained(model)
-            try:
-                network = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
-            except OSError as err:
-                raise OSError(
-                    f"`model` {model!r} could not be loaded from {path!r}: {err}"
-                    " HINT: without internet pass a local folder with config.json and weights"
-                    " (`model.save_pretrained(folder)`), or build a small model from `config`."
-                ) from err
+            # Local folder, offline package copy or HF cache; a clear error within seconds when none has it.
+            network = load_pretrained(AutoModelForCausalLM, model, "model", **model_kwargs)
         if peft_config is not None:
             network = apply_peft(network, peft_config)
         # `from_pretrained` returns eval mode, and the Trainer keeps the mode it finds: switch dropout back on.

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_peft.models.pretrained import check_timm_weights_available
 from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config, checked_model_kwargs
 
 _RESERVED_MODEL_KWARGS = ("num_classes", "pretrained", "checkpoint_path", "model_name")
@@ -93,6 +94,8 @@ class ImageClassifier(ClassifierModule):
         super().__init__(num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
 
+        if pretrained:
+            check_timm_weights_available(model_name)  # fails within seconds offline instead of retrying for a minute
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
         if checkpoint_path is not None:
             load_matching_state_dict(model, checkpoint_path)

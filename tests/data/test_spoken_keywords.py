@@ -7,6 +7,9 @@ import torch
 from lightning_peft.data import SpokenKeywords
 from lightning_peft.data.spoken_keywords import synthesize
 
+# Every test that synthesises speech; without espeak-ng they skip (fail under CI), see conftest.py at the root.
+needs_espeak = pytest.mark.espeak
+
 SMALL = dict(
     words=["yes", "no", "stop"],
     voices=["en-us", "en-gb+f2", "en-029+m3"],
@@ -27,6 +30,7 @@ def generated(tmp_path_factory):
     return data
 
 
+@needs_espeak
 def test_synthesis_is_deterministic_and_16khz():
     a = synthesize("left", "en-gb+f2", speed=160, pitch=40)
     b = synthesize("left", "en-gb+f2", speed=160, pitch=40)
@@ -35,6 +39,7 @@ def test_synthesis_is_deterministic_and_16khz():
     assert not np.array_equal(a, synthesize("left", "en-gb+f2", speed=160, pitch=70))
 
 
+@needs_espeak
 def test_two_generations_are_identical(generated, tmp_path):
     again = SpokenKeywords(cache_dir=str(tmp_path), **SMALL)
     again.setup("fit")
@@ -48,6 +53,7 @@ def test_two_generations_are_identical(generated, tmp_path):
     )
 
 
+@needs_espeak
 def test_split_by_voice_and_shapes(generated):
     split = generated.split_voices()
     assert sorted(split["train"] + split["val"] + split["test"]) == sorted(SMALL["voices"])
@@ -63,6 +69,7 @@ def test_split_by_voice_and_shapes(generated):
     assert generated.num_classes == 3 and generated.label_names == ("yes", "no", "stop")
 
 
+@needs_espeak
 def test_cache_is_reused_and_words_pick_classes(generated):
     cache = generated.cache_dir
     subset = SpokenKeywords(cache_dir=str(cache), **{**SMALL, "words": ["stop", "yes"]})
@@ -72,6 +79,7 @@ def test_cache_is_reused_and_words_pick_classes(generated):
     torch.testing.assert_close(subset.val_set.features[subset.val_set.labels == 0], stop_val)
 
 
+@needs_espeak
 def test_training_clips_are_augmented_validation_clips_are_not(generated):
     torch.manual_seed(0)
     features, _ = generated.train_set[0]
@@ -85,6 +93,7 @@ def test_missing_program_is_named_with_the_install_hint(tmp_path):
         data.setup("fit")
 
 
+@needs_espeak
 def test_unknown_voice_is_reported():
     with pytest.raises(ValueError, match="voice 'xx-nonexistent'.*--voices"):
         synthesize("yes", "xx-nonexistent", speed=160, pitch=50)

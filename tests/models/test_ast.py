@@ -133,7 +133,7 @@ def test_hf_ast_errors():
         build_hf_ast()
     with pytest.raises(ValueError, match="ASTConfig does not know"):
         build_hf_ast(config={"hidden_sizes": 3})
-    with pytest.raises(OSError, match="could not be loaded"):
+    with pytest.raises(FileNotFoundError, match="'/nonexistent/folder/ast' does not exist"):
         build_hf_ast("/nonexistent/folder/ast")
 
 

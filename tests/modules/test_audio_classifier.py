@@ -80,6 +80,7 @@ def test_errors_name_the_argument():
 
 
 @pytest.mark.slow
+@pytest.mark.espeak
 def test_ast_keywords_config_learns_through_the_cli(tmp_path):
     """The AST config as a user runs it (about a minute): far above chance (0.10) on unseen voices."""
     steps, metrics = run_config("ast_keywords_lisa.yaml", tmp_path, f"--data.init_args.cache_dir={tmp_path / 'cache'}")

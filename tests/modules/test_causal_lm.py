@@ -79,5 +79,5 @@ def test_errors_name_the_argument(tmp_path):
         CausalLM()
     with pytest.raises(ValueError, match="`config` does not describe"):
         CausalLM(config={"model_type": "not-a-model"})
-    with pytest.raises(OSError, match="could not be loaded"):
+    with pytest.raises(FileNotFoundError, match=r"looks like a local folder, but .*missing' does not exist"):
         CausalLM(str(tmp_path / "missing"))

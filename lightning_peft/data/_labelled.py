@@ -1,0 +1,109 @@
+"""What the DataModules of the user's own labelled data share: label names in checkpoints, seeded stratified splits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from typing_extensions import override
+
+from lightning_peft.data._split import SplitDataModule
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Return ``(train indices, validation indices)``: ``val_fraction`` of each class, drawn with ``seed``.
+
+    A class with at least two examples gives at least one to validation, so every class is validated.
+
+    Example::
+
+        >>> from lightning_peft.data._labelled import stratified_split
+        >>> train, val = stratified_split([0, 0, 0, 0, 1, 1, 1, 1], val_fraction=0.25, seed=0)
+        >>> len(train), len(val), sorted(i // 4 for i in val)
+        (6, 2, [0, 1])
+    """
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        n_val = min(len(members) - 1, max(1, round(val_fraction * len(members)))) if len(members) > 1 else 0
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def check_fraction(val_fraction: float) -> None:
+    """Raise a ValueError unless ``val_fraction`` is in (0, 1)."""
+    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(
+            f"`val_fraction` must be in (0, 1), got {val_fraction!r}. HINT: e.g. 0.1, or give a separate validation"
+            " folder / file."
+        )
+
+
+def check_positive(**values: Any) -> None:
+    """Raise a ValueError naming the first argument that is not a positive integer."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: e.g. {name}=16.")
+
+
+class LabelledDataModule(SplitDataModule):
+    """A classification DataModule whose class names are found in the data and kept in checkpoints.
+
+    Subclasses set :attr:`label_names` in ``setup``. ``state_dict`` stores them, so a checkpoint says what each
+    output of the model means (``checkpoint["LabelledDataModuleSubclass"]["label_names"]``), and a resumed run
+    whose data has other classes fails instead of training a head on shuffled meanings. ``setup`` also checks
+    that the model has one output per class when it runs under a Trainer.
+
+    Example::
+
+        >>> from lightning_peft.data._labelled import LabelledDataModule
+        >>> class Pets(LabelledDataModule):
+        ...     def setup(self, stage=None):
+        ...         self.label_names = ("cat", "dog")
+        >>> pets = Pets()
+        >>> pets.num_classes, pets.state_dict()
+        (2, {'label_names': ['cat', 'dog']})
+    """
+
+    label_names: tuple[str, ...] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (known after ``setup``)."""
+        if self.label_names is None:
+            self.setup()
+        return len(self.label_names)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"label_names": list(self.label_names or [])}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = tuple(state_dict.get("label_names") or ())
+        if not saved:
+            return
+        if self.label_names is not None and tuple(self.label_names) != saved:
+            raise ValueError(
+                f"The checkpoint was trained on the classes {list(saved)}, the data now has {list(self.label_names)}."
+                " HINT: use data with the same class names (a model's outputs keep the meaning they were trained"
+                " with), or start a new run without `ckpt_path`."
+            )
+        self.label_names = saved
+
+    def check_model_outputs(self) -> None:
+        """Raise a ValueError if the Trainer's model was built for another number of classes than the data has."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        hparams = getattr(model, "hparams", None) or {}
+        for name in ("num_classes", "num_labels"):
+            expected = hparams.get(name)
+            if isinstance(expected, int) and expected != len(self.label_names):
+                raise ValueError(
+                    f"The model has `{name}`={expected}, the data has {len(self.label_names)} classes"
+                    f" {list(self.label_names)}. HINT: set --model.init_args.{name}={len(self.label_names)}."
+                )
