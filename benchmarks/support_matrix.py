@@ -79,10 +79,18 @@ def _reason(method: str, cell: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
+    clean = [r for r in rows if all(r["cells"][m]["status"] == "ok" for m in METHODS)]
     header = "| model | family | layout | " + " | ".join(SHORT.get(m, m) for m in METHODS) + " |"
-    lines = [header, "|" + "---|" * (3 + len(METHODS))]
+    lines = [
+        f"OK for all {len(METHODS)} methods ({len(clean)} models): " + ", ".join(f"`{r['model']}`" for r in clean),
+        "",
+        header,
+        "|" + "---|" * (3 + len(METHODS)),
+    ]
     notes: dict[str, int] = {}
     for row in rows:
+        if row in clean:
+            continue
         cells = []
         for method in METHODS:
             cell = row["cells"][method]

@@ -463,7 +463,7 @@ def _recognise_attention(
     interleaved = _first_projection(module, _INTERLEAVED_QKV)
     fused = _first_projection(module, _FUSED_QKV)
     o = _first_projection(module, _O)
-    if interleaved is not None and o is not None:
+    if interleaved is not None and (o is not None or _first_projection(module, ("dense",)) is not None):
         return f"its fused projection {interleaved[0]!r} interleaves q / k / v per head"
     if fused is not None and o is not None and fused[0] != o[0]:
         if getattr(module, "is_cross_attention", False):

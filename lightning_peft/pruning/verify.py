@@ -148,8 +148,16 @@ class SiteVerifier:
                 mask[kept_heads] = 1
             for mask in masks.neurons:
                 mask[::3] = 0
+        # training mode without randomness: fused inference paths (nn.TransformerEncoderLayer's fast path) skip
+        # module hooks, so the masks; the copy is thrown away, so its dropout can be switched off
+        for module in trial.modules():
+            for attribute, value in list(vars(module).items()):
+                if "drop" in attribute and isinstance(value, float):
+                    setattr(module, attribute, 0.0)
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
         was_training = trial.training
-        trial.eval()
+        trial.train()
         try:
             masks.install()
             expected = _first_tensor(trial(*args, **kwargs))
