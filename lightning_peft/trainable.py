@@ -17,6 +17,8 @@ changes in the middle of gradient accumulation. It owns what changing the traina
   left out of gradient synchronisation;
 * under FSDP2 (``ModelParallelStrategy``), whose distributed checkpoint expects optimizer state for every
   parameter that requires grad, the parameters without saved state stay frozen while a checkpoint loads;
+* at every optimizer-step boundary it first calls :meth:`TrainableSetCallback.on_step_boundary` of every method,
+  then asks each for its trainable set, so no method depends on the order of ``trainer.callbacks``;
 * at the end of ``fit`` the parameters it froze are trainable again, as the user gave them.
 
 Candidates are the parameters with ``requires_grad=True`` when training starts: what the user's module froze
@@ -86,6 +88,15 @@ class TrainableSetCallback(Callback):
         if stage == "fit":
             self.controller = TrainableSetController.attach(trainer, self)
 
+    def on_step_boundary(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, step: int
+    ) -> None:
+        """Work the step's trainable set depends on (IST's importance update), before any method is asked for it.
+
+        The controller calls this once per optimizer step, for every participant, before it calls any
+        :meth:`trainable_parameters`, whatever the order of ``trainer.callbacks``. Default: nothing.
+        """
+
     def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:
         """Names of the parameters (as in ``pl_module.named_parameters()``) this callback lets train at ``step``.
 
@@ -124,9 +135,14 @@ class TrainableSetController(Callback):
         return any(p.release_optimizer_state for p in self.participants)
 
     @classmethod
+    def of(cls, trainer: pl.Trainer) -> TrainableSetController | None:
+        """The Trainer's controller, or ``None`` when no method that changes the trainable set is attached."""
+        return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+
+    @classmethod
     def attach(cls, trainer: pl.Trainer, participant: TrainableSetCallback) -> TrainableSetController:
         """Return the Trainer's controller (creating and adding it if needed) with ``participant`` registered."""
-        controller = next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+        controller = cls.of(trainer)
         if controller is None:
             _check_strategy(trainer, participant)
             controller = cls()
@@ -202,6 +218,9 @@ class TrainableSetController(Callback):
         if step == self._last_step:  # inside an accumulation window: never change the set here
             return
         self._last_step = step
+        # the boundary first, for every method, then the wishes: no method depends on the order of the callbacks
+        for participant in self.participants:
+            participant.on_step_boundary(trainer, pl_module, batch, batch_idx, step)
         wishes = [p.trainable_parameters(trainer, pl_module, step) for p in self.participants]
         last = self._last_wishes
         changed = last is None or len(last) != len(wishes) or any(a is not b for a, b in zip(wishes, last, strict=True))
@@ -211,6 +230,14 @@ class TrainableSetController(Callback):
             for wish in wishes:
                 if wish is not None:
                     allowed &= wish if isinstance(wish, (set, frozenset)) else set(wish)
+            if self.candidates and not allowed:
+                restricting = [p for p, wish in zip(self.participants, wishes, strict=True) if wish is not None]
+                names = ", ".join(type(p).__name__ for p in restricting)
+                raise ValueError(
+                    f"At optimizer step {step} the trainable sets of {names} have no parameter in common: nothing"
+                    " would train. HINT: combine methods whose sets overlap (e.g. LISA with IST draws different"
+                    " blocks), or leave parameters outside the blocks (the head) trainable."
+                )
             self._apply(trainer, allowed)
         # `log` costs ~0.5 ms on a CPU: call it when the value changes and on the steps the loggers write (every
         # `log_every_n_steps`), so the curve is complete without paying for it on every step.

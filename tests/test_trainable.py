@@ -173,3 +173,51 @@ def test_trainable_params_reach_the_logger_on_its_steps(tmp_path):
     size = {n: p.numel() for n, p in model.named_parameters()}
     one, two = sum(size[n] for n in OUTSIDE | _block(0)), sum(size[n] for n in OUTSIDE | _block(0) | _block(1))
     assert logged == {1: one, 3: two, 5: two, 7: two}  # every logging step, with the value of that step
+
+
+class Only(TrainableSetCallback):
+    """Allows one fixed set of parameter names."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = frozenset(names)
+
+    def trainable_parameters(self, trainer, pl_module, step):
+        return self.names
+
+
+def test_disjoint_sets_fail_with_the_methods_named(tmp_path):
+    callbacks = [Only({"blocks.0.fc1.weight"}), Only({"blocks.1.fc1.weight"})]
+    with pytest.raises(ValueError, match=r"At optimizer step 0 the trainable sets of Only, Only have no parameter in"):
+        pl.Trainer(callbacks=callbacks, max_steps=1, **trainer_kwargs(tmp_path)).fit(TinyBlockModel())
+
+
+class Boundary(TrainableSetCallback):
+    """Decides its set in `on_step_boundary`; records the order of calls."""
+
+    def __init__(self, log, name):
+        super().__init__()
+        self.record, self.name = log, name
+
+    def on_step_boundary(self, trainer, pl_module, batch, batch_idx, step):
+        self.record.append(("boundary", self.name, step))
+
+    def trainable_parameters(self, trainer, pl_module, step):
+        self.record.append(("set", self.name, step))
+        return None
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_every_boundary_comes_before_any_set_whatever_the_callback_order(tmp_path, reverse):
+    log = []
+    callbacks = [Boundary(log, "a"), Boundary(log, "b")]
+    trainer = pl.Trainer(
+        callbacks=callbacks[::-1] if reverse else callbacks,
+        max_steps=2,
+        accumulate_grad_batches=2,
+        **trainer_kwargs(tmp_path),
+    )
+    trainer.fit(TinyBlockModel())
+    for step in (0, 1):  # once per optimizer step, not per batch
+        calls = [(kind, name) for kind, name, s in log if s == step]
+        assert sorted(calls[:2]) == [("boundary", "a"), ("boundary", "b")] and len(calls) == 4

@@ -19,9 +19,14 @@ EXPECTED = {
     ("hf_albert", "LISA"): "refused",
     ("hf_albert", "IST"): "refused",
     ("hf_albert", "HalfFineTuning"): "ok",
-    **{(name, "EarlyPruning"): "ok" for name in ("timm_swin", "timm_beit", "timm_eva02", "hf_swin", "hf_gpt2")},
+    **{(name, "EarlyPruning"): "ok" for name in ("timm_swin", "hf_swin", "hf_gpt2", "hf_whisper")},
+    ("hf_t5", "EarlyPruning"): "partial",  # MLPs of both stacks pruned; heads share the first layer's position bias
+    # heads left whole with the reason (their forward reshapes to the input width), MLP neurons and LoRA pruned
+    ("timm_beit", "EarlyPruning"): "partial",
+    ("timm_eva02", "EarlyPruning"): "partial",
     ("hf_bart", "EarlyPruning"): "ok",
     ("hf_phi3", "EarlyPruning"): "ok",
+    ("torch_user", "EarlyPruning"): "ok",  # a user's block with its layout declared once
 }
 
 

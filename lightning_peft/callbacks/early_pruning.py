@@ -319,7 +319,11 @@ class EarlyPruning(Callback):
             importance.recording = False  # validation passes do not count
         if self._verifier is not None and self._verifier.pending:
             self._verifier.stop()
+            if self.masks is not None:
+                self.masks.remove()  # the block copies must not carry the masks' hooks
             self.excluded = self._verifier.verify()
+            if self.masks is not None:
+                self.masks.install()
             if self.excluded:
                 reasons = sorted(set(self.excluded.values()))
                 rank_zero_warn(

@@ -306,7 +306,11 @@ class HalfFineTuning(TrainableSetCallback):
     def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:
         if self._allowed is None:
             assert self.selected is not None
-            self._allowed = frozenset(self._outside) | frozenset(self.selected)
+            # every parameter of the module now but the unselected block parameters: parameters that other methods
+            # registered after this one's setup (early pruning's masks) are outside the blocks and train
+            selected = set(self.selected)
+            frozen = {p for p in self._block_parameter_names() if p not in selected}
+            self._allowed = frozenset(n for n, _ in pl_module.named_parameters() if n not in frozen)
         return self._allowed
 
     @override

@@ -217,17 +217,6 @@ class IST(TrainableSetCallback):
             self.history = [(0, self.scores.tolist())]
         self._allowed = None
         super().setup(trainer, pl_module, stage)
-        # The importance update needs the batch, so it runs in this callback's `on_train_batch_start`, which must
-        # come before the controller's (where the step's set is asked for).
-        callbacks = trainer.callbacks
-        order = [id(cb) for cb in callbacks]
-        if (
-            self.controller is not None
-            and id(self) in order
-            and order.index(id(self.controller)) < order.index(id(self))
-        ):
-            callbacks.remove(self.controller)
-            callbacks.append(self.controller)
 
     def _find_peft_modules(self, pl_module: pl.LightningModule) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -278,6 +267,9 @@ class IST(TrainableSetCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # parameters that other methods registered after this one's setup (early pruning's masks) train as well
+        self._all_params = frozenset(n for n, _ in pl_module.named_parameters())
+        self._allowed = None
         assert self.scores is not None
         if len(self.scores) != self.n_layers:
             raise ValueError(
@@ -310,10 +302,10 @@ class IST(TrainableSetCallback):
         return self._allowed
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    def on_step_boundary(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, step: int
     ) -> None:
-        step = trainer.global_step
+        # called by the controller before any method's trainable set is asked for (the update needs the batch)
         if step == self._sampled_at and self._allowed is not None:  # inside an accumulation window, or done
             return
         if step > 0 and step % self.interval == 0 and step != self._updated_at:

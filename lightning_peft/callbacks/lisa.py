@@ -178,10 +178,12 @@ class LISA(TrainableSetCallback):
             self._sample(step)
         if self._allowed is None:
             assert self.stack is not None and self.sampled is not None
-            names = set(self.stack.outside_parameter_names())
-            for index in self.sampled:
-                names.update(self.stack.block_parameter_names(index))
-            self._allowed = frozenset(names)
+            # every parameter of the module now but those of the blocks not sampled: parameters that other methods
+            # registered after this one's setup (early pruning's masks) are outside the blocks and train
+            frozen = {
+                n for i in range(len(self.stack)) if i not in self.sampled for n in self.stack.block_parameter_names(i)
+            }
+            self._allowed = frozenset(n for n, _ in pl_module.named_parameters() if n not in frozen)
         return self._allowed
 
     def _sample(self, step: int) -> None:

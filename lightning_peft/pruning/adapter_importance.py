@@ -72,7 +72,7 @@ class AdapterImportance:
 
     def _hook(self, path: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not self.recording or not args:
+            if not self.recording or not args or not torch.is_grad_enabled():  # training forwards only
                 return
             with torch.no_grad():
                 ratio = output.detach().float().norm() / args[0].detach().float().norm().clamp_min(1e-12)

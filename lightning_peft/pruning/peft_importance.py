@@ -82,7 +82,8 @@ class LoraImportance:
 
     def _base_hook(self, path: str, base: nn.Module):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.recording:
+            # training forwards only: another method's scoring pass (IST, under no_grad) is not a sample
+            if self.recording and torch.is_grad_enabled():
                 with torch.no_grad():
                     bias = base.bias
                     if bias is not None and isinstance(base, nn.Conv2d):  # channels first
@@ -95,7 +96,7 @@ class LoraImportance:
     def _delta_hook(self, path: str, layer: nn.Module, adapter: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             base_norm = self._base_out.get(path)
-            if not self.recording or base_norm is None:
+            if not self.recording or base_norm is None or not torch.is_grad_enabled():
                 return
             with torch.no_grad():
                 ratio = (output.detach().float().norm() * abs(float(layer.scaling[adapter]))) / base_norm.clamp_min(

@@ -88,7 +88,7 @@ class SiteVerifier:
 
     def _recorder(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if index not in self._inputs:
+            if index not in self._inputs and torch.is_grad_enabled():  # the training forward, not a scoring pass
                 detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
                 self._inputs[index] = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
 
@@ -109,7 +109,8 @@ class SiteVerifier:
         """``{site path: reason}`` of every site that cannot be pruned exactly (empty when all can).
 
         Each site is tried alone on a fresh copy of its block: some heads (a key/value group) or a third of the
-        neurons masked, then the same pruned; the two outputs must agree.
+        neurons masked, then the same pruned; the two outputs must agree. The copies carry the blocks' hooks, so
+        remove :class:`~lightning_peft.pruning.PruningMasks` from the model first.
         """
         excluded: dict[str, str] = {}
         for index, paths in self._owned.items():
@@ -125,10 +126,7 @@ class SiteVerifier:
         if index not in self._inputs:
             return f"{type(block).__name__} did not run in the training forward, so it could not be verified"
         args, kwargs = _without_caches(*self._inputs[index])
-        trial = copy.deepcopy(block)
-        for module in trial.modules():  # the copy must not carry the model's masks or scoring hooks along
-            module._forward_pre_hooks.clear()
-            module._forward_hooks.clear()
+        trial = copy.deepcopy(block)  # with the block's hooks: adapters stay; remove pruning masks before verify()
         anatomy = block_anatomy(trial, name, index)
         sites = Sites(
             attention=[s for s in anatomy.attention if s.path == path and s.problem is None],
