@@ -181,10 +181,13 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None, freeze_b
                 adapter.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
             container[location] = adapter
             stash = None
+            # the adapter keeps the handles of its hooks (they travel with it through deepcopy and pickling), so
+            # removing it removes exactly its hooks
+            adapter.hook_handles = []
             if config.placement == "parallel":
                 stash = _InputStash()
-                entry.register_forward_pre_hook(stash, with_kwargs=True)
-            exit_module.register_forward_hook(_AdapterHook(adapter, stash))
+                adapter.hook_handles.append(entry.register_forward_pre_hook(stash, with_kwargs=True))
+            adapter.hook_handles.append(exit_module.register_forward_hook(_AdapterHook(adapter, stash)))
         block.add_module(ADAPTER_CONTAINER, container)
     if freeze_base:
         mark_only_adapters_as_trainable(model, _modules_to_save(model, config))

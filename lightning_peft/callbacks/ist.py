@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_peft._logging import logger_writes_this_step
+from lightning_peft._plotting import new_figure, save_figure
 from lightning_peft.adapters.layers import Adapter
 from lightning_peft.layers import LayerStack, find_layers
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
@@ -402,27 +403,18 @@ class IST(TrainableSetCallback):
 
     def plot_scores(self, path: str, end_step: int | None = None) -> str:
         """Save the scores of every block over the steps to ``path`` (PNG) and return the path."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         steps = [step for step, _ in self.history]
         values = torch.tensor([scores for _, scores in self.history])
         if end_step is not None and end_step > steps[-1]:  # the scores hold until the end
             steps.append(end_step)
             values = torch.cat([values, values[-1:]])
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = new_figure((8, 4.5))
         for index in range(values.shape[1]):
             ax.step(steps, values[:, index].tolist(), where="post", label=f"block {index}")
         ax.set(xlabel="optimizer step", ylabel="score s (higher: trained less often)")
         ax.set_title(f"IST scores, updated every {self.interval} steps")
         ax.legend(fontsize="small", ncol=max(1, values.shape[1] // 12), loc="best")
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     @override
     def state_dict(self) -> dict[str, Any]:

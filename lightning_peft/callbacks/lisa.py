@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_peft._plotting import new_figure, save_figure
 from lightning_peft.layers import LayerStack, find_layers
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
@@ -215,27 +216,24 @@ class LISA(TrainableSetCallback):
 
     def plot_history(self, path: str, end_step: int | None = None) -> str:
         """Save a picture of which block trained during which steps to ``path`` (PNG) and return the path."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         assert self.stack is not None or self.history
         n_blocks = len(self.stack) if self.stack is not None else 1 + max(max(b) for _, b in self.history)
         last = max(end_step or 0, self.history[-1][0] + 1)
-        fig, ax = plt.subplots(figsize=(8, 0.3 * n_blocks + 1.5))
+        fig, ax = new_figure((8, 0.3 * n_blocks + 1.5))
         bounds = [step for step, _ in self.history[1:]] + [last]
         for (start, blocks), stop in zip(self.history, bounds, strict=True):
             for block in blocks:
                 ax.broken_barh([(start, stop - start)], (block - 0.4, 0.8), color="tab:blue")
         ax.set(xlabel="optimizer step", ylabel="block", xlim=(0, last), ylim=(-0.5, n_blocks - 0.5))
         ax.set_yticks(range(n_blocks))
-        ax.set_title(f"LISA: {self.n_layers} of {n_blocks} blocks, resampled every {self.interval} steps")
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        if self.stack is not None and len(self.stack.stacks) > 1:  # where each stack begins, named on the right
+            for stack in self.stack.stacks:
+                if stack.start:
+                    ax.axhline(stack.start - 0.5, color="grey", linewidth=0.8)
+                ax.text(last, (stack.start + stack.stop - 1) / 2, f" {stack.path}", va="center", fontsize=8)
+        per = " per stack" if self.per_stack else ""
+        ax.set_title(f"LISA: {self.n_layers}{per} of {n_blocks} blocks, resampled every {self.interval} steps")
+        return save_figure(fig, path)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -145,20 +145,9 @@ def prune_adapter_units(
 def remove_adapter(root: nn.Module, path: str, record: ParameterReplacements | None = None) -> None:
     """Take the adapter at ``path`` out of ``root``: its hooks are unregistered and the module deleted."""
     adapter = root.get_submodule(path)
-    stashes = set()
-    for module in root.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "adapter", None) is adapter:
-                if getattr(hook, "stash", None) is not None:
-                    stashes.add(id(hook.stash))
-                del module._forward_hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
-    for module in root.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if id(hook) in stashes:
-                del module._forward_pre_hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
+    for handle in getattr(adapter, "hook_handles", []):
+        handle.remove()
+    adapter.hook_handles = []
     if record is not None:
         for param in adapter.parameters():
             record.remove(param)

@@ -128,8 +128,8 @@ def _slice_attr(module: nn.Module, name: str, dim: int, index: Tensor, record: P
     old = getattr(module, name, None)
     if old is None:
         return
-    if not isinstance(old, nn.Parameter):  # a buffer (BEiT's zero k_bias): slice it in place of the old one
-        module._buffers[name] = old.index_select(dim, index.to(old.device)).clone()
+    if not isinstance(old, nn.Parameter):  # a buffer (BEiT's zero k_bias): assigning a tensor replaces the buffer
+        setattr(module, name, old.index_select(dim, index.to(old.device)).clone())
         return
     new = _sliced_parameter(old, dim, index)
     setattr(module, name, new)

@@ -261,3 +261,27 @@ def test_image_classifier_with_adapters_from_a_dict():
         "model.head.bias",
     }
     assert module(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_removing_an_adapter_removes_exactly_its_hooks_also_on_a_deep_copy():
+    import copy
+
+    import timm
+
+    from lightning_peft.adapters import AdapterConfig, adapter_modules, add_adapters
+    from lightning_peft.pruning.adapter_importance import remove_adapter
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    add_adapters(vit, AdapterConfig(layout="houlsby", placement="parallel"))
+    for _, adapter in adapter_modules(vit):  # non-zero adapters, so removing one changes the output
+        torch.nn.init.normal_(adapter.up.weight, std=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    before = vit(x)
+    twin = copy.deepcopy(vit)
+    remove_adapter(twin, "blocks.0.adapters.mlp")
+    assert torch.equal(vit(x), before)  # the original keeps all its adapters and hooks
+    assert not torch.allclose(twin(x), before)
+    assert "blocks.0.adapters.mlp" not in dict(adapter_modules(twin))
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in twin.modules())
+    assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in vit.modules()) - 2

@@ -252,3 +252,19 @@ def test_pool_of_all_stacks_and_per_stack_sampling(tmp_path):
     with pytest.raises(ValueError, match=r"`n_layers` must be between 1 and 2 with `per_stack=True`.*'decoder'"):
         lisa = LISA(n_layers=3, per_stack=True, layers=["blocks", "decoder"])
         pl.Trainer(callbacks=[lisa], max_steps=1, **trainer_kwargs(tmp_path)).fit(TwoStackModel())
+
+
+def test_plot_marks_the_stacks_and_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        lisa = LISA(n_layers=1, interval=2, seed=0, layers=["blocks", "decoder"], per_stack=True)
+        pl.Trainer(callbacks=[lisa], max_steps=6, **trainer_kwargs(tmp_path)).fit(TwoStackModel())
+        path = lisa.plot_history(str(tmp_path / "plot" / "lisa.png"), end_step=6)
+        assert matplotlib.get_backend() == "pdf"
+        with open(path, "rb") as file:
+            assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(previous)
