@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_peft._sharding import gather_whole, local_part, take_local
+from lightning_peft._validation import check_bool, check_choice, check_int, check_number, check_seed
 from lightning_peft.layers import find_layers
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
@@ -131,32 +132,32 @@ class HalfFineTuning(TrainableSetCallback):
         verbose: bool = False,
     ) -> None:
         super().__init__(release_optimizer_state=True)
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-            raise ValueError(
-                f"`ratio` must be a number strictly between 0 and 1 (the fraction that trains), got {ratio!r}."
-                " HINT: the paper trains half of the parameters: ratio=0.5."
-            )
-        if granularity not in GRANULARITIES:
-            raise ValueError(
-                f"`granularity` must be one of {list(GRANULARITIES)}, got {granularity!r}."
-                ' HINT: "category" is the paper\'s method (half of each category in every block).'
-            )
-        if reselect_every_n_epochs is not None and (
-            isinstance(reselect_every_n_epochs, bool)
-            or not isinstance(reselect_every_n_epochs, int)
-            or reselect_every_n_epochs < 1
-        ):
-            raise ValueError(
-                f"`reselect_every_n_epochs` must be None or an integer >= 1, got {reselect_every_n_epochs!r}."
-                " HINT: None draws once per `fit` call (one stage), as in the paper."
-            )
-        if reset not in RESETS:
-            raise ValueError(
-                f"`reset` must be one of {list(RESETS)}, got {reset!r}."
-                ' HINT: "on_train_end" is the paper\'s Half-Reset; None keeps the trained values.'
-            )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be None or an integer, got {seed!r}. HINT: e.g. seed=0.")
+        check_number(
+            "ratio",
+            ratio,
+            0,
+            1,
+            "the paper trains half of the parameters: ratio=0.5.",
+            "a number strictly between 0 and 1 (the fraction that trains)",
+        )
+        check_choice(
+            "granularity",
+            granularity,
+            GRANULARITIES,
+            '"category" is the paper\'s method (half of each category in every block).',
+        )
+        check_int(
+            "reselect_every_n_epochs",
+            reselect_every_n_epochs,
+            1,
+            "None draws once per `fit` call (one stage), as in the paper.",
+            allow_none=True,
+        )
+        check_choice(
+            "reset", reset, RESETS, '"on_train_end" is the paper\'s Half-Reset; None keeps the trained values.'
+        )
+        check_seed("seed", seed)
+        check_bool("verbose", verbose)
         self.ratio = float(ratio)
         self.granularity = granularity
         self.reselect_every_n_epochs = reselect_every_n_epochs

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_peft._logging import logger_writes_this_step
 from lightning_peft._plotting import new_figure, save_figure
+from lightning_peft._validation import check_bool, check_int, check_number, check_seed
 from lightning_peft.adapters.layers import Adapter
 from lightning_peft.layers import LayerStack, find_layers
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
@@ -121,28 +122,32 @@ class IST(TrainableSetCallback):
     ) -> None:
         super().__init__(release_optimizer_state=release_optimizer_state)
         for name, value in (("update_ratio", update_ratio), ("candidate_ratio", candidate_ratio)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-                raise ValueError(
-                    f"`{name}` must be a fraction of the layers in (0, 1], got {value!r}."
-                    " HINT: the paper uses update_ratio=0.25 and candidate_ratio=0.5."
-                )
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(
-                f"`interval` must be an integer >= 1 (optimizer steps between importance updates), got {interval!r}."
-                " HINT: the paper uses 10."
+            check_number(
+                name,
+                value,
+                0,
+                1,
+                "the paper uses update_ratio=0.25 and candidate_ratio=0.5.",
+                "a fraction of the layers in (0, 1]",
+                include_high=True,
             )
-        if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 2:
-            raise ValueError(
-                f"`n_candidates` must be an integer >= 2 (rewards are relative to the mean over candidates), got"
-                f" {n_candidates!r}. HINT: the paper uses 3."
-            )
-        if not isinstance(suppression, (int, float)) or not 0.0 <= suppression < 1.0:
-            raise ValueError(
-                f"`suppression` must be in [0, 1) (factor on the PEFT output of a candidate set), got {suppression!r}."
-                " HINT: the paper uses 0.25; 0 switches the modules off."
-            )
-        if not isinstance(reward_lr, (int, float)) or reward_lr <= 0:
-            raise ValueError(f"`reward_lr` must be a positive number, got {reward_lr!r}. HINT: the paper uses 10.")
+        check_int("interval", interval, 1, "the paper uses 10.", "optimizer steps between importance updates")
+        check_int(
+            "n_candidates", n_candidates, 2, "the paper uses 3.", "rewards are relative to the mean over candidates"
+        )
+        check_number(
+            "suppression",
+            suppression,
+            0,
+            1,
+            "the paper uses 0.25; 0 switches the modules off.",
+            "in [0, 1) (factor on the PEFT output of a candidate set)",
+            include_low=True,
+        )
+        check_number("reward_lr", reward_lr, 0, float("inf"), "the paper uses 10.", "a positive number")
+        check_seed("seed", seed)
+        for name, value in (("verbose", verbose), ("plot", plot), ("release_optimizer_state", release_optimizer_state)):
+            check_bool(name, value)
         self.update_ratio = float(update_ratio)
         self.interval = interval
         self.n_candidates = n_candidates

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_peft._plotting import new_figure, save_figure
+from lightning_peft._validation import check_bool, check_int, check_seed
 from lightning_peft.layers import LayerStack, find_layers
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
@@ -93,16 +94,16 @@ class LISA(TrainableSetCallback):
         per_stack: bool = False,
     ) -> None:
         super().__init__(release_optimizer_state=release_optimizer_state)
-        if not isinstance(n_layers, int) or n_layers < 1:
-            raise ValueError(
-                f"`n_layers` must be an integer >= 1 (blocks trained per period), got {n_layers!r}."
-                " HINT: the paper uses 2 (4 for 70B models)."
-            )
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(
-                f"`interval` must be an integer >= 1 (optimizer steps between samplings), got {interval!r}."
-                " HINT: the paper's K; 20 is a good default."
-            )
+        check_int("n_layers", n_layers, 1, "the paper uses 2 (4 for 70B models).", "blocks trained per period")
+        check_int("interval", interval, 1, "the paper's K; 20 is a good default.", "optimizer steps between samplings")
+        check_seed("seed", seed)
+        for name, value in (
+            ("release_optimizer_state", release_optimizer_state),
+            ("verbose", verbose),
+            ("plot", plot),
+            ("per_stack", per_stack),
+        ):
+            check_bool(name, value)
         if layer_weights is not None:
             weights = [float(w) for w in layer_weights]
             if any(w < 0 for w in weights) or sum(w > 0 for w in weights) < n_layers:
@@ -111,8 +112,6 @@ class LISA(TrainableSetCallback):
                     f" {layer_weights!r}. HINT: give every block that may train a positive weight, or leave it None"
                     " for uniform sampling."
                 )
-        if not isinstance(per_stack, bool):
-            raise ValueError(f"`per_stack` must be True or False, got {per_stack!r}.")
         if per_stack and layer_weights is not None:
             raise ValueError(
                 "`per_stack=True` and `layer_weights` cannot be combined. HINT: give `layer_weights` for the pool of"

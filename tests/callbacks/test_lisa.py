@@ -27,6 +27,9 @@ class History(Callback):
     [
         ({"n_layers": 0}, r"`n_layers` must be an integer >= 1.*got 0.*HINT"),
         ({"n_layers": 1.5}, r"`n_layers` must be an integer"),
+        ({"n_layers": True}, r"`n_layers` must be an integer >= 1.*got True"),  # a bool is not a number
+        ({"plot": "no"}, r"`plot` must be True or False, got 'no'"),
+        ({"seed": 1.5}, r"`seed` must be None or an integer"),
         ({"interval": 0}, r"`interval` must be an integer >= 1.*got 0.*HINT"),
         ({"layer_weights": [1.0, -1.0, 1.0]}, r"`layer_weights` must be non-negative"),
         ({"n_layers": 2, "layer_weights": [0.0, 0.0, 1.0]}, r"at least `n_layers`=2 positive values"),
