@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft._logging import logger_writes_this_step
+from lightning_peft._compat import ddp_constructor_kwargs, logger_writes_this_step, run_before_checkpoint_load
 from lightning_peft._sharding import check_optimizers
 
 __all__ = ["TrainableSetCallback", "TrainableSetController", "agree_seed"]
@@ -176,18 +176,11 @@ class TrainableSetController(Callback):
 
     def _wrap_checkpoint_loading(self, strategy: ModelParallelStrategy) -> None:
         # Lightning has no hook between building the optimizers and loading a checkpoint into them under FSDP2
-        # (the checkpoint path is not even known to callbacks before the load): wrap the strategy's loader
-        if getattr(strategy, "_trainable_set_wrapped", False):
-            return
-        load_checkpoint = strategy.load_checkpoint
-
-        def load_with_frozen_set(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        def hold(checkpoint_path: Any) -> None:
             if strategy.lightning_module is not None:
                 self._hold_for_loading(strategy.lightning_module, checkpoint_path)
-            return load_checkpoint(checkpoint_path, *args, **kwargs)
 
-        strategy.load_checkpoint = load_with_frozen_set  # type: ignore[method-assign]
-        strategy._trainable_set_wrapped = True  # type: ignore[attr-defined]
+        run_before_checkpoint_load(strategy, hold)
 
     def _release_held(self) -> None:
         for param in self._held_for_loading:
@@ -320,7 +313,7 @@ def _check_strategy(trainer: pl.Trainer, participant: Callback) -> None:
     if isinstance(strategy, DDPStrategy):
         # Frozen layers produce no gradients; DDP must know, or the reducer waits for them and crashes.
         # Lightning keeps the DDP constructor's keyword arguments here until it wraps the model.
-        kwargs = strategy._ddp_kwargs
+        kwargs = ddp_constructor_kwargs(strategy)
         if not kwargs.get("find_unused_parameters"):
             kwargs["find_unused_parameters"] = True
             rank_zero_info(

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_peft._logging import logger_writes_this_step
+from lightning_peft._compat import logger_writes_this_step
 from lightning_peft._sharding import check_optimizers
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL, ActivationQuantizer, SavedTensorStats
 

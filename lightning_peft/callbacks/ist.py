@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_peft._logging import logger_writes_this_step
+from lightning_peft._compat import logger_writes_this_step, muted_logging
 from lightning_peft._plotting import new_figure, save_figure
 from lightning_peft._validation import check_bool, check_int, check_number, check_seed
 from lightning_peft.adapters.layers import Adapter
@@ -453,12 +453,8 @@ def _batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Te
     if callable(compute_loss):
         output = compute_loss(batch)
     else:
-        pl_module.log = _no_log  # type: ignore[method-assign]
-        pl_module.log_dict = _no_log  # type: ignore[method-assign]
-        try:
+        with muted_logging(pl_module):
             output = pl_module.training_step(batch, batch_idx)
-        finally:
-            del pl_module.log, pl_module.log_dict
     if isinstance(output, Mapping):
         output = output.get("loss")
     if not isinstance(output, Tensor):
@@ -468,7 +464,3 @@ def _batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Te
             " `compute_loss(batch)` method."
         )
     return output
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
