@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,11 +39,11 @@ class RunConfigSaver(SaveConfigCallback):
         >>> PeftCLI(args=["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
     """
 
-    def run_folder(self, trainer: pl.Trainer) -> str | None:
-        """The folder of this run's outputs: the logger's directory, else the checkpoint folder, else None."""
+    def run_folder(self, trainer: pl.Trainer, stage: str) -> str | None:
+        """The folder of this run's outputs: the logger's directory, else the checkpoint folder of a fit, else None."""
         if trainer.loggers:
             return trainer.log_dir
-        if trainer.checkpoint_callbacks:
+        if stage == "fit" and trainer.checkpoint_callbacks:
             return os.path.join(trainer.default_root_dir, "checkpoints")
         return None
 
@@ -50,24 +51,32 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        folder = self.run_folder(trainer)
-        folder = trainer.strategy.broadcast(folder)
+        folder = trainer.strategy.broadcast(self.run_folder(trainer, stage))
         if folder is None:
-            rank_zero_info("No logger and no checkpoints: the resolved config of this run is not saved.")
+            rank_zero_info("No logger: the resolved config of this run is not saved.")
             self.already_saved = True
             return
-        path = os.path.join(folder, self.config_filename)
-        foreign = _written_by_someone_else(path) if trainer.is_global_zero else False
+        self._path = os.path.join(folder, self.config_filename)
+        foreign = _written_by_someone_else(self._path) if trainer.is_global_zero else False
         if trainer.strategy.broadcast(foreign):
             raise RuntimeError(
-                f"`{path}` exists and was not written by lightning-peft; the CLI does not replace it with the resolved"
-                " config of this run. HINT: choose another run folder (`--trainer.logger.init_args.version`,"
+                f"`{self._path}` exists and was not written by lightning-peft; the CLI does not replace it with the"
+                " resolved config of this run. HINT: choose another run folder (`--trainer.logger.init_args.version`,"
                 " `--trainer.default_root_dir`), or move the file."
             )
+        if trainer.loggers:  # without a logger the folder is the checkpoints': written at train start (below), so
+            self._write(trainer, pl_module, stage)  # that ModelCheckpoint does not find it "not empty" at set-up
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.already_saved:
+            self._write(trainer, pl_module, "fit")
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
             text = self.parser.dump(self.config, skip_none=False)
-            with open(path, "w", encoding="utf-8") as file:
+            with open(self._path, "w", encoding="utf-8") as file:
                 file.write(f"{_WRITTEN_BY_US}\n{text}")
             self.save_config(trainer, pl_module, stage)
         self.already_saved = trainer.strategy.broadcast(True)
@@ -110,10 +119,18 @@ class PeftCLI(LightningCLI):
 def cli_main(args: ArgsType = None) -> None:
     """Run the command line (``lightning-peft``); ``args`` replaces ``sys.argv[1:]`` when given.
 
+    ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (:class:`PeftCLI`); ``export`` writes a
+    checkpoint's model as a transformers / timm folder (:func:`lightning_peft.cli.export.export_main`).
     Returns nothing, so the console script exits with status 0 (use :class:`PeftCLI` to keep the objects).
 
     Example::
 
         >>> cli_main(["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
     """
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] == "export":
+        from lightning_peft.cli.export import export_main
+
+        export_main(argv[1:])
+        return
     PeftCLI(args=args)
