@@ -36,6 +36,9 @@ class ResumableSampler(DistributedSampler):
         dataset: the dataset to sample (its length is read).
         seed: seed of the order.
         shuffle: False gives the dataset order.
+        num_replicas: processes sharing the data (default: the ``torch.distributed`` world size, or 1); Lightning
+            states it as ``trainer.strategy.distributed_sampler_kwargs`` (data-parallel ranks only).
+        rank: this process's share (default: its ``torch.distributed`` rank, or 0).
 
     Example::
 
@@ -46,10 +49,20 @@ class ResumableSampler(DistributedSampler):
         True
     """
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         initialised = dist.is_available() and dist.is_initialized()
-        world, rank = (dist.get_world_size(), dist.get_rank()) if initialised else (1, 0)
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.start = 0  # the position this epoch's iteration started from (0, or where a resumed run stopped)
         self._resume: tuple[int, int] | None = None
 
@@ -106,6 +119,8 @@ class ResumableLoader(DataLoader):
         shuffle: False keeps the dataset order (the position is still carried).
         sampler: another sampler, which replaces the resumable one (Lightning passes one when it rebuilds a loader,
             e.g. for ``overfit_batches``); the position is then not carried.
+        num_replicas: see :class:`ResumableSampler`.
+        rank: see :class:`ResumableSampler`.
         **kwargs: more ``DataLoader`` arguments (``num_workers``, ``collate_fn``, ...).
 
     Example::
@@ -127,11 +142,13 @@ class ResumableLoader(DataLoader):
         seed: int,
         shuffle: bool = True,
         sampler: Sampler | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.seed = seed
         if sampler is None:
-            sampler = ResumableSampler(dataset, seed=seed, shuffle=shuffle)
+            sampler = ResumableSampler(dataset, seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self._delivered = 0
 

@@ -34,7 +34,16 @@ class SplitDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of the training split, resumable mid-epoch (:class:`ResumableLoader`)."""
         self.setup()
-        return ResumableLoader(self.train_set, batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers)
+        trainer = self.trainer
+        shares = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        return ResumableLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            num_replicas=(shares or {}).get("num_replicas"),
+            rank=(shares or {}).get("rank"),
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:

@@ -59,6 +59,15 @@ def test_an_end_of_epoch_state_starts_the_next_epoch_whole_and_other_data_restar
     assert len(list(other)) == 3
 
 
+def test_data_parallel_ranks_share_the_epoch():
+    data = list(range(11))
+    ranks = [ResumableSampler(data, seed=2, num_replicas=2, rank=r) for r in (0, 1)]
+    orders = [sampler.order(1) for sampler in ranks]
+    assert len(orders[0]) == len(orders[1]) == 6 and set(orders[0]) | set(orders[1]) == set(data)
+    single = ResumableSampler(data, seed=2).order(1)
+    assert orders[0] == single[0::2] and orders[1][:5] == single[1::2]
+
+
 class _Killed(Exception):
     pass
 
