@@ -29,7 +29,15 @@ __all__ = ["ExportError", "export_checkpoint", "export_model"]
 
 
 class ExportError(ValueError):
-    """The model cannot be written in its ecosystem's format without misdescribing it (the message says why)."""
+    """The model cannot be written in its ecosystem's format without misdescribing it (the message says why).
+
+    Example::
+
+        >>> try:
+        ...     export_model(pruned_bert_module, "out")  # doctest: +SKIP
+        ... except ExportError as err:
+        ...     print(err)  # names the sizes the config cannot state and the loader that works
+    """
 
 
 def export_model(
