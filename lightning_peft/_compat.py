@@ -89,8 +89,8 @@ def logger_writes_this_step(trainer: Any) -> bool:
 _WRAPPED_LOADERS: weakref.WeakSet = weakref.WeakSet()
 
 
-def run_before_checkpoint_load(strategy: Any, before: Callable[[Any], None]) -> None:
-    """Call ``before(checkpoint_path)`` each time ``strategy`` loads a checkpoint, right before it loads it.
+def run_before_checkpoint_load(strategy: Any, before: Callable[..., None]) -> None:
+    """Call ``before(checkpoint_path, *args, **kwargs)`` (the loader's own arguments) right before each load.
 
     Wrapping happens once per strategy, however often asked.
 
@@ -101,14 +101,14 @@ def run_before_checkpoint_load(strategy: Any, before: Callable[[Any], None]) -> 
 
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
         >>> strategy = SingleDeviceStrategy("cpu")
-        >>> run_before_checkpoint_load(strategy, print)
+        >>> run_before_checkpoint_load(strategy, lambda path, *args, **kwargs: print(path))
     """
     if strategy in _WRAPPED_LOADERS:
         return
     load_checkpoint = _attribute(strategy, "load_checkpoint", "`Strategy.load_checkpoint`")
 
     def load_with_hook(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-        before(checkpoint_path)
+        before(checkpoint_path, *args, **kwargs)
         return load_checkpoint(checkpoint_path, *args, **kwargs)
 
     strategy.load_checkpoint = load_with_hook

@@ -162,11 +162,11 @@ class TrainableSetController(Callback):
             "with_optimizer_state": sorted(n for n, p in pl_module.named_parameters() if id(p) in with_state)
         }
 
-    def _hold_for_loading(self, pl_module: pl.LightningModule, ckpt_path: Any) -> None:
+    def _hold_for_loading(self, pl_module: pl.LightningModule, ckpt_path: Any, weights_only: bool | None) -> None:
         # FSDP2's distributed checkpoint loads optimizer state into a template with an entry for every parameter
         # that requires grad, and fails on the parameters whose state was released when they froze: keep those out
         # of the template until training starts
-        with_state = _names_with_optimizer_state(ckpt_path) if ckpt_path else None
+        with_state = _names_with_optimizer_state(ckpt_path, weights_only) if ckpt_path else None
         if with_state is None:
             return
         for name, param in pl_module.named_parameters():
@@ -176,9 +176,10 @@ class TrainableSetController(Callback):
 
     def _wrap_checkpoint_loading(self, strategy: ModelParallelStrategy) -> None:
         # Lightning has no hook between building the optimizers and loading a checkpoint into them under FSDP2
-        def hold(checkpoint_path: Any) -> None:
+        def hold(checkpoint_path: Any, *args: Any, **kwargs: Any) -> None:
             if strategy.lightning_module is not None:
-                self._hold_for_loading(strategy.lightning_module, checkpoint_path)
+                weights_only = kwargs.get("weights_only", args[0] if args else None)
+                self._hold_for_loading(strategy.lightning_module, checkpoint_path, weights_only)
 
         run_before_checkpoint_load(strategy, hold)
 
@@ -289,13 +290,17 @@ class TrainableSetController(Callback):
 _CHECKPOINT_KEY = "trainable_set"
 
 
-def _names_with_optimizer_state(ckpt_path: str | os.PathLike) -> set[str] | None:
-    """Names of the parameters that had optimizer state when the checkpoint was saved (``None``: not recorded)."""
+def _names_with_optimizer_state(ckpt_path: str | os.PathLike, weights_only: bool | None = None) -> set[str] | None:
+    """Names of the parameters that had optimizer state when the checkpoint was saved (``None``: not recorded).
+
+    The file is read as plain data (``torch.load(weights_only=True)``, which every checkpoint of this package
+    passes), unless the user gave Lightning ``weights_only=False`` for it: then it is read as Lightning reads it.
+    """
     path = Path(ckpt_path)
     path = path / "meta.pt" if path.is_dir() else path  # a distributed checkpoint keeps the rest in meta.pt
     if not path.is_file():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only is not False, mmap=True)
     recorded = checkpoint.get(_CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     return None if recorded is None else set(recorded["with_optimizer_state"])
 

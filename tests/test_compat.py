@@ -40,8 +40,12 @@ def test_logger_writes_this_step_follows_log_every_n_steps(tmp_path):
 def test_run_before_checkpoint_load_wraps_once(tmp_path):
     strategy = SingleDeviceStrategy("cpu")
     calls = []
-    _compat.run_before_checkpoint_load(strategy, calls.append)
-    _compat.run_before_checkpoint_load(strategy, calls.append)  # a second request does not wrap again
+
+    def before(path, *args, **kwargs):
+        calls.append(path)
+
+    _compat.run_before_checkpoint_load(strategy, before)
+    _compat.run_before_checkpoint_load(strategy, before)  # a second request does not wrap again
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {}}, path)
     assert strategy.load_checkpoint(path)["state_dict"] == {}

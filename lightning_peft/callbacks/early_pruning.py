@@ -93,8 +93,9 @@ class EarlyPruning(Callback):
     neuron, a kept LoRA layer one rank).
 
     The checkpoint records the plan (``checkpoint["pruning_plan"]``). Resuming with this callback applies it to the
-    fresh model before the weights load; elsewhere call
-    ``lightning_peft.pruning.apply_pruning_plan(module, checkpoint["pruning_plan"])`` before ``load_state_dict``.
+    fresh model before the weights load; the ready modules do it in ``load_from_checkpoint`` and for ``ckpt_path``,
+    and any module with ``lightning_peft.pruning.restore_pruned_architecture(self, checkpoint)`` in its
+    ``on_load_checkpoint``.
 
     Supported: timm ViT / DeiT (and the timm-based AST), HF ViT / AST, BERT-style encoders and Llama-style decoders
     (see :mod:`lightning_peft.pruning.surgery`), with or without HF peft LoRA; single device and ``strategy="ddp"``.

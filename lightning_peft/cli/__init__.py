@@ -1,5 +1,5 @@
 """Command line: ``lightning-peft fit|validate|test|predict --config FILE``."""
 
-from lightning_peft.cli.main import PeftCLI, cli_main
+from lightning_peft.cli.main import PeftCLI, RunConfigSaver, cli_main
 
-__all__ = ["PeftCLI", "cli_main"]
+__all__ = ["PeftCLI", "RunConfigSaver", "cli_main"]

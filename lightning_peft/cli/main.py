@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 from typing import Any
 
-from lightning.pytorch.cli import ArgsType, LightningCLI
+import lightning.pytorch as pl
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 # Importing the packages registers their classes as subclasses of Callback / LightningModule / LightningDataModule /
 # Precision, so YAML files can name them by short class name (`class_path: LISA`).
@@ -24,14 +28,84 @@ from lightning_peft.cli.errors import (
     our_message,
 )
 
-__all__ = ["PeftCLI", "cli_main"]
+__all__ = ["PeftCLI", "RunConfigSaver", "cli_main"]
+
+# First line of every config file the CLI writes: a file without it was not written by us and is never replaced.
+_WRITTEN_BY_US = "# lightning-peft: the resolved config of this run, written by the CLI (any later edit is replaced)"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config of a run as ``config.yaml`` in the run's own folder, never over a user's file.
+
+    The folder is the logger's directory (e.g. ``lightning_logs/quickstart/version_0``); without a logger it is the
+    checkpoint folder (``<default_root_dir>/checkpoints``), and without checkpoints nothing is saved. The file
+    starts with a marker line; a ``config.yaml`` there without it (one the user wrote) is never replaced: the run
+    stops before training with a hint instead. A file that carries the marker is the resolved config of an earlier
+    run in the same folder and is replaced.
+
+    Example::
+
+        >>> from lightning_peft.cli import PeftCLI
+        >>> PeftCLI(args=["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
+    """
+
+    def run_folder(self, trainer: pl.Trainer, stage: str) -> str | None:
+        """The folder of this run's outputs: the logger's directory, else the checkpoint folder of a fit, else None."""
+        if trainer.loggers:
+            return trainer.log_dir
+        if stage == "fit" and trainer.checkpoint_callbacks:
+            return os.path.join(trainer.default_root_dir, "checkpoints")
+        return None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = trainer.strategy.broadcast(self.run_folder(trainer, stage))
+        if folder is None:
+            rank_zero_info("No logger: the resolved config of this run is not saved.")
+            self.already_saved = True
+            return
+        self._path = os.path.join(folder, self.config_filename)
+        foreign = _written_by_someone_else(self._path) if trainer.is_global_zero else False
+        if trainer.strategy.broadcast(foreign):
+            raise RuntimeError(
+                f"`{self._path}` exists and was not written by lightning-peft; the CLI does not replace it with the"
+                " resolved config of this run. HINT: choose another run folder (`--trainer.logger.init_args.version`,"
+                " `--trainer.default_root_dir`), or move the file."
+            )
+        if trainer.loggers:  # without a logger the folder is the checkpoints': written at train start (below), so
+            self._write(trainer, pl_module, stage)  # that ModelCheckpoint does not find it "not empty" at set-up
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.already_saved:
+            self._write(trainer, pl_module, "fit")
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            text = self.parser.dump(self.config, skip_none=False)
+            with open(self._path, "w", encoding="utf-8") as file:
+                file.write(f"{_WRITTEN_BY_US}\n{text}")
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
+
+
+def _written_by_someone_else(path: str) -> bool:
+    """Whether ``path`` exists and does not start with the marker line of the files the CLI writes."""
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as file:
+        return file.readline().rstrip("\n") != _WRITTEN_BY_US
 
 
 class PeftCLI(LightningCLI):
     """LightningCLI that knows this package's classes by short name and reports the final metrics of a run.
 
     After ``fit`` it prints the last validation metrics (``val/acc``, ``val/loss``, ...) so a run ends with its
-    result on screen.
+    result on screen. The resolved config is saved by :class:`RunConfigSaver`: into the run's own folder only,
+    never over a file the user wrote.
 
     Before parsing it checks every ``--config`` file (a YAML syntax error names the file, line and column; a bare
     ``no`` among names is explained), and a failed parse is reported as one message with a suggestion for a
@@ -45,7 +119,7 @@ class PeftCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
@@ -83,6 +157,8 @@ class PeftCLI(LightningCLI):
 def cli_main(args: ArgsType = None) -> None:
     """Run the command line (``lightning-peft``); ``args`` replaces ``sys.argv[1:]`` when given.
 
+    ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (:class:`PeftCLI`); ``export`` writes a
+    checkpoint's model as a transformers / timm folder (:func:`lightning_peft.cli.export.export_main`).
     Returns nothing, so the console script exits with status 0 (use :class:`PeftCLI` to keep the objects). Errors
     of the user's making (our messages with a ``HINT:``, YAML syntax errors, unknown names) are printed as one
     message and exit with status 1 or 2; ``--debug`` or ``LIGHTNING_PEFT_DEBUG=1`` shows the full traceback.
@@ -92,6 +168,11 @@ def cli_main(args: ArgsType = None) -> None:
         >>> cli_main(["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "export":
+        from lightning_peft.cli.export import export_main
+
+        export_main(argv[1:])
+        return
     if debug_requested(argv):
         PeftCLI(args=[arg for arg in argv if arg != "--debug"])
         return

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -24,6 +26,7 @@ from typing_extensions import override
 
 from lightning_peft.adapters import ADAPTER_PEFT_TYPES, AdapterConfig, add_adapters
 from lightning_peft.layers import find_layers
+from lightning_peft.pruning import restore_pruned_architecture
 
 
 def checked_model_kwargs(owner: str, model_kwargs: Mapping[str, Any] | None, reserved: Sequence[str]) -> dict:
@@ -128,6 +131,47 @@ def apply_peft(model: nn.Module, config: PeftConfig | AdapterConfig, head_names:
         ) from err
 
 
+def collect_rng_states() -> dict[str, Any]:
+    """The states of the global generators (torch, CUDA, numpy, random) as plain data (``weights_only`` loads it).
+
+    Example::
+
+        >>> states = collect_rng_states()
+        >>> first = torch.rand(2)
+        >>> restore_rng_states(states)
+        >>> torch.equal(torch.rand(2), first)
+        True
+    """
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Mapping[str, Any]) -> None:
+    """Set the global generators to states from :func:`collect_rng_states` (missing entries are left alone).
+
+    Example::
+
+        >>> restore_rng_states(collect_rng_states())  # continue exactly where the states were taken
+    """
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        kind, keys, position, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Return every parameter of ``module`` with ``requires_grad=True``, in registration order."""
     return [p for p in module.parameters() if p.requires_grad]
@@ -186,6 +230,22 @@ class OptimizedModule(pl.LightningModule):
         for block in find_layers(self.model).blocks:
             fully_shard(block, mesh=data_parallel)
         fully_shard(self.model, mesh=data_parallel)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout (and augmentation in the main process) draw from the global generators: a resumed run continues
+        # bit for bit only if they continue where the checkpoint left them
+        checkpoint["rng_states"] = collect_rng_states()
+        # which class rebuilds this module (`lightning-peft export` and `export_checkpoint` read it)
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written after EarlyPruning holds smaller weights: reach its architecture before they load
+        # (Lightning calls this hook right before `load_state_dict`, in `load_from_checkpoint` and for `ckpt_path`).
+        restore_pruned_architecture(self, checkpoint)
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng_states(checkpoint["rng_states"])
 
     @override
     def configure_optimizers(self) -> Any:
@@ -259,6 +319,13 @@ class ClassifierModule(OptimizedModule):
         self.val_acc(logits, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The logits of a batch; its labels, when it has them, are ignored."""
+        if isinstance(batch, Mapping):
+            return self(**{k: v for k, v in batch.items() if k != "labels"})
+        return self(batch[0]) if isinstance(batch, (tuple, list)) else self(batch)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:

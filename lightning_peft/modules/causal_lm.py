@@ -129,6 +129,11 @@ class CausalLM(OptimizedModule):
         self._evaluate(batch, self.val_nll, "val")
 
     @override
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """The next-token logits of a batch (its ``labels`` are ignored)."""
+        return self(batch["input_ids"], batch.get("attention_mask"))
+
+    @override
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_nll, "test")
 

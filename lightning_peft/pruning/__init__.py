@@ -13,6 +13,7 @@ from lightning_peft.pruning.plan import (
     choose_heads,
     choose_lora,
     choose_neurons,
+    restore_pruned_architecture,
 )
 from lightning_peft.pruning.surgery import (
     AttentionSite,
@@ -47,4 +48,5 @@ __all__ = [
     "remove_adapter",
     "remove_lora",
     "replace_in_optimizer",
+    "restore_pruned_architecture",
 ]

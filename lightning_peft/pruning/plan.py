@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,7 +12,14 @@ from torch import Tensor, nn
 from lightning_peft.pruning.peft_importance import find_lora_layers, prune_lora_ranks, remove_lora
 from lightning_peft.pruning.surgery import ParameterReplacements, find_sites, prune_attention, prune_mlp
 
-__all__ = ["PruningPlan", "apply_pruning_plan", "choose_heads", "choose_lora", "choose_neurons"]
+__all__ = [
+    "PruningPlan",
+    "apply_pruning_plan",
+    "choose_heads",
+    "choose_lora",
+    "choose_neurons",
+    "restore_pruned_architecture",
+]
 
 
 @dataclass
@@ -244,3 +252,39 @@ def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> P
         for path in plan.adapters_removed:
             remove_adapter(root, path, record)
     return record
+
+
+def restore_pruned_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
+    """Give a fresh module the pruned architecture of ``checkpoint`` before its weights load (one line in a hook).
+
+    A checkpoint written after :class:`~lightning_peft.callbacks.EarlyPruning` pruned the model holds smaller
+    weights and its plan (``checkpoint["pruning_plan"]``); a module built by its ``__init__`` is unpruned, so
+    ``load_state_dict`` fails with size mismatches. Called from ``on_load_checkpoint``, which Lightning runs right
+    before the weights load in ``load_from_checkpoint`` and in ``trainer.fit|validate|test|predict(ckpt_path=...)``,
+    it applies the plan; a module that already has the checkpoint's shapes (or a checkpoint without a plan) is left
+    as it is. The ready modules of :mod:`lightning_peft.modules` call it already.
+
+    Args:
+        module: the LightningModule (or model) the checkpoint's ``state_dict`` belongs to.
+        checkpoint: the loaded checkpoint dict.
+
+    Returns:
+        Whether the plan was applied.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> class MyModule(pl.LightningModule):
+        ...     def on_load_checkpoint(self, checkpoint):
+        ...         restore_pruned_architecture(self, checkpoint)
+    """
+    plan = checkpoint.get("pruning_plan")
+    if plan is None:
+        return False
+    weights = checkpoint.get("state_dict")
+    if weights is not None:
+        own = module.state_dict()
+        if all(name in own and own[name].shape == value.shape for name, value in weights.items()):
+            return False
+    apply_pruning_plan(module, plan)
+    return True

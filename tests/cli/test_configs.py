@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 from helpers import run_config
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft.callbacks import LISA
 from lightning_peft.cli import PeftCLI, cli_main
@@ -30,6 +31,19 @@ def test_every_config_parses_and_builds(config, tmp_path, monkeypatch):
     assert "lightning-peft fit --config configs/" + config.name in text, "the header gives the exact command"
     if "class_path: LISA" in text:
         assert any(isinstance(cb, LISA) for cb in cli.trainer.callbacks)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_keeps_the_last_and_the_best_checkpoint_in_the_run_folder(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = PeftCLI(args=["--config", str(config)], run=False)
+    checkpoints = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    assert checkpoints, f"{config.name} keeps no checkpoint"
+    assert all(cb.dirpath is None for cb in checkpoints), "checkpoints go to the run's folder (<log dir>/checkpoints)"
+    assert any(cb.save_last and cb._every_n_train_steps > 0 for cb in checkpoints), "last.ckpt within an epoch too"
+    best = [cb for cb in checkpoints if cb.monitor is not None and cb.save_top_k >= 1]
+    assert best and best[0].monitor.startswith("val/"), "the best checkpoint by a validation metric"
+    assert best[0].mode == ("min" if best[0].monitor.endswith(("loss", "ppl")) else "max")
 
 
 def test_configs_readme_tables_every_config():

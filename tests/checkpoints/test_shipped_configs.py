@@ -1,0 +1,68 @@
+"""Each shipped config, run briefly from the CLI, leaves checkpoints that `validate --ckpt_path`,
+`load_from_checkpoint` and `export` use (pruned ones included; export refuses what its format cannot state)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CONFIGS_DIR, run_config
+
+from lightning_peft.cli import PeftCLI
+
+# every config but FSDP2's (two processes; its resume is tested in tests/test_model_parallel.py)
+CONFIGS = sorted(p.name for p in CONFIGS_DIR.glob("*.yaml") if "fsdp2" not in p.name)
+# EarlyPruning estimates for 50 steps: the short run must go past them to write a pruned checkpoint
+STEPS = {"minilm_tweets_lora_early_pruning.yaml": 52}
+# what `export` refuses, and why: BERT heads pruned; the timm AST recipe; this package's bottleneck adapters
+EXPORT_REFUSED = {
+    "minilm_tweets_lora_early_pruning.yaml": "cannot state this model's sizes",
+    "ast_keywords_lisa.yaml": "AST recipe",
+    "ast_keywords_hft.yaml": "AST recipe",
+    "vit_digits_ist_adapters.yaml": "adapters of lightning_peft",
+}
+EXTRA = {"llama_text_lisa.yaml": ["--trainer.val_check_interval=1.0"]}  # it validates every 100 steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_short_run_leaves_checkpoints_that_validate_and_load(config, tmp_path):
+    steps = STEPS.get(config, 2)
+    overrides = ["--trainer.max_epochs=1", f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=2"]
+    overrides += ["--trainer.max_steps=-1", "--trainer.logger.init_args.save_dir=logs", *EXTRA.get(config, [])]
+    _, metrics = run_config(config, tmp_path, *overrides)
+    folders = list((tmp_path / "logs").glob("*/version_0/checkpoints"))
+    assert len(folders) == 1
+    last, best = folders[0] / "last.ckpt", next(folders[0].glob("best-step=*.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == steps
+    assert torch.load(best, weights_only=True)["global_step"] == steps
+    name = next(k for k in metrics if k in ("val/acc", "val/ppl"))
+
+    command = [shutil.which("lightning-peft"), "validate", "--config", str(CONFIGS_DIR / config)]
+    command += ["--ckpt_path", str(last), "--trainer.limit_val_batches=2", "--trainer.logger=false"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert name in result.stdout
+
+    cli = PeftCLI(args=["--config", str(CONFIGS_DIR / config), "--trainer.logger=false"], run=False)
+    loaded = type(cli.model).load_from_checkpoint(last, weights_only=True)
+    checkpoint = torch.load(last, weights_only=True)
+    own = loaded.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in checkpoint["state_dict"].items())
+    if "pruning" in config:
+        assert checkpoint["pruning_plan"]["heads"]
+        assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in cli.model.parameters())
+
+    command = [shutil.which("lightning-peft"), "export", "--ckpt_path", str(last), "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    if config in EXPORT_REFUSED:
+        assert result.returncode != 0 and EXPORT_REFUSED[config] in result.stderr and "HINT" in result.stderr
+        assert not (tmp_path / "out").exists()
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert list((tmp_path / "out").glob("*.safetensors")), "the model is in safetensors"
+
+
+def test_the_list_covers_the_configs():
+    assert "minilm_tweets_lora_early_pruning.yaml" in CONFIGS and Path(CONFIGS_DIR / CONFIGS[0]).is_file()
