@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -45,9 +46,16 @@ def cli_main(args: ArgsType = None) -> None:
     """Run the command line (``lightning-peft``); ``args`` replaces ``sys.argv[1:]`` when given.
 
     Returns nothing, so the console script exits with status 0 (use :class:`PeftCLI` to keep the objects).
+    ``estimate --config FILE [--memory 24GiB]`` prints the memory estimate of :mod:`lightning_peft.estimate`.
 
     Example::
 
         >>> cli_main(["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
     """
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] == "estimate":  # memory estimate from a config: no Trainer run
+        from lightning_peft.estimate import main as estimate_main
+
+        estimate_main(argv[1:])
+        return
     PeftCLI(args=args)
