@@ -53,13 +53,21 @@ __all__ = [
 #: Trainable sets the estimator knows.
 METHODS: tuple[str, ...] = ("full", "lora", "lisa", "hft")
 #: What each method is estimated with, besides plain AdamW: 8-bit activations, AdamW8bit, checkpointing.
-VARIANTS: tuple[str, ...] = ("", "int8_act", "adamw8bit", "checkpointing", "int8_act+adamw8bit")
+VARIANTS: tuple[str, ...] = (
+    "",
+    "int8_act",
+    "adamw8bit",
+    "checkpointing",
+    "int8_act+adamw8bit",
+    "int8_act+checkpointing",
+)
 METHOD_LABELS = {"full": "Full FT", "lora": "LoRA", "lisa": "LISA", "hft": "Half FT", "configured": "As configured"}
 VARIANT_LABELS = {
     "int8_act": "8-bit activations",
     "adamw8bit": "AdamW8bit",
     "checkpointing": "checkpointing",
     "int8_act+adamw8bit": "8-bit activations + AdamW8bit",
+    "int8_act+checkpointing": "8-bit activations + checkpointing",
 }
 _PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 _BNB_BLOCK = 256  # bitsandbytes' block size of the 8-bit optimizer state
@@ -79,8 +87,10 @@ class MemoryEstimate:
         weight_copies: the part of ``saved_activations`` that is autocast's copies of weights.
         trainable_params: trainable parameter elements.
         total_params: all parameter elements.
-        activation_bytes_per_sample: how much ``saved_activations`` grows per added sample of the batch.
+        activation_bytes_per_sample: how much ``saved_activations + recomputed`` grows per added sample.
         batch_size: the batch size of ``saved_activations``.
+        recomputed: with checkpointing, one block's saved tensors, rebuilt in backward while that block's
+            gradients are computed (held only then; part of the peak, not of what the forward leaves behind).
 
     Example::
 
@@ -98,11 +108,17 @@ class MemoryEstimate:
     total_params: int
     activation_bytes_per_sample: float
     batch_size: int
+    recomputed: int = 0
+
+    @property
+    def activations(self) -> int:
+        """Saved activations plus, with checkpointing, the block recomputed in backward."""
+        return self.saved_activations + self.recomputed
 
     @property
     def total(self) -> int:
-        """Params + grads + optimizer state + saved activations."""
-        return self.params + self.grads + self.optimizer_state + self.saved_activations
+        """Params + grads + optimizer state + saved activations (+ the recomputed block)."""
+        return self.params + self.grads + self.optimizer_state + self.activations
 
     def total_at(self, batch_size: int) -> int:
         """The total at another batch size (saved activations scale linearly with the batch).
@@ -112,7 +128,7 @@ class MemoryEstimate:
             >>> MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2).total_at(4)
             48
         """
-        activations = self.saved_activations + self.activation_bytes_per_sample * (batch_size - self.batch_size)
+        activations = self.activations + self.activation_bytes_per_sample * (batch_size - self.batch_size)
         return self.params + self.grads + self.optimizer_state + max(0, int(activations))
 
     @property
@@ -165,8 +181,8 @@ class MemoryReport:
         per_sample = row.activation_bytes_per_sample
         if per_sample <= 0:
             return row.batch_size if row.total <= budget else 0
-        # saved(b) = saved + per_sample * (b - batch_size)
-        offset = row.saved_activations - per_sample * row.batch_size
+        # activations(b) = activations + per_sample * (b - batch_size)
+        offset = row.activations - per_sample * row.batch_size
         return max(0, math.floor((budget - fixed - offset) / per_sample + 1e-9))
 
     def to_text(self, budget: int | None = None) -> str:
@@ -180,7 +196,7 @@ class MemoryReport:
             cells = [
                 row.label,
                 f"{row.trainable_params / max(1, row.total_params):.1%}",
-                *(f"{v / scale:.2f}" for v in (row.params, row.grads, row.optimizer_state, row.saved_activations)),
+                *(f"{v / scale:.2f}" for v in (row.params, row.grads, row.optimizer_state, row.activations)),
                 f"{row.weight_copies / scale:.2f}",
                 f"{row.total / scale:.2f}",
             ]
@@ -268,14 +284,15 @@ def _weights_not_loaded() -> Generator[None, None, None]:
 
 
 @contextlib.contextmanager
-def _masks_as_in_a_real_run() -> Generator[None, None, None]:
+def _masks_as_in_a_real_run(padded: bool = False) -> Generator[None, None, None]:
     """Let Hugging Face models skip the causal mask on fake tensors where a real run would.
 
     transformers treats a fake tensor as tracing and then always builds the attention mask (and, with grouped
     key/value heads, repeats keys and values instead of passing ``enable_gqa``), which saves more than a real step.
-    The estimate stands in for a real step, so fake tensors do not count as tracing there; where a decision reads
-    values (unknown here), a padding mask is kept (as for a padded batch) and position ids are taken as one
-    sequence per row (no packing).
+    The estimate stands in for a real step, so fake tensors do not count as tracing there. Where a decision reads
+    values (unknown on fake tensors), the example batch decides: with ``padded`` (its attention mask has zeros) the
+    mask is built, as for a padded batch; without, the padding mask is taken as all ones. Position ids are taken as
+    one sequence per row (no packing).
     """
     try:
         from transformers import masking_utils
@@ -285,21 +302,23 @@ def _masks_as_in_a_real_run() -> Generator[None, None, None]:
     is_tracing = masking_utils.is_tracing
     ignore, packed = masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices
 
-    def as_in_a_real_run(function: Callable, unknown: Any) -> Callable:
+    def as_in_a_real_run(function: Callable, unknown: Callable) -> Callable:
         def run(*args: Any, **kwargs: Any) -> Any:
             masking_utils.is_tracing = lambda tensor=None: is_tracing(None)
             try:
                 return function(*args, **kwargs)
             except Exception:  # noqa: BLE001 - a data-dependent read of a fake tensor's values
-                return unknown
+                return unknown(*args, **kwargs)
             finally:
                 masking_utils.is_tracing = is_tracing
 
         return run
 
-    # a padding mask of unknown values: kept (as for a padded batch); position ids: not packed sequences
-    masking_utils._ignore_causal_mask_sdpa = as_in_a_real_run(ignore, False)
-    masking_utils.find_packed_sequence_indices = as_in_a_real_run(packed, None)
+    def unpadded(padding_mask: Any, *args: Any, **kwargs: Any) -> bool:
+        return False if padded else ignore(None, *args, **kwargs)
+
+    masking_utils._ignore_causal_mask_sdpa = as_in_a_real_run(ignore, unpadded)
+    masking_utils.find_packed_sequence_indices = as_in_a_real_run(packed, lambda *args, **kwargs: None)
     try:
         yield
     finally:
@@ -354,6 +373,18 @@ def _to_fake_batch(batch: Any, mode: Any, device: torch.device, batch_size: int 
         items = [_to_fake_batch(v, mode, device, batch_size) for v in batch]
         return type(batch)(items) if not hasattr(batch, "_fields") else type(batch)(*items)
     return batch
+
+
+def _has_padding(batch: Any) -> bool:
+    """Whether an ``attention_mask`` of the example batch masks out any position."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and not mask.is_meta and bool((mask == 0).any()):
+            return True
+        return any(_has_padding(v) for v in batch.values() if isinstance(v, (Mapping, list, tuple)))
+    if isinstance(batch, (list, tuple)):
+        return any(_has_padding(v) for v in batch)
+    return False
 
 
 def _batch_size_of(batch: Any) -> int:
@@ -429,17 +460,21 @@ def _apply_hft(module: nn.Module, seed: int) -> None:
 
 @dataclass
 class _Saved:
-    nbytes: int
-    numel: int
-    floating: bool
+    """One storage saved for backward; what 8-bit activations would keep of it, as the quantizer decides."""
+
+    nbytes: int  # of the storage
     weight_copy: bool
     block: int | None
+    quantized_bytes: int = 0  # 8-bit data + scales: the whole storage once, or each distinct partial view
+    kept: bool = False  # some save keeps the storage as it is (small, integer or 8-bit tensors)
+    whole: bool = False  # a save spanning the storage was quantized (later views reuse it)
+    views: set = field(default_factory=set)
 
 
 @dataclass
 class _Forward:
     saved: dict[int, _Saved] = field(default_factory=dict)
-    block_inputs: dict[int, int] = field(default_factory=dict)  # storage key -> bytes
+    block_inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # storage key -> (bytes, elements)
 
 
 class _FusedAttention(torch.overrides.TorchFunctionMode):
@@ -487,9 +522,16 @@ def _storage_key(tensor: Tensor) -> int:
 
 
 def _count_forward(
-    module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any, stack: LayerStack | None, autocast: Any
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    stack: LayerStack | None,
+    autocast: Any,
+    group_size: int,
+    min_numel: int,
+    padded: bool = False,
 ) -> _Forward:
-    """One fake forward; what autograd saves, by storage, and which block was running."""
+    """One fake forward; what autograd saves, by storage, which block was running, and its 8-bit size."""
     record = _Forward()
     params = {_storage_key(p) for p in module.parameters()} | {_storage_key(b) for b in module.buffers()}
     frozen_shapes = {p.shape for p in module.parameters() if not p.requires_grad and p.is_floating_point()}
@@ -502,7 +544,8 @@ def _count_forward(
                 current[0] = index
                 hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
                 if hidden is not None and hidden.is_floating_point():
-                    record.block_inputs.setdefault(_storage_key(hidden), hidden.untyped_storage().nbytes())
+                    nbytes = hidden.untyped_storage().nbytes()
+                    record.block_inputs.setdefault(_storage_key(hidden), (nbytes, nbytes // hidden.element_size()))
 
             def leave(*_: Any) -> None:
                 current[0] = None
@@ -512,21 +555,29 @@ def _count_forward(
 
     def pack(tensor: Tensor) -> Tensor:
         key = _storage_key(tensor)
-        if key in params or key in record.saved:
+        if key in params:
             return tensor
-        base = tensor._base if tensor._base is not None else tensor
-        copy = tensor.is_floating_point() and (
-            _derives_from_leaf(tensor)
-            or (base.grad_fn is None and not base.requires_grad and base.shape in frozen_shapes)
-        )
-        storage = tensor.untyped_storage()
-        record.saved[key] = _Saved(
-            storage.nbytes(),
-            storage.nbytes() // tensor.element_size(),
-            tensor.is_floating_point() and tensor.element_size() >= 2,
-            bool(copy),
-            current[0],
-        )
+        item = record.saved.get(key)
+        if item is None:
+            base = tensor._base if tensor._base is not None else tensor
+            copy = tensor.is_floating_point() and (
+                _derives_from_leaf(tensor)
+                or (base.grad_fn is None and not base.requires_grad and base.shape in frozen_shapes)
+            )
+            item = record.saved[key] = _Saved(tensor.untyped_storage().nbytes(), bool(copy), current[0])
+        # what ActivationQuantizer.pack does with this save
+        numel = tensor.numel()
+        if not tensor.is_floating_point() or tensor.element_size() < 2 or numel < max(1, min_numel):
+            item.kept = True
+        elif numel * tensor.element_size() == item.nbytes:
+            if not item.whole:
+                item.whole = True
+                item.quantized_bytes += _quantized_bytes(numel, group_size)
+        elif not item.whole:
+            geometry = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+            if geometry not in item.views:
+                item.views.add(geometry)
+                item.quantized_bytes += _quantized_bytes(numel, group_size)
         return tensor
 
     try:
@@ -535,7 +586,7 @@ def _count_forward(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             autocast,
             _FusedAttention(device_type),
-            _masks_as_in_a_real_run(),
+            _masks_as_in_a_real_run(padded),
         ):
             loss_fn(module, batch)
     finally:
@@ -551,30 +602,33 @@ def _quantized_bytes(numel: int, group_size: int) -> int:
 
 def _activation_bytes(
     record: _Forward, quantized: bool, checkpointing: bool, group_size: int, min_numel: int
-) -> tuple[int, int]:
-    """(saved bytes, of which weight copies) of one forward under the variant."""
+) -> tuple[int, int, int]:
+    """(saved bytes, of which weight copies, recomputed block) of one forward under the variant."""
 
     def size(item: _Saved) -> int:
         if not quantized:
             return item.nbytes
         if item.weight_copy:
             return 0  # recast from the parameter in backward
-        if item.floating and item.numel >= max(1, min_numel):
-            return _quantized_bytes(item.numel, group_size)
-        return item.nbytes
+        return item.quantized_bytes + (item.nbytes if item.kept else 0)
 
     def total(items: Iterable[_Saved]) -> tuple[int, int]:
         items = list(items)
         return sum(size(s) for s in items), sum(size(s) for s in items if s.weight_copy)
 
     if not checkpointing:
-        return total(record.saved.values())
-    # checkpointed blocks keep their inputs; in backward, one block's saved tensors exist at a time
+        return (*total(record.saved.values()), 0)
+    # checkpointed blocks keep their inputs (through the same hooks: quantized with 8-bit activations); in
+    # backward, one block's saved tensors exist at a time
     outside, outside_copies = total(s for s in record.saved.values() if s.block is None)
+    inputs = sum(
+        _quantized_bytes(numel, group_size) if quantized and numel >= max(1, min_numel) else nbytes
+        for nbytes, numel in record.block_inputs.values()
+    )
     blocks = {s.block for s in record.saved.values() if s.block is not None}
     per_block = [total(s for s in record.saved.values() if s.block == b) for b in blocks]
     largest, largest_copies = max(per_block, default=(0, 0))
-    return outside + sum(record.block_inputs.values()) + largest, outside_copies + largest_copies
+    return outside + inputs, outside_copies, largest
 
 
 def _optimizer_bytes(trainable: list[Tensor], eight_bit: bool, min_8bit_size: int) -> int:
@@ -686,11 +740,17 @@ def estimate_memory(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     loss_fn = loss_fn or _default_loss
+    notes: list[str] = []
+    padded = _has_padding(batch)
     target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        # CUDA autocast cannot run without a GPU: CPU autocast and CPU attention kernels stand in (close: both cast
+        # the same matrix products, and the fused kernels of both save inputs, output and log-sum-exp)
+        target = torch.device("cpu")
+        notes.append("estimated for CUDA on a machine without a GPU: CPU autocast and attention kernels stand in")
     param_dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
     autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     rows: list[MemoryEstimate] = []
-    notes: list[str] = []
     model_name = "model"
     plan = [("configured", v) for v in variants] if configured else []
     plan += [(m, v) for m in methods for v in variants]
@@ -730,7 +790,18 @@ def estimate_memory(
                 else contextlib.nullcontext()
             )
             with mode:
-                forwards.append(_count_forward(module, loss_fn, fake_batch, stack, autocast))
+                forwards.append(
+                    _count_forward(
+                        module,
+                        loss_fn,
+                        fake_batch,
+                        stack,
+                        autocast,
+                        activation_group_size,
+                        activation_min_numel,
+                        padded,
+                    )
+                )
         records[method] = (module, *forwards)
     for method, variant in plan:
         if method not in records:
@@ -739,9 +810,10 @@ def estimate_memory(
         params = list(dict.fromkeys(module.parameters()))
         trainable = [p for p in params if p.requires_grad]
         quantized = "int8_act" in variant
-        checkpointing = variant == "checkpointing"
-        saved, copies = _activation_bytes(first, quantized, checkpointing, activation_group_size, activation_min_numel)
-        saved2, _ = _activation_bytes(second, quantized, checkpointing, activation_group_size, activation_min_numel)
+        checkpointing = "checkpointing" in variant
+        settings = (quantized, checkpointing, activation_group_size, activation_min_numel)
+        saved, copies, recomputed = _activation_bytes(first, *settings)
+        saved2, _, recomputed2 = _activation_bytes(second, *settings)
         rows.append(
             MemoryEstimate(
                 method=method + (f"+{variant}" if variant else ""),
@@ -752,8 +824,9 @@ def estimate_memory(
                 weight_copies=copies,
                 trainable_params=sum(p.numel() for p in trainable),
                 total_params=sum(p.numel() for p in params),
-                activation_bytes_per_sample=(saved2 - saved) / batch_size,
+                activation_bytes_per_sample=(saved2 + recomputed2 - saved - recomputed) / batch_size,
                 batch_size=batch_size,
+                recomputed=recomputed,
             )
         )
     return MemoryReport(model_name, batch_size, precision, rows, notes)

@@ -12,7 +12,7 @@ from lightning_peft.estimate import MemoryEstimate, MemoryReport, estimate_memor
 
 
 class TinyViT(pl.LightningModule):
-    def __init__(self, optimizer: str = "adamw") -> None:
+    def __init__(self, optimizer: str = "adamw", checkpointing: bool = False) -> None:
         super().__init__()
         self.model = timm.create_model(
             "vit_tiny_patch16_224",
@@ -24,6 +24,7 @@ class TinyViT(pl.LightningModule):
             depth=4,
             num_heads=2,
         )
+        self.model.set_grad_checkpointing(checkpointing)
         self.optimizer_name = optimizer
 
     def compute_loss(self, batch):
@@ -47,7 +48,7 @@ def _batch(size=4):
     return torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 10, (size,), generator=generator)
 
 
-def _measure(tmp_path, callbacks, optimizer="adamw"):
+def _measure(tmp_path, callbacks, optimizer="adamw", checkpointing=False):
     torch.manual_seed(0)
     breakdown = MemoryBreakdown()
     trainer = pl.Trainer(
@@ -59,7 +60,7 @@ def _measure(tmp_path, callbacks, optimizer="adamw"):
         default_root_dir=tmp_path,
         callbacks=[breakdown, *callbacks],
     )
-    trainer.fit(TinyViT(optimizer), DataLoader(TensorDataset(*_batch()), batch_size=4))
+    trainer.fit(TinyViT(optimizer, checkpointing), DataLoader(TensorDataset(*_batch()), batch_size=4))
     return breakdown.breakdown
 
 
@@ -69,7 +70,7 @@ def report():
         TinyViT,
         _batch(),
         methods=["full", "lisa"],
-        variants=["", "int8_act", "int8_act+adamw8bit", "checkpointing"],
+        variants=["", "int8_act", "int8_act+adamw8bit", "checkpointing", "int8_act+checkpointing"],
         activation_min_numel=512,
         min_8bit_size=256,
     )
@@ -82,10 +83,12 @@ def report():
         ("lisa", [LISA(n_layers=2, interval=5, seed=0)], "adamw"),
         ("full+int8_act", [ActivationQuantization(min_numel=512)], "adamw"),
         ("lisa+int8_act+adamw8bit", [LISA(n_layers=2, interval=5), ActivationQuantization(min_numel=512)], "adamw8bit"),
+        ("full+checkpointing", [], "adamw"),
+        ("full+int8_act+checkpointing", [ActivationQuantization(min_numel=512)], "adamw"),
     ],
 )
 def test_estimate_matches_the_measured_first_step_within_5_percent(report, method, callbacks, optimizer, tmp_path):
-    measured = _measure(tmp_path, callbacks, optimizer)
+    measured = _measure(tmp_path, callbacks, optimizer, checkpointing="checkpointing" in method)
     row = report.row(method)
     estimated = {
         "params": row.params,
@@ -95,7 +98,9 @@ def test_estimate_matches_the_measured_first_step_within_5_percent(report, metho
     }
     for key, value in estimated.items():
         assert value == pytest.approx(measured[key], rel=0.05), key
-    assert row.total == pytest.approx(measured["total"], rel=0.05)
+    # with checkpointing, one block is rebuilt in backward: part of the peak, not of what the forward leaves saved
+    assert row.recomputed > 0 if "checkpointing" in method else row.recomputed == 0
+    assert row.total - row.recomputed == pytest.approx(measured["total"], rel=0.05)
 
 
 def test_variants_order_as_they_should(report):

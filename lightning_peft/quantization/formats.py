@@ -6,7 +6,7 @@ along the last dimension; otherwise groups continue into the next row and only t
 group stores its absolute maximum as a float32 scale, so a group's largest magnitude maps to the format's
 largest value (127 for int8, 448 for E4M3, 57344 for E5M2).
 
-The eager path is vectorised over groups and reads the input without copying it (a few kernels per direction:
+The eager path is vectorised over groups and reads a float32 input without copying it (a few kernels per direction:
 host time matters as much as memory traffic for the many small tensors of a step); large tensors are processed in
 chunks of ``chunk_numel`` elements so that the float32 temporaries stay small next to the tensor itself. With
 ``compile=True`` (and by default on CUDA tensors) the round-to-nearest path of tensors of at least
@@ -49,8 +49,6 @@ _SPECS: dict[str, _FormatSpec] = {
 FORMATS: tuple[str, ...] = tuple(_SPECS)
 
 _DEFAULT_CHUNK_NUMEL = 1 << 24
-# dtypes that the eager kernels divide by float32 scales without a float32 copy first (promotion is exact)
-_DIRECT_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _TINY = torch.finfo(torch.float32).tiny
 # the formats' largest values as 0-dim float32 tensors (a CPU scalar operand works with tensors on any device)
 _MAX_VALUE_TENSORS: dict[float, Tensor] = {}
@@ -141,19 +139,18 @@ def _quantize_block(
 ) -> tuple[Tensor, Tensor]:
     """Quantize ``block`` (groups, group_size) into 8-bit values of that shape and float32 scales (groups, 1).
 
-    ``block`` is read, never written: it may be a view of the caller's tensor. Float16 / bfloat16 / float32 values
-    are divided by the float32 scales directly (type promotion computes in float32, as a float32 copy would, so no
-    copy is made); other dtypes are converted to float32 first.
+    ``block`` is read, never written: it may be a view of the caller's tensor. A float32 block is divided into a
+    fresh tensor; other dtypes are converted to a float32 copy first (exact), which is then divided in place: on
+    16-bit inputs that is fewer and faster kernels than reducing and dividing in the 16-bit dtype, same results.
     """
-    if block.dtype not in _DIRECT_DTYPES:
-        block = block.float()
-    # absmax and its conversion are exact in any floating dtype; the division promotes to a fresh float32 tensor.
+    if block.dtype is torch.float32:
+        copied = False
+    else:
+        block, copied = block.float(), True
     # Host time: .float() / .char() and a 0-dim tensor divisor dispatch faster than .to(dtype) and a Python scalar.
     scale = block.abs().amax(dim=1, keepdim=True)
-    if scale.dtype is not torch.float32:
-        scale = scale.float()
     scale = torch.div(scale, _max_value_tensor(spec)).clamp_min_(_TINY)
-    values = torch.div(block, scale)
+    values = block.div_(scale) if copied else torch.div(block, scale)
     if spec.storage_dtype is torch.int8 and not stochastic_rounding:
         # |values| <= 127 up to float rounding, which round-to-nearest brings back to 127: no clamp needed
         return values.round_().char(), scale
