@@ -85,10 +85,6 @@ _MAX_CHAIN = 8
 _exclusion = threading.local()
 
 
-def _excluded() -> bool:
-    return getattr(_exclusion, "depth", 0) > 0
-
-
 @contextlib.contextmanager
 def skip_quantization() -> Generator[None, None, None]:
     """Keep every tensor saved for backward inside this block unquantized.
@@ -646,7 +642,7 @@ class ActivationQuantizer:
         if counted is None or counted() is not storage:
             self._counted[ptr] = weakref.ref(storage)
             stats.bytes_before += nbytes
-        if not tensor.is_floating_point() or tensor.element_size() < 2 or _excluded():
+        if not tensor.is_floating_point() or tensor.element_size() < 2 or getattr(_exclusion, "depth", 0) > 0:
             return self._keep_counted(tensor, storage, ptr, nbytes)
         node = tensor.grad_fn
         # an activation's grad_fn is a computing node; only a cast / view chain (or none) can lead to a parameter
@@ -697,6 +693,7 @@ class ActivationQuantizer:
         stats.num_quantized += 1
         version, dtype = tensor._version, tensor.dtype
         geometry = (tensor.shape, tensor.stride(), tensor.storage_offset())
+        covers_storage = numel * tensor.element_size() == nbytes and _is_dense(tensor)
         # a copy of the whole storage serves every view of it; a partial view only serves the same view again
         cache = self._cache
         whole_key = (ptr, dtype)
@@ -704,17 +701,19 @@ class ActivationQuantizer:
         if cached is not None and cached[0]() is storage and cached[1] == version:
             stats.num_deduplicated += 1
             return _SavedView(cached[2], geometry)
-        view_key = (ptr, dtype, *geometry)
-        cached = cache.get(view_key)
-        if cached is not None and cached[0]() is storage and cached[1] == version:
-            stats.num_deduplicated += 1
-            return _SavedView(cached[2], None)
-        covers_storage = numel * tensor.element_size() == nbytes and _is_dense(tensor)
+        key = whole_key
+        if not covers_storage:
+            key = (ptr, dtype, *geometry)
+            cached = cache.get(key)
+            if cached is not None and cached[0]() is storage and cached[1] == version:
+                stats.num_deduplicated += 1
+                return _SavedView(cached[2], None)
         group_size = self.group_size
         generator = self._generator(tensor.device) if self.stochastic_rounding else None
         # detached, not under no_grad: the same effect (no graph is recorded) at a fraction of the host time
         source = tensor.detach()
-        if covers_storage and numel % group_size == 0 and not _use_compiled(self.compile, tensor, numel):
+        compiled = self.compile is not False and _use_compiled(self.compile, tensor, numel)
+        if covers_storage and numel % group_size == 0 and not compiled:
             # the common case: a whole dense storage in groups, read in memory order (so that any view of it is
             # rebuilt by as_strided), quantized without reshaping or copying
             groups = numel // group_size
@@ -737,5 +736,5 @@ class ActivationQuantizer:
             )
             packed = _QuantizedStorage(quantized, self.compile, nbytes=quantized.nbytes)
         stats.bytes_after += packed.nbytes
-        cache[whole_key if covers_storage else view_key] = (weakref.ref(storage), version, packed)
+        cache[key] = (weakref.ref(storage), version, packed)
         return _SavedView(packed, geometry if covers_storage else None)
