@@ -58,7 +58,7 @@ COMPONENTS = {
 TOLERANCE = 0.05
 
 
-def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None) -> dict[str, Any]:
+def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Compare every row of ``results/<results_name>.json`` with its estimate; write and return the comparison."""
     measured = json.loads((RESULTS_DIR / f"{results_name}.json").read_text())
     sizes = measured["sizes"]
@@ -81,6 +81,7 @@ def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None) -> 
             activation_group_size=memory.QUANT_GROUP_SIZE,
             activation_min_numel=thresholds.min_numel,
             min_8bit_size=thresholds.min_8bit_size,
+            device=device,
         )
         rows = {}
         for method, summary in model["methods"].items():
@@ -104,6 +105,9 @@ def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None) -> 
                 "recomputed": row.recomputed,
                 "ratio": counted / total,
             }
+            if summary.get("gpu_peak_timed_bytes"):  # --mode gpu: the allocator's peak, recomputed block included
+                rows[method]["gpu_peak"] = summary["gpu_peak_timed_bytes"]
+                rows[method]["peak_ratio"] = row.total / summary["gpu_peak_timed_bytes"]
         results["models"][key] = {
             "label": model["label"],
             "estimate_seconds": time.perf_counter() - started,
@@ -152,6 +156,14 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f" | {row['measured_total'] / 2**20:.1f} | {row['estimated_total'] / 2**20:.1f} | {row['ratio']:.3f}"
                 f" | {row['recomputed'] / 2**20:.1f} |"
             )
+    peaks = [
+        f"{memory.METHOD_LABELS.get(method, method)} {row['peak_ratio']:.2f}"
+        for model in results["models"].values()
+        for method, row in model["rows"].items()
+        if row.get("peak_ratio")
+    ]
+    if peaks:
+        lines += ["", "Estimated total (recomputed block included) / CUDA allocator peak: " + "; ".join(peaks) + "."]
     mark = "met" if results["all_within_tolerance"] else "NOT met"
     lines += [
         "",
@@ -166,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="memory_cpu", help="a results/<NAME>.json of memory.py")
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda for memory_gpu results")
     args = parser.parse_args(argv)
-    print(render_markdown(run(args.results, args.out_dir)))
+    print(render_markdown(run(args.results, args.out_dir, args.device)))
 
 
 if __name__ == "__main__":

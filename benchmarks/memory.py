@@ -113,6 +113,16 @@ UNQUANTIZED = {
     "lisa_int8_adamw8bit": "lisa",
     "full_int8_checkpointing": "full_checkpointing",
 }
+# What users would pick instead, and combinations with them: memory_cpu_peers.* (BAdam and GaLore need the
+# `bench` extra: pip install badam galore-torch)
+PEER_METHODS = (
+    "full_checkpointing",
+    "full_offload",
+    "badam",
+    "galore",
+    "lisa_checkpointing",
+    "full_int8_checkpointing",
+)
 # Activation checkpointing of every block: timm `set_grad_checkpointing()`, transformers
 # `gradient_checkpointing_enable()` (non-reentrant).
 CHECKPOINTING_METHODS = frozenset({"full_checkpointing", "lisa_checkpointing", "full_int8_checkpointing"})
