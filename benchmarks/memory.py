@@ -69,7 +69,22 @@ from lightning_peft.layers import find_layers
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL
 from lightning_peft.trainable import TrainableSetController
 
-METHODS = ("full", "lisa", "lisa_kept", "lora", "full_int8", "full_fp8_e4m3", "lisa_int8_adamw8bit")
+METHODS = (
+    "full",
+    "lisa",
+    "lisa_kept",
+    "lora",
+    "full_int8",
+    "full_fp8_e4m3",
+    "lisa_int8_adamw8bit",
+    # what users pick instead (peers), and combinations with them
+    "full_checkpointing",
+    "full_offload",
+    "badam",
+    "galore",
+    "lisa_checkpointing",
+    "full_int8_checkpointing",
+)
 METHOD_LABELS = {
     "full": "Full FT (AdamW)",
     "lisa": "LISA, state released (ours)",
@@ -78,10 +93,44 @@ METHOD_LABELS = {
     "full_int8": "Full FT + int8 activations",
     "full_fp8_e4m3": "Full FT + fp8_e4m3 activations",
     "lisa_int8_adamw8bit": "LISA + int8 activations + AdamW8bit",
+    "full_checkpointing": "Full FT + activation checkpointing",
+    "full_offload": "Full FT + saved activations offloaded to CPU",
+    "badam": "BAdam (badam, 1 block)",
+    "galore": "GaLore AdamW (galore-torch)",
+    "lisa_checkpointing": "LISA + activation checkpointing",
+    "full_int8_checkpointing": "Full FT + int8 activations + checkpointing",
 }
 # Methods with activation quantization: the storage format, and the method that is the same run without it.
-ACTIVATION_FORMATS = {"full_int8": "int8", "full_fp8_e4m3": "fp8_e4m3", "lisa_int8_adamw8bit": "int8"}
-UNQUANTIZED = {"full_int8": "full", "full_fp8_e4m3": "full", "lisa_int8_adamw8bit": "lisa"}
+ACTIVATION_FORMATS = {
+    "full_int8": "int8",
+    "full_fp8_e4m3": "fp8_e4m3",
+    "lisa_int8_adamw8bit": "int8",
+    "full_int8_checkpointing": "int8",
+}
+UNQUANTIZED = {
+    "full_int8": "full",
+    "full_fp8_e4m3": "full",
+    "lisa_int8_adamw8bit": "lisa",
+    "full_int8_checkpointing": "full_checkpointing",
+}
+# What users would pick instead, and combinations with them: memory_cpu_peers.* (BAdam and GaLore need the
+# `bench` extra: pip install badam galore-torch)
+PEER_METHODS = (
+    "full_checkpointing",
+    "full_offload",
+    "badam",
+    "galore",
+    "lisa_checkpointing",
+    "full_int8_checkpointing",
+)
+# Activation checkpointing of every block: timm `set_grad_checkpointing()`, transformers
+# `gradient_checkpointing_enable()` (non-reentrant).
+CHECKPOINTING_METHODS = frozenset({"full_checkpointing", "lisa_checkpointing", "full_int8_checkpointing"})
+# BAdam: one block trains at a time (embeddings and head frozen, its defaults), switching every LISA interval;
+# GaLore: AdamW with the gradients of 2-D block weights projected to rank GALORE_RANK.
+GALORE_RANK = {"vit": 64, "llama": 64}
+GALORE_UPDATE_GAP = 200
+GALORE_SCALE = 0.25
 ADAMW8BIT_METHODS = frozenset({"lisa_int8_adamw8bit"})
 QUANT_GROUP_SIZE = 128
 LISA_LAYERS = 2
@@ -267,8 +316,18 @@ def storage_bytes(tensors: Iterable[Tensor]) -> int:
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
+    """Tensors of the optimizer's state, also those held by objects in it (GaLore's projection matrices) and, for
+    BAdam, its base optimizer's state and the float32 copy of the active block it updates."""
+    base = getattr(optimizer, "base_optimizer", None)
+    if base is not None:
+        yield from getattr(optimizer, "param_idx2hp", {}).values()
+        optimizer = base
     for state in optimizer.state.values():
-        yield from (value for value in state.values() if isinstance(value, Tensor))
+        for value in state.values():
+            if isinstance(value, Tensor):
+                yield value
+            elif hasattr(value, "__dict__"):
+                yield from (v for v in vars(value).values() if isinstance(v, Tensor))
 
 
 class SavedTensorCounter:
@@ -356,6 +415,11 @@ def build_model(spec: ModelSpec, method: str) -> nn.Module:
         lora = LoraConfig(
             task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS["llama"]
         )
+    if method in CHECKPOINTING_METHODS:
+        if spec.family == "vit":
+            model.set_grad_checkpointing(True)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, lora) if method == "lora" else model
 
 
@@ -385,20 +449,45 @@ class RepeatedBatch:
 
 
 class BenchModule(pl.LightningModule):
-    """Wraps a ViT (images, labels -> cross-entropy) or a causal LM (token ids -> next-token loss)."""
+    """Wraps a ViT (images, labels -> cross-entropy) or a causal LM (token ids -> next-token loss).
 
-    def __init__(self, model: nn.Module, family: str, lr: float = 1e-4, min_8bit_size: int | None = None) -> None:
+    ``optimizer``: ``"adamw"`` (torch; bitsandbytes ``AdamW8bit`` when ``min_8bit_size`` is set), ``"badam"``
+    (BAdam's ``BlockOptimizer`` around AdamW, one block at a time, switching every ``switch_every`` steps) or
+    ``"galore"`` (galore-torch ``GaLoreAdamW``, the 2-D weights of the blocks projected). ``offload``: keep the
+    tensors saved for backward in CPU memory (``torch.autograd.graph.save_on_cpu``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: str,
+        lr: float = 1e-4,
+        min_8bit_size: int | None = None,
+        optimizer: str = "adamw",
+        offload: bool = False,
+        switch_every: int = 3,
+    ) -> None:
         super().__init__()
         self.model = model
         self.family = family
         self.lr = lr
         self.min_8bit_size = min_8bit_size  # None: torch AdamW; else bitsandbytes AdamW8bit with this threshold
+        self.optimizer_kind = optimizer
+        self.offload = offload
+        self.switch_every = switch_every
         self.saved_tensor_counter: SavedTensorCounter | None = None  # set for the one step that counts
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         counter = self.saved_tensor_counter
+        offload = (
+            torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+            if self.offload
+            else contextlib.nullcontext()
+        )
         if counter is None:
-            return self._loss(batch)
+            with offload:
+                return self._loss(batch)
+        # the counted (warm-up) step: the counter's hooks would shadow save_on_cpu's, so it counts what is offloaded
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
             return self._loss(batch)
 
@@ -412,9 +501,53 @@ class BenchModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Over every parameter that trains now: LISA freezes blocks afterwards and needs them all in the optimizer.
         params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_kind == "badam":
+            import warnings
+
+            from badam import BlockOptimizer
+
+            # BAdam expects bf16 weights and keeps a float32 copy of the active block (counted as optimizer state)
+            warnings.filterwarnings("ignore", message="BAdam expect model to be loaded in fp16/bf16")
+
+            stack = find_layers(self)
+            return BlockOptimizer(
+                base_optimizer=torch.optim.AdamW(params, lr=self.lr),
+                named_parameters_list=list(self.named_parameters()),
+                block_prefix_list=[[f"{name}."] for name in stack.names],
+                switch_block_every=self.switch_every,
+                switch_mode="random",
+                verbose=0,
+            )
+        if self.optimizer_kind == "galore":
+            from galore_torch import GaLoreAdamW
+
+            stack = find_layers(self)
+            inside = {n for i in range(len(stack)) for n in stack.block_parameter_names(i)}
+            named = dict(self.named_parameters())
+            projected = [p for n, p in named.items() if n in inside and p.dim() == 2]
+            regular = [p for p in params if all(p is not q for q in projected)]
+            groups = [
+                {"params": regular},
+                {
+                    "params": projected,
+                    "rank": GALORE_RANK[self.family],
+                    "update_proj_gap": GALORE_UPDATE_GAP,
+                    "scale": GALORE_SCALE,
+                    "proj_type": "std",
+                },
+            ]
+            return GaLoreAdamW(groups, lr=self.lr, no_deprecation_warning=True)
         if self.min_8bit_size is None:
             return torch.optim.AdamW(params, lr=self.lr)
         return _adamw8bit()(params, lr=self.lr, min_8bit_size=self.min_8bit_size)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.optimizer_kind != "badam":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # BAdam copies the gradients before it calls the base optimizer's step: they must exist before its step
+        optimizer_closure()
+        optimizer.step()
+        return None
 
 
 def _adamw8bit() -> type[torch.optim.Optimizer]:
@@ -505,6 +638,8 @@ class MeasuringCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         with_grad = [p for p in pl_module.parameters() if p.grad is not None]
+        # BAdam moves the active block's gradients onto its float32 copies before the base optimizer runs
+        with_grad += [p for p in getattr(optimizer, "param_idx2hp", {}).values() if p.grad is not None]
         self.results["grad_bytes"] = max(self.results["grad_bytes"], storage_bytes(p.grad for p in with_grad))
         self.results["trainable_params"] = max(self.results["trainable_params"], sum(p.numel() for p in with_grad))
 
@@ -601,7 +736,12 @@ def measure(
     with device:
         model = build_model(spec, method)
     module = BenchModule(
-        model, spec.family, min_8bit_size=small_tensors.min_8bit_size if method in ADAMW8BIT_METHODS else None
+        model,
+        spec.family,
+        min_8bit_size=small_tensors.min_8bit_size if method in ADAMW8BIT_METHODS else None,
+        optimizer=method if method in ("badam", "galore") else "adamw",
+        offload=method == "full_offload",
+        switch_every=schedule.lisa_interval,
     )
     batch = make_batch(spec, device)
     quantization = None
@@ -617,7 +757,7 @@ def measure(
         schedule.warmup, schedule.timed, method == "lisa_kept", schedule.max_coverage_steps, quantization
     )
     callbacks: list[Callback] = [probe]
-    if method in ("lisa", "lisa_int8_adamw8bit"):
+    if method in ("lisa", "lisa_int8_adamw8bit", "lisa_checkpointing"):
         callbacks.append(LISA(n_layers=LISA_LAYERS, interval=schedule.lisa_interval, seed=0))
     elif method == "lisa_kept":
         callbacks.append(
@@ -883,6 +1023,7 @@ def run(
     threads: int | None = None,
     methods: list[str] | None = None,
     compile: bool | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     """Measure every method on every model of ``sizes``; write ``memory_<mode>.json`` and ``.md`` to ``out_dir``.
 
@@ -900,6 +1041,7 @@ def run(
         compile: fuse the activation quantization with ``torch.compile`` (as the GPU runs must: the eager kernels'
             extra passes over memory are what costs there). ``None`` (default): on, except for ``sizes="tiny"``
             (tests: no compilation, no C++ toolchain needed). On CPU the compilation costs about 12 s in all.
+        tag: suffix of the result files (``memory_<mode>_<tag>.*``), so a run of some methods keeps the others.
 
     Returns:
         The results, as written to the JSON file.
@@ -930,7 +1072,7 @@ def run(
     try:
         with torch.random.fork_rng(devices=[]):
             fuse = sizes != "tiny" if compile is None else compile
-            return _run(specs, schedule, mode, sizes, device, out_dir, selected, fuse)
+            return _run(specs, schedule, mode, sizes, device, out_dir, selected, fuse, tag)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -944,6 +1086,7 @@ def _run(
     out_dir: Path | None,
     selected: tuple[str, ...] = METHODS,
     compile: bool = False,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     precision = "bf16-mixed" if mode == "gpu" else "32-true"
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
@@ -995,6 +1138,8 @@ def _run(
     results["wall_time_s"] = time.perf_counter() - started
     # `tiny` (tests) writes where `cpu` does; other size sets that are not their mode's get files of their own
     stem = f"memory_{mode}" if sizes in (mode, "tiny") else f"memory_{sizes}"
+    if tag:
+        stem += f"_{tag}"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = render_markdown(results)
     (out_dir / f"{stem}.md").write_text(markdown)
@@ -1175,6 +1320,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's on GPU)")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results")
+    parser.add_argument("--tag", default=None, help="suffix of the result files, e.g. peers -> memory_cpu_peers.*")
     args = parser.parse_args(argv)
     if args.mode == "gpu" and not torch.cuda.is_available():
         sys.exit("error: --mode gpu needs a CUDA device and torch sees none. HINT: run --mode cpu on this machine.")
@@ -1189,6 +1335,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         methods=args.methods,
         compile=args.compile,
+        tag=args.tag,
     )
     print(render_markdown(results))
 

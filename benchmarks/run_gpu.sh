@@ -2,7 +2,8 @@
 # Every GPU measurement of the benchmarks in one command, for a machine with one CUDA GPU:
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR] [PART...]   # default OUT_DIR: benchmarks/results; PART: memory,
-#                                                    # activation_quantization, pruning (default: all three)
+#                                                    # activation_quantization, pruning (default: all three),
+#                                                    # peers, estimate (not in the default: run them apart)
 #
 # Runs from the repository root without installing the package (PYTHONPATH=.). Needs torch with CUDA, lightning,
 # timm, transformers, peft and bitsandbytes (for the LISA + int8 + AdamW8bit row). Each benchmark has its own time
@@ -28,6 +29,21 @@ fi
 if want activation_quantization; then
   timeout 240 python benchmarks/activation_quantization.py --mode gpu --compile --output "$out" 2>&1 \
     | tee "$out/activation_quantization_gpu.log"
+fi
+if want peers; then  # checkpointing, save_on_cpu, BAdam, GaLore next to ours (pip install badam galore-torch)
+  timeout 540 python benchmarks/memory.py --mode gpu --tag peers --out-dir "$out" --methods full lisa lora \
+    full_int8 lisa_int8_adamw8bit full_checkpointing full_offload badam galore lisa_checkpointing \
+    full_int8_checkpointing 2>&1 | tee "$out/memory_gpu_peers.log"
+  python benchmarks/quantizer_overhead.py --rounds 5 --out-dir "$out" 2>&1 | tail -20  # host time, same machine
+fi
+if want estimate; then  # the estimate against the allocator peaks of memory_gpu*.json (run memory / peers first)
+  for results in memory_gpu memory_gpu_peers; do
+    [[ -f "$out/$results.json" ]] && cp "$out/$results.json" benchmarks/results/ 2>/dev/null
+    [[ -f "benchmarks/results/$results.json" ]] && timeout 300 python benchmarks/estimate_check.py \
+      --results "$results" --device cuda --out-dir "$out" 2>&1 | tail -5
+  done
+  timeout 120 python -c "from lightning_peft.cli import cli_main; cli_main(['estimate', '--config', \
+'benchmarks/estimate/llama2_7b_lisa.yaml', '--memory', '80GiB', '--device', 'cuda'])" | tee "$out/estimate_7b.txt"
 fi
 if want pruning; then
   timeout 120 python benchmarks/pruning.py --mode gpu --out-dir "$out" 2>&1 | tee "$out/pruning_gpu.log"

@@ -5,5 +5,6 @@ from lightning_peft.callbacks.early_pruning import EarlyPruning
 from lightning_peft.callbacks.half_finetuning import HalfFineTuning
 from lightning_peft.callbacks.ist import IST
 from lightning_peft.callbacks.lisa import LISA
+from lightning_peft.callbacks.memory_breakdown import MemoryBreakdown
 
-__all__ = ["ActivationQuantization", "EarlyPruning", "HalfFineTuning", "IST", "LISA"]
+__all__ = ["ActivationQuantization", "EarlyPruning", "HalfFineTuning", "IST", "LISA", "MemoryBreakdown"]

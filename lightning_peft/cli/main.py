@@ -162,6 +162,7 @@ def cli_main(args: ArgsType = None) -> None:
     Returns nothing, so the console script exits with status 0 (use :class:`PeftCLI` to keep the objects). Errors
     of the user's making (our messages with a ``HINT:``, YAML syntax errors, unknown names) are printed as one
     message and exit with status 1 or 2; ``--debug`` or ``LIGHTNING_PEFT_DEBUG=1`` shows the full traceback.
+    ``estimate --config FILE [--memory 24GiB]`` prints the memory estimate of :mod:`lightning_peft.estimate`.
 
     Example::
 
@@ -172,6 +173,11 @@ def cli_main(args: ArgsType = None) -> None:
         from lightning_peft.cli.export import export_main
 
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "estimate":  # memory estimate from a config: no Trainer run
+        from lightning_peft.estimate import main as estimate_main
+
+        estimate_main(argv[1:])
         return
     if debug_requested(argv):
         PeftCLI(args=[arg for arg in argv if arg != "--debug"])

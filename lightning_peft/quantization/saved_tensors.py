@@ -35,7 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.quantization.formats import QuantizedTensor, _check_format, dequantize, quantize
+from lightning_peft.quantization.formats import (
+    _SPECS,
+    QuantizedTensor,
+    _check_format,
+    _dequantize_block,
+    _quantize_block,
+    _use_compiled,
+    dequantize,
+    quantize,
+)
 
 __all__ = ["DEFAULT_MIN_NUMEL", "ActivationQuantizer", "SavedTensorStats", "skip_quantization"]
 
@@ -74,10 +83,6 @@ _CAST_AND_VIEW_NODES = frozenset(
 _MAX_CHAIN = 8
 
 _exclusion = threading.local()
-
-
-def _excluded() -> bool:
-    return getattr(_exclusion, "depth", 0) > 0
 
 
 @contextlib.contextmanager
@@ -143,20 +148,40 @@ class SavedTensorStats:
 
 
 class _QuantizedStorage:
-    """One quantized copy of saved data; holds no reference to the autograd graph."""
+    """One quantized copy of saved data; holds no reference to the autograd graph.
 
-    __slots__ = ("__weakref__", "_restored", "compile", "quantized")
+    Either a :class:`QuantizedTensor` (``quantize``'s general path: padding, partial views, fused kernels) or, for
+    the common case of a whole dense storage, its 8-bit groups and float32 scales as 2-D tensors (``data``,
+    ``scale``), which restore in one kernel with no reshaping.
+    """
 
-    def __init__(self, quantized: QuantizedTensor, compile: bool | None) -> None:
+    __slots__ = ("__weakref__", "_restored", "compile", "data", "dtype", "nbytes", "quantized", "scale")
+
+    def __init__(
+        self,
+        quantized: QuantizedTensor | None,
+        compile: bool | None,
+        data: Tensor | None = None,
+        scale: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        nbytes: int = 0,
+    ) -> None:
         self.quantized = quantized
         self.compile = compile
+        self.data = data
+        self.scale = scale
+        self.dtype = dtype
+        self.nbytes = nbytes  # the 8-bit values and the float32 scales
         self._restored: weakref.ref[Tensor] | None = None
 
     def restore(self) -> Tensor:
         # saves of one storage by several nodes share one dequantized tensor while it is alive
         restored = self._restored() if self._restored is not None else None
         if restored is None:
-            restored = dequantize(self.quantized, compile=self.compile)
+            if self.quantized is None:
+                restored = _dequantize_block(self.data, self.scale, self.dtype)
+            else:
+                restored = dequantize(self.quantized, compile=self.compile)
             self._restored = weakref.ref(restored)
         return restored
 
@@ -174,8 +199,7 @@ class _SavedView:
         restored = self.storage.restore()
         if self.geometry is None:
             return restored
-        size, stride, offset = self.geometry
-        return restored.as_strided(size, stride, offset)
+        return restored.as_strided(*self.geometry)
 
 
 class _Kept:
@@ -596,40 +620,52 @@ class ActivationQuantizer:
 
     def pack(self, tensor: Tensor) -> Any:
         """The pack hook: a handle to the quantized copy of an activation, or to the (detached) tensor kept as is."""
+        # The hot path of every saved tensor: each attribute read and call here costs host time on every step,
+        # so values are read once and the common case (an activation to quantize) takes the fewest branches.
         if self._parameters_stale:
             self.refresh_parameters()
         stats = self.stats
         stats.num_saved += 1
-        if type(tensor) is nn.Parameter:
-            # also where the storage moves during the step (DeepSpeed ZeRO-3 gathers into the Parameter)
-            return _keep(tensor)
-        if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided or tensor.device.type == "meta":
+        # parameters (also where the storage moves during the step: DeepSpeed ZeRO-3 gathers into the Parameter),
+        # tensor subclasses, non-strided layouts and meta tensors are kept as they are, uncounted
+        if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided or tensor.is_meta:
             return _keep(tensor)
         storage = tensor.untyped_storage()
-        param_storage = self._param_storages.get(storage.data_ptr())
-        in_param_storage = param_storage is not None and param_storage() is storage
-        if in_param_storage:
+        ptr = storage.data_ptr()
+        param_storage = self._param_storages.get(ptr)
+        if param_storage is not None and param_storage() is storage:
             return _keep(tensor)
-        if self._count_once(self._counted, storage):
-            stats.bytes_before += storage.nbytes()
-        if not tensor.is_floating_point() or tensor.element_size() < 2 or _excluded():
-            if self._count_once(self._kept, storage):
-                stats.bytes_after += storage.nbytes()
-            return _keep(tensor)
-        if self._is_parameter_copy(tensor):
+        nbytes = storage.nbytes()
+        # The weak reference proves the address still belongs to the same storage: after a storage is freed
+        # (e.g. because its only saved copy was quantized), the allocator hands the address to new tensors.
+        counted = self._counted.get(ptr)
+        if counted is None or counted() is not storage:
+            self._counted[ptr] = weakref.ref(storage)
+            stats.bytes_before += nbytes
+        if not tensor.is_floating_point() or tensor.element_size() < 2 or getattr(_exclusion, "depth", 0) > 0:
+            return self._keep_counted(tensor, storage, ptr, nbytes)
+        node = tensor.grad_fn
+        # an activation's grad_fn is a computing node; only a cast / view chain (or none) can lead to a parameter
+        if (node is None or type(node).__name__ in _CAST_AND_VIEW_NODES) and self._is_parameter_copy(tensor):
             source = self._copied_parameter(tensor) if self.recompute_weight_copies else None
             if source is not None:
                 stats.num_recomputed += 1
                 return _Recast(source, tensor)
             if self._count_once(self._kept, storage):
-                stats.bytes_after += storage.nbytes()
-                stats.bytes_weight_copies += storage.nbytes()
+                stats.bytes_weight_copies += nbytes
+                stats.bytes_after += nbytes
             return _keep(tensor)
-        if tensor.numel() < max(1, self.min_numel):
-            if self._count_once(self._kept, storage):
-                stats.bytes_after += storage.nbytes()
-            return _keep(tensor)
-        return self._quantize(tensor, storage)
+        numel = tensor.numel()
+        if numel < self.min_numel or numel == 0:
+            return self._keep_counted(tensor, storage, ptr, nbytes)
+        return self._quantize(tensor, storage, ptr, nbytes, numel)
+
+    def _keep_counted(self, tensor: Tensor, storage: torch.UntypedStorage, ptr: int, nbytes: int) -> _Kept:
+        kept = self._kept.get(ptr)
+        if kept is None or kept() is not storage:
+            self._kept[ptr] = weakref.ref(storage)
+            self.stats.bytes_after += nbytes
+        return _keep(tensor)
 
     @staticmethod
     def _copied_parameter(copy: Tensor) -> Tensor | None:
@@ -652,31 +688,53 @@ class ActivationQuantizer:
                 return None
         return source if _is_cast_of(base, source) else None
 
-    def _quantize(self, tensor: Tensor, storage: torch.UntypedStorage) -> _SavedView:
+    def _quantize(self, tensor: Tensor, storage: torch.UntypedStorage, ptr: int, nbytes: int, numel: int) -> _SavedView:
         stats = self.stats
         stats.num_quantized += 1
-        ptr, version = storage.data_ptr(), tensor._version
+        version, dtype = tensor._version, tensor.dtype
         geometry = (tensor.shape, tensor.stride(), tensor.storage_offset())
+        covers_storage = numel * tensor.element_size() == nbytes and _is_dense(tensor)
         # a copy of the whole storage serves every view of it; a partial view only serves the same view again
-        whole_key, view_key = (ptr, tensor.dtype), (ptr, tensor.dtype, *geometry)
-        for key in (whole_key, view_key):
-            cached = self._cache.get(key)
+        cache = self._cache
+        whole_key = (ptr, dtype)
+        cached = cache.get(whole_key)
+        if cached is not None and cached[0]() is storage and cached[1] == version:
+            stats.num_deduplicated += 1
+            return _SavedView(cached[2], geometry)
+        key = whole_key
+        if not covers_storage:
+            key = (ptr, dtype, *geometry)
+            cached = cache.get(key)
             if cached is not None and cached[0]() is storage and cached[1] == version:
                 stats.num_deduplicated += 1
-                return _SavedView(cached[2], geometry if key is whole_key else None)
-        covers_storage = _is_dense(tensor) and tensor.numel() * tensor.element_size() == storage.nbytes()
-        with torch.no_grad():
-            # a whole storage is quantized in memory order, so that any view of it can be rebuilt by as_strided
-            source = tensor.as_strided((tensor.numel(),), (1,), 0) if covers_storage else tensor
-            quantized = quantize(
-                source,
-                self.format,
-                self.group_size,
+                return _SavedView(cached[2], None)
+        group_size = self.group_size
+        generator = self._generator(tensor.device) if self.stochastic_rounding else None
+        # detached, not under no_grad: the same effect (no graph is recorded) at a fraction of the host time
+        source = tensor.detach()
+        compiled = self.compile is not False and _use_compiled(self.compile, tensor, numel)
+        if covers_storage and numel % group_size == 0 and not compiled:
+            # the common case: a whole dense storage in groups, read in memory order (so that any view of it is
+            # rebuilt by as_strided), quantized without reshaping or copying
+            groups = numel // group_size
+            data, scale = _quantize_block(
+                source.as_strided((groups, group_size), (group_size, 1), 0),
+                _SPECS[self.format],
                 self.stochastic_rounding,
-                self._generator(tensor.device),
+                generator,
+            )
+            packed = _QuantizedStorage(None, self.compile, data, scale, dtype, numel + 4 * groups)
+        else:
+            # a whole storage is quantized in memory order, so that any view of it can be rebuilt by as_strided
+            quantized = quantize(
+                source.as_strided((numel,), (1,), 0) if covers_storage else source,
+                self.format,
+                group_size,
+                self.stochastic_rounding,
+                generator,
                 compile=self.compile,
             )
-        packed = _QuantizedStorage(quantized, self.compile)
-        stats.bytes_after += quantized.nbytes
-        self._cache[whole_key if covers_storage else view_key] = (weakref.ref(storage), version, packed)
+            packed = _QuantizedStorage(quantized, self.compile, nbytes=quantized.nbytes)
+        stats.bytes_after += packed.nbytes
+        cache[key] = (weakref.ref(storage), version, packed)
         return _SavedView(packed, geometry if covers_storage else None)

@@ -26,8 +26,11 @@ def test_saved_tensor_counter_excludes_parameters():
     assert counter.nbytes == x.untyped_storage().nbytes()  # the input, not the weight
 
 
+OURS = [m for m in memory.METHODS if m not in memory.PEER_METHODS]
+
+
 def test_tiny_run_measures_every_method_and_lisa_releases_state(tmp_path):
-    memory.run(mode="cpu", sizes="tiny", out_dir=tmp_path)
+    memory.run(mode="cpu", sizes="tiny", out_dir=tmp_path, methods=OURS)
 
     results = json.loads((tmp_path / "memory_cpu.json").read_text())
     assert (tmp_path / "memory_cpu.md").read_text().startswith("# Memory and step time")
@@ -35,7 +38,7 @@ def test_tiny_run_measures_every_method_and_lisa_releases_state(tmp_path):
     assert {"torch", "lightning", "device", "date"} <= set(results["environment"])
     for key, model in results["models"].items():
         methods = model["methods"]
-        assert set(methods) == set(memory.METHODS), key
+        assert set(methods) == set(OURS), key
         for method in methods.values():
             assert method["memory_bytes"] > 0 and method["step_time_ms"] > 0
             assert len(method["step_times_ms"]) == results["schedule"]["timed"] * results["schedule"]["repeats"]
@@ -53,6 +56,8 @@ def test_tiny_run_measures_every_method_and_lisa_releases_state(tmp_path):
         # and its own count of the unquantized bytes matches the script's counter on that run.
         saved = {name: m["components"]["saved_activation_bytes"] for name, m in methods.items()}
         for method, base in memory.UNQUANTIZED.items():
+            if method not in methods:
+                continue
             stats = methods[method]["quantization"]
             assert stats["num_quantized"] > 0, (key, method)
             assert saved[method] == stats["bytes_after"] < stats["bytes_before"], (key, method)
@@ -64,8 +69,31 @@ def test_tiny_run_measures_every_method_and_lisa_releases_state(tmp_path):
         assert state["lisa_int8_adamw8bit"] < state["lisa"], key
         assert methods["lisa_int8_adamw8bit"]["memory_bytes"] < methods["lisa"]["memory_bytes"], key
         targets = {t["target"] for t in model["targets"]}
-        assert sum("saved-for-backward bytes" in t for t in targets) == len(memory.UNQUANTIZED), key
+        assert sum("saved-for-backward bytes" in t for t in targets) == len(set(memory.UNQUANTIZED) & set(OURS)), key
     assert results["controller_cost"]["steps"] > 0
+
+
+def test_peers_run_and_do_what_they_are_for(tmp_path):
+    pytest.importorskip("badam")
+    pytest.importorskip("galore_torch")
+    results = memory.run(
+        mode="cpu", sizes="tiny", out_dir=tmp_path, models=["llama_tiny"], methods=list(memory.PEER_METHODS)
+    )
+    assert set(memory.PEER_METHODS) <= set(results["methods"])
+    methods = results["models"]["llama_tiny"]["methods"]
+    c = {name: m["components"] for name, m in methods.items()}
+    # checkpointing: the forward leaves only block inputs (and what lies outside the blocks) saved
+    assert c["full_checkpointing"]["saved_activation_bytes"] < 0.5 * c["full"]["saved_activation_bytes"]
+    assert c["lisa_checkpointing"]["grad_bytes"] < c["full_checkpointing"]["grad_bytes"]
+    assert methods["full_int8_checkpointing"]["quantization"]["num_quantized"] > 0
+    # save_on_cpu: the same step (on a CPU the counted bytes do not move anywhere)
+    assert c["full_offload"]["saved_activation_bytes"] == c["full"]["saved_activation_bytes"]
+    # BAdam: one block trains; its state (with the float32 copy of that block) is far below AdamW's
+    assert methods["badam"]["trainable_params"] < 0.5 * methods["full"]["trainable_params"]
+    assert 0 < c["badam"]["optimizer_state_bytes"] < 0.5 * c["full"]["optimizer_state_bytes"]
+    # GaLore: every parameter trains; the projection matrices are counted with the state
+    assert methods["galore"]["trainable_params"] == methods["full"]["trainable_params"]
+    assert c["galore"]["optimizer_state_bytes"] > 0
 
 
 def test_method_subset_adds_the_runs_it_compares_with(tmp_path):

@@ -113,8 +113,9 @@ def test_nbytes_is_about_half_of_bf16():
 
 
 @pytest.mark.slow
-def test_compiled_kernels_match_eager():
+def test_compiled_kernels_match_eager(monkeypatch):
     # torch.compile needs a C++ compiler on CPU; the first call compiles (tens of seconds)
+    monkeypatch.setattr(formats, "COMPILE_MIN_NUMEL", 0)
     torch.manual_seed(0)
     x = torch.randn(64, 256, dtype=torch.bfloat16) * torch.logspace(-2, 1, 256).to(torch.bfloat16)
     eager = quantize(x, "int8", group_size=128)
@@ -131,7 +132,7 @@ def test_compiled_kernels_match_eager():
     torch.testing.assert_close(dequantize(quantize(odd, compile=True), compile=True), dequantize(quantize(odd)))
 
 
-def test_compile_defaults_to_cuda_tensors_only(monkeypatch):
+def test_compile_defaults_to_cuda_tensors_only_and_serves_large_tensors(monkeypatch):
     calls = []
 
     def recording(function):
@@ -139,11 +140,19 @@ def test_compile_defaults_to_cuda_tensors_only(monkeypatch):
         return function
 
     monkeypatch.setattr(formats, "_compiled", recording)
+    monkeypatch.setattr(formats, "COMPILE_MIN_NUMEL", 1024)
     x = torch.randn(4, 256)
     dequantize(quantize(x))  # CPU tensor, compile=None: eager
     assert calls == []
+    dequantize(quantize(x[:2], compile=True), compile=True)  # under COMPILE_MIN_NUMEL: the eager kernels
+    assert calls == []
     dequantize(quantize(x, compile=True), compile=True)
     assert calls == ["_quantize_int8_groups", "_dequantize_int8_groups"]
+
+
+def test_compile_min_numel_is_above_small_activations():
+    # a torch.compile call costs tens of microseconds of host time: small tensors must not pay it
+    assert formats.COMPILE_MIN_NUMEL >= 1 << 16
 
 
 def test_a_failing_compiler_falls_back_to_eager_once_with_a_warning(monkeypatch):
@@ -155,6 +164,7 @@ def test_a_failing_compiler_falls_back_to_eager_once_with_a_warning(monkeypatch)
 
     monkeypatch.setattr(formats, "_compiled", broken)
     monkeypatch.setattr(formats, "_FAILED", set())
+    monkeypatch.setattr(formats, "COMPILE_MIN_NUMEL", 0)
     x = torch.randn(8, 256, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match=r"torch.compile of the 8-bit _quantize_int8_groups kernel failed.*triton"):
         fallback = quantize(x, compile=True)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lightning_peft.quantization.saved_tensors as saved_tensors
-from lightning_peft.quantization import ActivationQuantizer, skip_quantization
+from lightning_peft.quantization import ActivationQuantizer, dequantize, quantize, skip_quantization
 
 
 class MLPBlock(nn.Module):
@@ -461,3 +461,26 @@ def test_a_copy_of_a_rearranged_weight_is_not_recast_from_the_weight():
     quantizer.attach(model)
     assert all(torch.equal(a, b) for a, b in zip(reference, _grads(model, x, quantizer), strict=True))
     assert quantizer.stats.bytes_weight_copies == 256 * 64 * 2  # the rearranged copy, kept
+
+
+@pytest.mark.parametrize("format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(32, 128), (3, 50), (4, 8, 64)])
+def test_the_hook_restores_what_quantize_and_dequantize_give_and_counts_their_bytes(format, dtype, shape):
+    # the pack hook's own path for whole storages must match the public functions bit for bit, byte for byte
+    torch.manual_seed(0)
+    quantizer = ActivationQuantizer(format, group_size=32, min_numel=0)
+    x = torch.randn(shape, requires_grad=True)
+    activation = (x * 3).to(dtype)
+    views = [activation, activation.transpose(-1, -2)]
+    reference = quantize(activation.detach(), format, group_size=32)
+    quantizer.start_step()
+    restored = [saved_tensors._unpack(quantizer.pack(v)) for v in views]
+    quantizer.end_step()
+    expected = dequantize(reference)
+    assert restored[0].dtype == dtype and restored[0].shape == activation.shape
+    assert torch.equal(restored[0], expected)
+    assert torch.equal(restored[1], expected.transpose(-1, -2))
+    assert quantizer.stats.bytes_after == reference.nbytes
+    assert quantizer.stats.bytes_before == activation.numel() * activation.element_size()
+    assert quantizer.stats.num_deduplicated == 1

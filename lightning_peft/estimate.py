@@ -1,0 +1,960 @@
+"""Where training memory goes, per method, before the first step: an estimate from fake tensors.
+
+:func:`estimate_memory` builds the model on the ``meta`` device (no weights are allocated or read), runs one
+forward of the loss under ``FakeTensorMode`` (shapes, dtypes and the autograd graph, no arithmetic) and counts what
+autograd saves for backward through ``torch.autograd.graph.saved_tensors_hooks``, as
+``benchmarks/memory.py`` counts it in a real step. For each method -- full fine-tuning, LoRA, LISA, Half
+Fine-Tuning -- and each with 8-bit activations, an 8-bit optimizer (bitsandbytes ``AdamW8bit``) or activation
+checkpointing, it reports:
+
+- *params*: unique bytes of every parameter;
+- *grads*: bytes of the trainable parameters' gradients (same dtype as the parameters);
+- *optimizer state*: AdamW's two moments (parameter dtype) and step counters; ``AdamW8bit``'s 8-bit moments with
+  one float32 absmax per block of 256 and its two shared 256-entry maps (32-bit moments under ``min_8bit_size``);
+- *saved activations*: unique bytes saved for backward, parameters excluded; autocast's weight copies (a
+  Linear's bf16 weight under ``bf16-mixed``) are part of them and shown apart. With 8-bit activations, every
+  floating tensor of at least ``min_numel`` elements that is not a weight copy is counted as 1 byte per element
+  (padded to whole groups) plus a float32 scale per group, and weight copies as recast in backward (none held),
+  as :class:`~lightning_peft.quantization.ActivationQuantizer` stores them. With activation checkpointing of each
+  block: the block inputs, what is saved outside the blocks, and one block's saved tensors at a time (its
+  recomputation in backward).
+
+Saved activations grow linearly with the batch: two forwards (batch ``b`` and ``2b``) give the slope, from
+which :meth:`MemoryReport.largest_batch_size` solves for a memory budget. Not counted: the CUDA context,
+allocator fragmentation, temporary buffers of single kernels, the data loader; on GPU, expect the allocator's
+peak a few percent to some tens of percent above the estimate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.layers import LayerStack, find_layers
+from lightning_peft.quantization.saved_tensors import DEFAULT_MIN_NUMEL, _derives_from_leaf
+
+__all__ = [
+    "METHODS",
+    "VARIANTS",
+    "MemoryEstimate",
+    "MemoryReport",
+    "estimate_memory",
+    "format_bytes",
+    "parse_bytes",
+]
+
+#: Trainable sets the estimator knows.
+METHODS: tuple[str, ...] = ("full", "lora", "lisa", "hft")
+#: What each method is estimated with, besides plain AdamW: 8-bit activations, AdamW8bit, checkpointing.
+VARIANTS: tuple[str, ...] = (
+    "",
+    "int8_act",
+    "adamw8bit",
+    "checkpointing",
+    "int8_act+adamw8bit",
+    "int8_act+checkpointing",
+)
+METHOD_LABELS = {"full": "Full FT", "lora": "LoRA", "lisa": "LISA", "hft": "Half FT", "configured": "As configured"}
+VARIANT_LABELS = {
+    "int8_act": "8-bit activations",
+    "adamw8bit": "AdamW8bit",
+    "checkpointing": "checkpointing",
+    "int8_act+adamw8bit": "8-bit activations + AdamW8bit",
+    "int8_act+checkpointing": "8-bit activations + checkpointing",
+}
+_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+_BNB_BLOCK = 256  # bitsandbytes' block size of the 8-bit optimizer state
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The estimated memory of one method, in bytes.
+
+    Attributes:
+        method: ``"full"``, ``"lora"``, ``"lisa"``, ``"hft"`` or ``"configured"``, with ``+variant`` suffixes
+            (``"lisa+int8_act+adamw8bit"``).
+        params: unique bytes of all parameters.
+        grads: bytes of the gradients of the trainable parameters.
+        optimizer_state: bytes of the optimizer state.
+        saved_activations: bytes saved for backward at this batch size (weight copies included).
+        weight_copies: the part of ``saved_activations`` that is autocast's copies of weights.
+        trainable_params: trainable parameter elements.
+        total_params: all parameter elements.
+        activation_bytes_per_sample: how much ``saved_activations + recomputed`` grows per added sample.
+        batch_size: the batch size of ``saved_activations``.
+        recomputed: with checkpointing, one block's saved tensors, rebuilt in backward while that block's
+            gradients are computed (held only then; part of the peak, not of what the forward leaves behind).
+
+    Example::
+
+        >>> MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2).total
+        32
+    """
+
+    method: str
+    params: int
+    grads: int
+    optimizer_state: int
+    saved_activations: int
+    weight_copies: int
+    trainable_params: int
+    total_params: int
+    activation_bytes_per_sample: float
+    batch_size: int
+    recomputed: int = 0
+
+    @property
+    def activations(self) -> int:
+        """Saved activations plus, with checkpointing, the block recomputed in backward."""
+        return self.saved_activations + self.recomputed
+
+    @property
+    def total(self) -> int:
+        """Params + grads + optimizer state + saved activations (+ the recomputed block)."""
+        return self.params + self.grads + self.optimizer_state + self.activations
+
+    def total_at(self, batch_size: int) -> int:
+        """The total at another batch size (saved activations scale linearly with the batch).
+
+        Example::
+
+            >>> MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2).total_at(4)
+            48
+        """
+        activations = self.activations + self.activation_bytes_per_sample * (batch_size - self.batch_size)
+        return self.params + self.grads + self.optimizer_state + max(0, int(activations))
+
+    @property
+    def label(self) -> str:
+        """Readable name, e.g. ``"LISA + 8-bit activations"``."""
+        base, *variants = self.method.split("+", 1)
+        label = METHOD_LABELS.get(base, base)
+        return label + (f" + {VARIANT_LABELS.get(variants[0], variants[0])}" if variants else "")
+
+
+@dataclass
+class MemoryReport:
+    """The estimates of every method for one model, batch and precision.
+
+    Attributes:
+        model: the model's class name.
+        batch_size: the batch size the estimates are for.
+        precision: the Lightning precision.
+        rows: one :class:`MemoryEstimate` per method and variant.
+        notes: what the estimate assumed or left out (e.g. a method it could not apply).
+
+    Example::
+
+        >>> report = MemoryReport("M", 2, "32-true", [MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2)])
+        >>> report.row("full").total, report.largest_batch_size("full", 48)
+        (32, 4)
+    """
+
+    model: str
+    batch_size: int
+    precision: str
+    rows: list[MemoryEstimate]
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, method: str) -> MemoryEstimate:
+        """The estimate of ``method`` (e.g. ``"lisa+int8_act"``).
+
+        Raises:
+            KeyError: if the report has no such row.
+        """
+        for row in self.rows:
+            if row.method == method:
+                return row
+        raise KeyError(f"no estimate for {method!r}; the report has {', '.join(r.method for r in self.rows)}")
+
+    def largest_batch_size(self, method: str, budget: int) -> int:
+        """The largest batch size whose estimated total fits in ``budget`` bytes (0 if not even 1 fits)."""
+        row = self.row(method)
+        fixed = row.params + row.grads + row.optimizer_state
+        per_sample = row.activation_bytes_per_sample
+        if per_sample <= 0:
+            return row.batch_size if row.total <= budget else 0
+        # activations(b) = activations + per_sample * (b - batch_size)
+        offset = row.activations - per_sample * row.batch_size
+        return max(0, math.floor((budget - fixed - offset) / per_sample + 1e-9))
+
+    def to_text(self, budget: int | None = None) -> str:
+        """The table (GiB / MiB per component), and with ``budget`` which rows fit and their largest batch."""
+        unit, scale = ("GiB", 2**30) if max(r.total for r in self.rows) >= 2**30 else ("MiB", 2**20)
+        header = ["Method", "Trainable", "Params", "Grads", "Optimizer", "Activations", "(weight copies)", "Total"]
+        if budget is not None:
+            header += [f"Fits {format_bytes(budget)}", "Largest batch"]
+        table = [header]
+        for row in self.rows:
+            cells = [
+                row.label,
+                f"{row.trainable_params / max(1, row.total_params):.1%}",
+                *(f"{v / scale:.2f}" for v in (row.params, row.grads, row.optimizer_state, row.activations)),
+                f"{row.weight_copies / scale:.2f}",
+                f"{row.total / scale:.2f}",
+            ]
+            if budget is not None:
+                cells += ["yes" if row.total <= budget else "no", str(self.largest_batch_size(row.method, budget))]
+            table.append(cells)
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        lines = [
+            f"Estimated training memory of {self.model}, batch size {self.batch_size}, precision {self.precision}"
+            f" ({unit}):",
+            "",
+        ]
+        for index, cells in enumerate(table):
+            aligned = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+            lines.append("  ".join(aligned))
+            if index == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines += [f"Note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- byte strings
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str | int) -> int:
+    """Bytes from ``"24GiB"``, ``"80 GB"``, ``"512MiB"`` or a plain number.
+
+    Raises:
+        ValueError: for anything else.
+
+    Example::
+
+        >>> parse_bytes("24GiB"), parse_bytes("1.5 GB"), parse_bytes(1024)
+        (25769803776, 1500000000, 1024)
+    """
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"`memory` must be a size such as '24GiB', '80GB' or '512MiB', got {text!r}."
+            " HINT: units are B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024)."
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in GiB or MiB, e.g. ``"24.0GiB"``.
+
+    Example::
+
+        >>> format_bytes(3 * 2**30)
+        '3.0GiB'
+    """
+    return f"{n / 2**30:.1f}GiB" if n >= 2**30 else f"{n / 2**20:.1f}MiB"
+
+
+# ----------------------------------------------------------------------------------------------- fake model
+
+
+@contextlib.contextmanager
+def _weights_not_loaded() -> Generator[None, None, None]:
+    """Build Hugging Face models from their config where code asks for ``from_pretrained`` (meta device only)."""
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto import auto_factory
+    except ImportError:
+        yield
+        return
+    original = auto_factory._BaseAutoModelClass.__dict__["from_pretrained"]
+
+    def from_config(cls: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        config, unused = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **kwargs)
+        return cls.from_config(config, **unused)
+
+    auto_factory._BaseAutoModelClass.from_pretrained = classmethod(from_config)
+    try:
+        yield
+    finally:
+        auto_factory._BaseAutoModelClass.from_pretrained = original
+
+
+@contextlib.contextmanager
+def _masks_as_in_a_real_run(padded: bool = False) -> Generator[None, None, None]:
+    """Let Hugging Face models skip the causal mask on fake tensors where a real run would.
+
+    transformers treats a fake tensor as tracing and then always builds the attention mask (and, with grouped
+    key/value heads, repeats keys and values instead of passing ``enable_gqa``), which saves more than a real step.
+    The estimate stands in for a real step, so fake tensors do not count as tracing there. Where a decision reads
+    values (unknown on fake tensors), the example batch decides: with ``padded`` (its attention mask has zeros) the
+    mask is built, as for a padded batch; without, the padding mask is taken as all ones. Position ids are taken as
+    one sequence per row (no packing).
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    is_tracing = masking_utils.is_tracing
+    ignore, packed = masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices
+
+    def as_in_a_real_run(function: Callable, unknown: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            masking_utils.is_tracing = lambda tensor=None: is_tracing(None)
+            try:
+                return function(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - a data-dependent read of a fake tensor's values
+                return unknown(*args, **kwargs)
+            finally:
+                masking_utils.is_tracing = is_tracing
+
+        return run
+
+    def unpadded(padding_mask: Any, *args: Any, **kwargs: Any) -> bool:
+        return False if padded else ignore(None, *args, **kwargs)
+
+    masking_utils._ignore_causal_mask_sdpa = as_in_a_real_run(ignore, unpadded)
+    masking_utils.find_packed_sequence_indices = as_in_a_real_run(packed, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices = ignore, packed
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Call ``factory`` with the default device ``meta`` (and Hugging Face checkpoints read as configs only).
+
+    Example::
+
+        >>> build_on_meta(lambda: nn.Linear(4096, 4096)).weight.device
+        device(type='meta')
+    """
+    with torch.device("meta"), _weights_not_loaded():
+        return factory()
+
+
+def _fake_module(module: nn.Module, mode: Any, device: torch.device) -> None:
+    """Swap every meta parameter and buffer of ``module`` for a fake tensor on ``device`` (in place)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def fake(tensor: Tensor) -> Tensor:
+        meta = tensor if tensor.is_meta else tensor.to("meta")
+        return FakeTensor(mode, meta, device)
+
+    swapped: dict[int, Tensor] = {}  # tied parameters stay tied
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None:
+                if id(param) not in swapped:
+                    swapped[id(param)] = nn.Parameter(fake(param.data), requires_grad=param.requires_grad)
+                submodule._parameters[name] = swapped[id(param)]
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None:
+                submodule._buffers[name] = fake(buffer)
+
+
+def _to_fake_batch(batch: Any, mode: Any, device: torch.device, batch_size: int | None) -> Any:
+    """The batch as fake tensors on ``device``; with ``batch_size``, the first dimension of each tensor resized."""
+    if isinstance(batch, Tensor):
+        shape = list(batch.shape)
+        if batch_size is not None and shape:
+            shape[0] = batch_size
+        with mode:
+            if batch.is_floating_point():
+                return torch.empty(shape, dtype=batch.dtype, device=device)
+            return torch.zeros(shape, dtype=batch.dtype, device=device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_fake_batch(v, mode, device, batch_size) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        items = [_to_fake_batch(v, mode, device, batch_size) for v in batch]
+        return type(batch)(items) if not hasattr(batch, "_fields") else type(batch)(*items)
+    return batch
+
+
+def _has_padding(batch: Any) -> bool:
+    """Whether an ``attention_mask`` of the example batch masks out any position."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and not mask.is_meta and bool((mask == 0).any()):
+            return True
+        return any(_has_padding(v) for v in batch.values() if isinstance(v, (Mapping, list, tuple)))
+    if isinstance(batch, (list, tuple)):
+        return any(_has_padding(v) for v in batch)
+    return False
+
+
+def _batch_size_of(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else []
+    for value in values:
+        size = _batch_size_of(value)
+        if size:
+            return size
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- trainable sets
+
+
+def _block_linears(module: nn.Module, stack: LayerStack) -> list[str]:
+    names = []
+    for block_name in stack.names:
+        block = module.get_submodule(block_name)
+        names += [f"{block_name}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    return names
+
+
+def _apply_lora(module: nn.Module, stack: LayerStack, rank: int, alpha: int) -> None:
+    """LoRA on every Linear of the blocks (meta device).
+
+    The adapters train, and the parameters outside the blocks that are neither embeddings nor norms (a classifier
+    head, as peft's ``modules_to_save`` would keep it trainable).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = _block_linears(module, stack)
+    if not targets:
+        raise ValueError("no nn.Linear inside the blocks to put LoRA on")
+    outside = set(stack.outside_parameter_names())
+    with torch.device("meta"):
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), module)
+    embeddings = {
+        f"{name}.{p}"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Embedding)
+        for p, _ in m.named_parameters()
+    }
+    heads = {n for n in outside if n not in embeddings and not re.search(r"(embed|wte|wpe|lm_head|norm)", n)}
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name or name in heads)
+
+
+def _apply_lisa(module: nn.Module, stack: LayerStack, n_layers: int) -> None:
+    trained = set(stack.outside_parameter_names())
+    first = max(0, (len(stack) - n_layers) // 2)  # any n blocks: they are alike
+    for index in range(first, min(len(stack), first + n_layers)):
+        trained.update(stack.block_parameter_names(index))
+    for name, param in module.named_parameters():
+        param.requires_grad_(name in trained)
+
+
+def _apply_hft(module: nn.Module, seed: int) -> None:
+    from lightning_peft.callbacks import HalfFineTuning
+
+    callback = HalfFineTuning(seed=seed)
+    callback._find_units(module)
+    callback._generator = torch.Generator().manual_seed(seed)
+    callback._draw(0)
+    trained = set(callback._outside) | set(callback.selected or ())
+    for name, param in module.named_parameters():
+        param.requires_grad_(name in trained)
+
+
+# ----------------------------------------------------------------------------------------------- counting
+
+
+@dataclass
+class _Saved:
+    """One storage saved for backward; what 8-bit activations would keep of it, as the quantizer decides."""
+
+    nbytes: int  # of the storage
+    weight_copy: bool
+    block: int | None
+    quantized_bytes: int = 0  # 8-bit data + scales: the whole storage once, or each distinct partial view
+    kept: bool = False  # some save keeps the storage as it is (small, integer or 8-bit tensors)
+    whole: bool = False  # a save spanning the storage was quantized (later views reuse it)
+    views: set = field(default_factory=set)
+
+
+@dataclass
+class _Forward:
+    saved: dict[int, _Saved] = field(default_factory=dict)
+    block_inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # storage key -> (bytes, elements)
+
+
+class _FusedAttention(torch.overrides.TorchFunctionMode):
+    """Route ``scaled_dot_product_attention`` on fake tensors to the fused kernel a real run of the device picks.
+
+    On fake (meta-backed) tensors PyTorch chooses the math path, which saves the attention matrix for backward;
+    a real CPU step takes the fused flash kernel (when there is no dropout) and a GPU step flash or
+    memory-efficient attention, which save only the inputs, the output and the log-sum-exp.
+    """
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        call = {**dict(zip(names[: len(args)], args, strict=True)), **kwargs}
+        query, key, value = call["query"], call["key"], call["value"]
+        mask, dropout = call.get("attn_mask"), call.get("dropout_p", 0.0)
+        causal, scale = call.get("is_causal", False), call.get("scale")
+        heads = (query.shape[1], key.shape[1]) if query.dim() == 4 else (0, 0)
+        same_heads = query.dim() == 4 and heads[0] == heads[1] == value.shape[1]
+        grouped = query.dim() == 4 and call.get("enable_gqa", False) and heads[1] > 0 and heads[0] % heads[1] == 0
+        plain = same_heads or grouped
+        if self.device_type == "cpu" and plain and dropout == 0.0:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, causal, attn_mask=mask, scale=scale
+            )[0]
+        if self.device_type == "cuda" and same_heads:
+            if mask is not None and mask.dtype is torch.bool:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, -math.inf)
+            if mask is not None:
+                mask = mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, mask, True, dropout, causal, scale=scale
+            )[0]
+        return func(*args, **kwargs)
+
+
+def _storage_key(tensor: Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _count_forward(
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    stack: LayerStack | None,
+    autocast: Any,
+    group_size: int,
+    min_numel: int,
+    padded: bool = False,
+) -> _Forward:
+    """One fake forward; what autograd saves, by storage, which block was running, and its 8-bit size."""
+    record = _Forward()
+    params = {_storage_key(p) for p in module.parameters()} | {_storage_key(b) for b in module.buffers()}
+    frozen_shapes = {p.shape for p in module.parameters() if not p.requires_grad and p.is_floating_point()}
+    current: list[int | None] = [None]
+    handles = []
+    if stack is not None:
+        for index, block in enumerate(stack):
+
+            def enter(_module: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
+                current[0] = index
+                hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+                if hidden is not None and hidden.is_floating_point():
+                    nbytes = hidden.untyped_storage().nbytes()
+                    record.block_inputs.setdefault(_storage_key(hidden), (nbytes, nbytes // hidden.element_size()))
+
+            def leave(*_: Any) -> None:
+                current[0] = None
+
+            handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(block.register_forward_hook(leave, always_call=True))
+
+    def pack(tensor: Tensor) -> Tensor:
+        key = _storage_key(tensor)
+        if key in params:
+            return tensor
+        item = record.saved.get(key)
+        if item is None:
+            base = tensor._base if tensor._base is not None else tensor
+            copy = tensor.is_floating_point() and (
+                _derives_from_leaf(tensor)
+                or (base.grad_fn is None and not base.requires_grad and base.shape in frozen_shapes)
+            )
+            item = record.saved[key] = _Saved(tensor.untyped_storage().nbytes(), bool(copy), current[0])
+        # what ActivationQuantizer.pack does with this save
+        numel = tensor.numel()
+        if not tensor.is_floating_point() or tensor.element_size() < 2 or numel < max(1, min_numel):
+            item.kept = True
+        elif numel * tensor.element_size() == item.nbytes:
+            if not item.whole:
+                item.whole = True
+                item.quantized_bytes += _quantized_bytes(numel, group_size)
+        elif not item.whole:
+            geometry = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+            if geometry not in item.views:
+                item.views.add(geometry)
+                item.quantized_bytes += _quantized_bytes(numel, group_size)
+        return tensor
+
+    try:
+        device_type = next((p.device.type for p in module.parameters()), "cpu")
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            autocast,
+            _FusedAttention(device_type),
+            _masks_as_in_a_real_run(padded),
+        ):
+            loss_fn(module, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return record
+
+
+def _quantized_bytes(numel: int, group_size: int) -> int:
+    groups = -(-numel // group_size)
+    return groups * group_size + 4 * groups
+
+
+def _activation_bytes(
+    record: _Forward, quantized: bool, checkpointing: bool, group_size: int, min_numel: int
+) -> tuple[int, int, int]:
+    """(saved bytes, of which weight copies, recomputed block) of one forward under the variant."""
+
+    def size(item: _Saved) -> int:
+        if not quantized:
+            return item.nbytes
+        if item.weight_copy:
+            return 0  # recast from the parameter in backward
+        return item.quantized_bytes + (item.nbytes if item.kept else 0)
+
+    def total(items: Iterable[_Saved]) -> tuple[int, int]:
+        items = list(items)
+        return sum(size(s) for s in items), sum(size(s) for s in items if s.weight_copy)
+
+    if not checkpointing:
+        return (*total(record.saved.values()), 0)
+    # checkpointed blocks keep their inputs (through the same hooks: quantized with 8-bit activations); in
+    # backward, one block's saved tensors exist at a time
+    outside, outside_copies = total(s for s in record.saved.values() if s.block is None)
+    inputs = sum(
+        _quantized_bytes(numel, group_size) if quantized and numel >= max(1, min_numel) else nbytes
+        for nbytes, numel in record.block_inputs.values()
+    )
+    blocks = {s.block for s in record.saved.values() if s.block is not None}
+    per_block = [total(s for s in record.saved.values() if s.block == b) for b in blocks]
+    largest, largest_copies = max(per_block, default=(0, 0))
+    return outside + inputs, outside_copies, largest
+
+
+def _optimizer_bytes(trainable: list[Tensor], eight_bit: bool, min_8bit_size: int) -> int:
+    total = 0
+    maps = False
+    for param in trainable:
+        numel = param.numel()
+        if eight_bit and numel >= min_8bit_size:
+            total += 2 * numel + 2 * 4 * -(-numel // _BNB_BLOCK)
+            maps = True
+        elif eight_bit:
+            total += 2 * 4 * numel
+        else:
+            total += 2 * numel * param.element_size() + 4  # exp_avg, exp_avg_sq, step
+    return total + (2 * 256 * 4 if maps else 0)
+
+
+def _unique_bytes(tensors: Iterable[Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def _default_loss(module: nn.Module, batch: Any) -> Tensor:
+    compute_loss = getattr(module, "compute_loss", None)
+    if callable(compute_loss):
+        return compute_loss(batch)
+    output = module.training_step(batch, 0)
+    return output["loss"] if isinstance(output, Mapping) else output
+
+
+def estimate_memory(
+    factory: Callable[[], nn.Module],
+    batch: Any,
+    precision: str = "32-true",
+    methods: Iterable[str] = METHODS,
+    variants: Iterable[str] = VARIANTS,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    lisa_layers: int = 2,
+    lora_rank: int = 16,
+    lora_alpha: int = 32,
+    activation_group_size: int = 128,
+    activation_min_numel: int = DEFAULT_MIN_NUMEL,
+    min_8bit_size: int = 4096,
+    configured: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> MemoryReport:
+    """Estimate the training memory of every method for the model ``factory`` builds, without its weights.
+
+    Args:
+        factory: builds the model (a LightningModule or any ``nn.Module``); called on the ``meta`` device once
+            per method, with Hugging Face ``from_pretrained`` reading only the config.
+        batch: an example batch (tensors, or dicts / tuples of them): only shapes and dtypes are used. Its first
+            dimension is the batch size.
+        precision: Lightning precision: ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"bf16-true"``,
+            ``"16-true"``.
+        methods: among :data:`METHODS`.
+        variants: among :data:`VARIANTS` (``""`` is the method with AdamW and nothing else).
+        loss_fn: ``loss_fn(model, batch)`` returns the loss; default: ``model.compute_loss(batch)`` where it
+            exists, else ``model.training_step(batch, 0)``.
+        lisa_layers: blocks LISA trains at a time.
+        lora_rank: LoRA rank (on every Linear of the blocks).
+        lora_alpha: LoRA alpha.
+        activation_group_size: group size of the 8-bit activations.
+        activation_min_numel: tensors with fewer elements stay unquantized.
+        min_8bit_size: AdamW8bit keeps 32-bit state for parameters with fewer elements.
+        configured: add a row for the model's trainable set as built (e.g. a module that applies LoRA itself).
+        device: the device the fake tensors claim (``"cpu"`` or ``"cuda"``; autocast follows it). Nothing runs
+            there.
+        seed: seed of Half Fine-Tuning's draw.
+
+    Returns:
+        The :class:`MemoryReport`.
+
+    Raises:
+        ValueError: for an unknown method, variant or precision, or a batch without a batch dimension.
+
+    Example::
+
+        >>> model = lambda: nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10))
+        >>> batch = torch.randn(32, 64)
+        >>> report = estimate_memory(model, batch, methods=["full"], variants=[""],
+        ...                          loss_fn=lambda m, x: m(x).square().mean())
+        >>> report.row("full").params
+        76840
+    """
+    methods, variants = list(methods), list(variants)
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(
+                f"`methods` must be among {', '.join(METHODS)}, got {method!r}. HINT: e.g. methods=['full', 'lisa']."
+            )
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"`variants` must be among {', '.join(repr(v) for v in VARIANTS)}, got {variant!r}."
+                " HINT: '' is the method alone."
+            )
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"`precision` must be one of {', '.join(_PRECISIONS)}, got {precision!r}."
+            " HINT: 'bf16-mixed' is what most GPU runs use."
+        )
+    batch_size = _batch_size_of(batch)
+    if batch_size < 1:
+        raise ValueError("`batch` has no tensor with a batch dimension. HINT: pass one real (or zero) batch.")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    loss_fn = loss_fn or _default_loss
+    notes: list[str] = []
+    padded = _has_padding(batch)
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        # CUDA autocast cannot run without a GPU: CPU autocast and CPU attention kernels stand in (close: both cast
+        # the same matrix products, and the fused kernels of both save inputs, output and log-sum-exp)
+        target = torch.device("cpu")
+        notes.append("estimated for CUDA on a machine without a GPU: CPU autocast and attention kernels stand in")
+    param_dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
+    autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    rows: list[MemoryEstimate] = []
+    model_name = "model"
+    plan = [("configured", v) for v in variants] if configured else []
+    plan += [(m, v) for m in methods for v in variants]
+    records: dict[str, tuple[nn.Module, _Forward, _Forward]] = {}
+    for method in dict.fromkeys(m for m, _ in plan):
+        module = build_on_meta(factory)
+        model_name = type(module).__name__
+        if param_dtype is not None:
+            module.to(param_dtype)
+        try:
+            stack = find_layers(module)
+        except ValueError:
+            stack = None
+        try:
+            if method == "full":
+                module.requires_grad_(True)
+            elif method != "configured" and stack is None:
+                raise ValueError(f"no block stack found in {model_name}")
+            elif method == "lora":
+                _apply_lora(module, stack, lora_rank, lora_alpha)
+            elif method == "lisa":
+                _apply_lisa(module, stack, lisa_layers)
+            elif method == "hft":
+                _apply_hft(module, seed)
+        except Exception as error:  # noqa: BLE001 - a method that does not apply is reported, not fatal
+            notes.append(f"{METHOD_LABELS[method]} left out: {type(error).__name__}: {error}")
+            continue
+        module.train()
+        forwards = []
+        for size in (batch_size, 2 * batch_size):
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            _fake_module(module, mode, target)
+            fake_batch = _to_fake_batch(batch, mode, target, size)
+            autocast = (
+                torch.autocast(target.type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with mode:
+                forwards.append(
+                    _count_forward(
+                        module,
+                        loss_fn,
+                        fake_batch,
+                        stack,
+                        autocast,
+                        activation_group_size,
+                        activation_min_numel,
+                        padded,
+                    )
+                )
+        records[method] = (module, *forwards)
+    for method, variant in plan:
+        if method not in records:
+            continue
+        module, first, second = records[method]
+        params = list(dict.fromkeys(module.parameters()))
+        trainable = [p for p in params if p.requires_grad]
+        quantized = "int8_act" in variant
+        checkpointing = "checkpointing" in variant
+        settings = (quantized, checkpointing, activation_group_size, activation_min_numel)
+        saved, copies, recomputed = _activation_bytes(first, *settings)
+        saved2, _, recomputed2 = _activation_bytes(second, *settings)
+        rows.append(
+            MemoryEstimate(
+                method=method + (f"+{variant}" if variant else ""),
+                params=_unique_bytes(params),
+                grads=_unique_bytes(trainable),
+                optimizer_state=_optimizer_bytes(trainable, "adamw8bit" in variant, min_8bit_size),
+                saved_activations=saved,
+                weight_copies=copies,
+                trainable_params=sum(p.numel() for p in trainable),
+                total_params=sum(p.numel() for p in params),
+                activation_bytes_per_sample=(saved2 + recomputed2 - saved - recomputed) / batch_size,
+                batch_size=batch_size,
+                recomputed=recomputed,
+            )
+        )
+    return MemoryReport(model_name, batch_size, precision, rows, notes)
+
+
+def with_batch_size(report: MemoryReport, batch_size: int) -> MemoryReport:
+    """The report scaled to another batch size (saved activations grow linearly with it).
+
+    Example::
+
+        >>> report = MemoryReport("M", 2, "32-true", [MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2)])
+        >>> with_batch_size(report, 4).rows[0].saved_activations
+        32
+    """
+    rows = [
+        replace(
+            row,
+            saved_activations=int(
+                row.saved_activations + row.activation_bytes_per_sample * (batch_size - row.batch_size)
+            ),
+            batch_size=batch_size,
+        )
+        for row in report.rows
+    ]
+    return replace(report, rows=rows, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------- from a config
+
+
+def estimate_from_config(
+    config: str, batch_size: int | None = None, device: str = "cpu", methods: Iterable[str] = METHODS
+) -> MemoryReport:
+    """:func:`estimate_memory` for the model, data and trainer of a ``lightning-peft`` YAML config.
+
+    The model is built on the ``meta`` device (Hugging Face checkpoints: their config only), the DataModule
+    gives one real batch for the shapes, and the config's callbacks set the methods' arguments: ``LISA``'s
+    ``n_layers``, ``ActivationQuantization``'s ``group_size`` and ``min_numel``; bitsandbytes ``AdamW8bit`` as the
+    config's optimizer makes every row use it. A model that already freezes part of itself (e.g. ``peft:``) gets
+    an ``As configured`` row.
+
+    Args:
+        config: path of the YAML file (as ``lightning-peft fit --config``).
+        batch_size: the batch size to report (default: the DataModule's).
+        device: ``"cpu"`` or ``"cuda"``: what the fake tensors claim (autocast and attention kernels follow).
+        methods: among :data:`METHODS`.
+
+    Returns:
+        The :class:`MemoryReport`.
+
+    Example::
+
+        >>> print(estimate_from_config("configs/llama_text_lisa.yaml").to_text(parse_bytes("24GiB")))  # doctest: +SKIP
+    """
+    import copy
+
+    from lightning_peft.callbacks import LISA, ActivationQuantization
+    from lightning_peft.cli.main import PeftCLI
+
+    holder: dict[str, Any] = {}
+
+    def parse() -> nn.Module:
+        cli = PeftCLI(args=["--config", config], run=False, save_config_callback=None)
+        holder["cli"] = cli
+        return cli.model
+
+    template = build_on_meta(parse)
+    cli = holder["cli"]
+    trainer, datamodule = cli.trainer, cli.datamodule
+    if datamodule is None:
+        raise ValueError(
+            f"the config {config!r} names no `data:` DataModule, so there is no batch to size the activations."
+            " HINT: add a `data:` section, or call `estimate_memory` with an example batch."
+        )
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    kwargs: dict[str, Any] = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, LISA):
+            kwargs["lisa_layers"] = callback.n_layers
+        if isinstance(callback, ActivationQuantization):
+            kwargs["activation_group_size"] = callback.quantizer.group_size
+            kwargs["activation_min_numel"] = callback.quantizer.min_numel
+    variants = list(VARIANTS)
+    optimizer = getattr(template, "optimizer", None)
+    if "8bit" in repr(optimizer).lower():
+        variants = ["adamw8bit", "int8_act+adamw8bit"]
+    configured = any(not p.requires_grad for p in template.parameters())
+    report = estimate_memory(
+        lambda: copy.deepcopy(template),
+        batch,
+        precision=str(trainer.precision),
+        methods=methods,
+        variants=variants,
+        configured=configured,
+        device=device,
+        **kwargs,
+    )
+    report.notes.append(f"config {config}: {type(datamodule).__name__} batch, precision {trainer.precision}")
+    return report if batch_size is None else with_batch_size(report, batch_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lightning-peft estimate --config FILE [--memory 24GiB] [--batch-size N] [--device cuda]``.
+
+    Example::
+
+        >>> main(["--config", "configs/quickstart.yaml", "--memory", "24GiB"])  # doctest: +SKIP
+    """
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-peft estimate",
+        description="Estimate training memory per method (full FT, LoRA, LISA, Half FT; with 8-bit activations,"
+        " AdamW8bit, checkpointing) from a config, without loading weights or running a step.",
+    )
+    parser.add_argument("--config", required=True, help="a lightning-peft YAML config (as for `fit`)")
+    parser.add_argument("--memory", default=None, help="budget, e.g. 24GiB: which rows fit, largest batch")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size to report (default: the config's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device the estimate is for")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    args = parser.parse_args(argv)
+    budget = parse_bytes(args.memory) if args.memory is not None else None
+    started = time.perf_counter()
+    report = estimate_from_config(args.config, args.batch_size, args.device, args.methods)
+    print(report.to_text(budget))
+    if budget is not None:
+        fitting = [row.label for row in report.rows if row.total <= budget]
+        print(f"\nFits in {format_bytes(budget)}: {', '.join(fitting) if fitting else 'none of the rows'}.")
+    print(f"(estimated in {time.perf_counter() - started:.1f} s)")
