@@ -135,7 +135,11 @@ def _stochastic_round_fp8(values: Tensor, spec: _FormatSpec, generator: torch.Ge
 
 
 def _quantize_block(
-    block: Tensor, spec: _FormatSpec, stochastic_rounding: bool, generator: torch.Generator | None
+    block: Tensor,
+    spec: _FormatSpec,
+    stochastic_rounding: bool,
+    generator: torch.Generator | None,
+    keep_nonzero: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Quantize ``block`` (groups, group_size) into 8-bit values of that shape and float32 scales (groups, 1).
 
@@ -153,6 +157,9 @@ def _quantize_block(
     values = block.div_(scale) if copied else torch.div(block, scale)
     if spec.storage_dtype is torch.int8 and not stochastic_rounding:
         # |values| <= 127 up to float rounding, which round-to-nearest brings back to 127: no clamp needed
+        if keep_nonzero:  # a value below half a step keeps its sign (1 step) instead of becoming 0
+            rounded = values.round()
+            return torch.where(rounded.eq(0), values.sign(), rounded).char(), scale
         return values.round_().char(), scale
     if spec.storage_dtype is torch.int8:
         noise = torch.rand(values.shape, generator=generator, device=values.device, dtype=values.dtype)
@@ -272,6 +279,7 @@ def quantize(
     generator: torch.Generator | None = None,
     chunk_numel: int = _DEFAULT_CHUNK_NUMEL,
     compile: bool | None = None,
+    keep_nonzero: bool = False,
 ) -> QuantizedTensor:
     """Quantize a floating-point tensor to 8 bits with one absmax scale per group of ``group_size`` elements.
 
@@ -286,6 +294,9 @@ def quantize(
         compile: use the ``torch.compile``-fused kernel for round-to-nearest when the number of elements is a
             multiple of ``group_size`` and at least :data:`COMPILE_MIN_NUMEL` (the first call per format and dtype
             compiles); ``None``: for CUDA tensors.
+        keep_nonzero: int8 round-to-nearest only: a non-zero value that would round to 0 becomes one step of its
+            sign, so which entries are zero survives exactly (what ReLU's backward reads from its saved output);
+            the error bound stays one step. Runs on the eager kernels.
 
     Returns:
         The :class:`QuantizedTensor`.
@@ -307,14 +318,15 @@ def quantize(
         raise ValueError(f"Only floating-point tensors can be quantized, got dtype {tensor.dtype}.")
     flat = tensor.detach().reshape(-1)
     numel = flat.numel()
-    if not stochastic_rounding and numel % group_size == 0 and numel > 0 and _use_compiled(compile, flat, numel):
+    fusable = not stochastic_rounding and not keep_nonzero and numel % group_size == 0 and numel > 0
+    if fusable and _use_compiled(compile, flat, numel):
         fused = _run_compiled(_FUSED[format][0], flat.view(-1, group_size))
         if fused is not None:
             data, scale = fused
             return QuantizedTensor(data.view(-1), scale, tensor.shape, tensor.dtype, format, group_size)
     if 0 < numel <= chunk_numel and numel % group_size == 0:
         # the common case: one block, no padding, no copy of the input
-        data, scale = _quantize_block(flat.view(-1, group_size), spec, stochastic_rounding, generator)
+        data, scale = _quantize_block(flat.view(-1, group_size), spec, stochastic_rounding, generator, keep_nonzero)
         return QuantizedTensor(data.view(-1), scale.view(-1), tensor.shape, tensor.dtype, format, group_size)
     n_groups = max(1, -(-numel // group_size))
     data = torch.empty(n_groups * group_size, dtype=spec.storage_dtype, device=flat.device)
@@ -330,7 +342,7 @@ def quantize(
         else:
             block = torch.zeros(padded, dtype=flat.dtype, device=flat.device)
             block[: stop - start].copy_(flat[start:stop])
-        values, scales = _quantize_block(block.view(-1, group_size), spec, stochastic_rounding, generator)
+        values, scales = _quantize_block(block.view(-1, group_size), spec, stochastic_rounding, generator, keep_nonzero)
         data[first * group_size : last * group_size].copy_(values.view(-1))
         scale[first:last].copy_(scales.view(-1))
     return QuantizedTensor(data, scale, tensor.shape, tensor.dtype, format, group_size)

@@ -112,6 +112,10 @@ def _exit_exclusion(*_: Any) -> None:
     _exclusion.depth = max(0, getattr(_exclusion, "depth", 0) - 1)
 
 
+# autograd nodes whose backward reads the zeros of their saved output (ReLU's mask): see `_quantize`
+_ZERO_MASKED_OUTPUTS = frozenset({"ReluBackward0", "ThresholdBackward0"})
+
+
 @dataclass
 class SavedTensorStats:
     """What one training step saved for backward, as seen by the pack hook.
@@ -449,7 +453,7 @@ class ActivationQuantizer:
         self._frozen_shapes: set[torch.Size] = set()
         self._counted: dict[int, weakref.ref] = {}
         self._kept: dict[int, weakref.ref] = {}
-        self._cache: dict[tuple, tuple[weakref.ref, int, _QuantizedStorage]] = {}
+        self._cache: dict[tuple, tuple[weakref.ref, int, _QuantizedStorage, bool]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._parameters_stale = False
@@ -697,22 +701,25 @@ class ActivationQuantizer:
         # a copy of the whole storage serves every view of it; a partial view only serves the same view again
         cache = self._cache
         whole_key = (ptr, dtype)
+        # the output of ReLU is saved for a backward that reads which entries are zero: those must survive exactly
+        # (int8 would round small positives to 0 and drop their gradient); a copy made that way serves everyone
+        keep_nonzero = self.format == "int8" and type(tensor.grad_fn).__name__ in _ZERO_MASKED_OUTPUTS
         cached = cache.get(whole_key)
-        if cached is not None and cached[0]() is storage and cached[1] == version:
+        if cached is not None and cached[0]() is storage and cached[1] == version and cached[3] >= keep_nonzero:
             stats.num_deduplicated += 1
             return _SavedView(cached[2], geometry)
         key = whole_key
         if not covers_storage:
             key = (ptr, dtype, *geometry)
             cached = cache.get(key)
-            if cached is not None and cached[0]() is storage and cached[1] == version:
+            if cached is not None and cached[0]() is storage and cached[1] == version and cached[3] >= keep_nonzero:
                 stats.num_deduplicated += 1
                 return _SavedView(cached[2], None)
         group_size = self.group_size
         generator = self._generator(tensor.device) if self.stochastic_rounding else None
         # detached, not under no_grad: the same effect (no graph is recorded) at a fraction of the host time
         source = tensor.detach()
-        compiled = self.compile is not False and _use_compiled(self.compile, tensor, numel)
+        compiled = self.compile is not False and not keep_nonzero and _use_compiled(self.compile, tensor, numel)
         if covers_storage and numel % group_size == 0 and not compiled:
             # the common case: a whole dense storage in groups, read in memory order (so that any view of it is
             # rebuilt by as_strided), quantized without reshaping or copying
@@ -722,6 +729,7 @@ class ActivationQuantizer:
                 _SPECS[self.format],
                 self.stochastic_rounding,
                 generator,
+                keep_nonzero,
             )
             packed = _QuantizedStorage(None, self.compile, data, scale, dtype, numel + 4 * groups)
         else:
@@ -733,8 +741,9 @@ class ActivationQuantizer:
                 self.stochastic_rounding,
                 generator,
                 compile=self.compile,
+                keep_nonzero=keep_nonzero,
             )
             packed = _QuantizedStorage(quantized, self.compile, nbytes=quantized.nbytes)
         stats.bytes_after += packed.nbytes
-        cache[key] = (weakref.ref(storage), version, packed)
+        cache[key] = (weakref.ref(storage), version, packed, keep_nonzero)
         return _SavedView(packed, geometry if covers_storage else None)

@@ -484,3 +484,27 @@ def test_the_hook_restores_what_quantize_and_dequantize_give_and_counts_their_by
     assert quantizer.stats.bytes_after == reference.nbytes
     assert quantizer.stats.bytes_before == activation.numel() * activation.element_size()
     assert quantizer.stats.num_deduplicated == 1
+
+
+def test_relu_outputs_keep_their_zeros_so_the_backward_mask_is_exact():
+    # a ReLU output with many small positives next to a large one: int8 round-to-nearest would make them 0 and
+    # ReLU's backward (which reads `output > 0`) would drop their gradient
+    torch.manual_seed(0)
+    x = torch.cat([torch.full((64,), 1e-3), torch.full((63,), -1.0), torch.tensor([10.0])]).repeat(4, 1)
+    x.requires_grad_(True)
+    quantizer = ActivationQuantizer("int8", min_numel=0)
+    with quantizer.step():
+        y = torch.relu(x * 1.0)
+    y.sum().backward()
+    assert torch.equal(x.grad, (x > 0).float())  # exactly the plain ReLU gradient
+    assert quantizer.stats.num_quantized >= 1
+
+
+def test_keep_nonzero_only_moves_values_below_half_a_step():
+    from lightning_peft.quantization.formats import dequantize, quantize
+
+    x = torch.tensor([[0.0, 1e-4, -1e-4, 0.3, 12.7] + [0.0] * 123])
+    plain, kept = dequantize(quantize(x, "int8")), dequantize(quantize(x, "int8", keep_nonzero=True))
+    step = 12.7 / 127
+    assert torch.equal(kept.ne(0), x.ne(0)) and not torch.equal(plain.ne(0), x.ne(0))
+    assert (kept - x).abs().max() <= step + 1e-6  # still within one step
