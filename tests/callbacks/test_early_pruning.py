@@ -66,7 +66,7 @@ def test_prunes_at_the_boundary_and_training_continues(tmp_path):
     module = PruneModule("bert", scheduler=True)
     lora_before, n_lora = _lora_params(module), len(find_lora_layers(module))
     params_before = sum(p.numel() for p in module.parameters())
-    pruning, watch = EarlyPruning(estimation_steps=4, l1=1e-3), Watch()
+    pruning, watch = EarlyPruning(estimation_steps=4, l1=1e-3, max_loss_increase=None), Watch()
     logger = CSVLogger(tmp_path, name="logs")
     trainer = pl.Trainer(callbacks=[pruning, watch], max_steps=10, **trainer_kwargs(tmp_path, logger=logger))
     trainer.fit(module)
@@ -92,7 +92,8 @@ def test_prunes_at_the_boundary_and_training_continues(tmp_path):
 
 def test_masks_learn_and_the_l1_penalty_pulls_them_down(tmp_path):
     module = PruneModule("timm", lora=False, lr=1e-3)
-    pruning = EarlyPruning(estimation_steps=5, l1=1.0, head_ratio=0.5)  # the penalty dominates: every mask shrinks
+    # the penalty dominates: every mask shrinks
+    pruning = EarlyPruning(estimation_steps=5, l1=1.0, head_ratio=0.5, max_loss_increase=None)
     seen = {}
 
     class Peek(Callback):
@@ -186,7 +187,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=6, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         callbacks=[EarlyPruning(estimation_steps=3), Dump(sys.argv[1])])
+                         callbacks=[EarlyPruning(estimation_steps=3, max_loss_increase=None), Dump(sys.argv[1])])
     trainer.fit(PruneModule("bert"))
 """
 
@@ -249,7 +250,7 @@ def test_with_activation_quantization(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             watch_losses.append(float(outputs["loss"]))
 
-    callbacks = [ActivationQuantization(), EarlyPruning(estimation_steps=2), Losses()]
+    callbacks = [ActivationQuantization(), EarlyPruning(estimation_steps=2, max_loss_increase=None), Losses()]
     pl.Trainer(callbacks=callbacks, max_steps=5, **trainer_kwargs(tmp_path)).fit(module)
     assert module.net.base_model.model.blocks[0].attn.num_heads == 4
     assert len(watch_losses) == 5 and all(torch.isfinite(torch.tensor(watch_losses)))
@@ -261,7 +262,7 @@ def test_bottleneck_adapters_are_pruned(tmp_path):
     module = PruneModule("timm", lora=False)
     add_adapters(module.net, AdapterConfig(layout="houlsby", bottleneck_size=8, modules_to_save=["head"]))
     before = sum(p.numel() for _, a in adapter_modules(module) for p in a.parameters())
-    pruning = EarlyPruning(estimation_steps=4, head_ratio=0, neuron_ratio=0)
+    pruning = EarlyPruning(estimation_steps=4, head_ratio=0, neuron_ratio=0, max_loss_increase=None)
     pl.Trainer(callbacks=[pruning], max_steps=6, **trainer_kwargs(tmp_path)).fit(module)
     adapters = dict(adapter_modules(module))
     assert len(adapters) == 1 and all(a.down.out_features == 4 for a in adapters.values())  # 4 -> 1, 8 -> 4
