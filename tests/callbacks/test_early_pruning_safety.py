@@ -244,3 +244,41 @@ def test_check_and_taylor_state_survive_a_checkpoint(tmp_path):
     restored = EarlyPruning(estimation_steps=4)
     restored.load_state_dict(after)
     assert restored.check == pruning.check and restored.pruned
+
+
+def _tiny_causal_lm() -> pl.LightningModule:
+    """A tiny random Llama (grouped-query attention) + LoRA through ``CausalLM``, on a repeating token pattern."""
+    from torch.utils.data import DataLoader
+
+    from lightning_peft.modules import CausalLM
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "intermediate_size": 96,
+        "vocab_size": 32,
+        "max_position_embeddings": 32,
+    }
+    lora = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    module = CausalLM(config=config, peft=lora, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    g = torch.Generator().manual_seed(0)
+    ids = (torch.arange(16).repeat(12, 1) * torch.randint(1, 4, (12, 1), generator=g)) % 32
+    batches = [{"input_ids": ids[i : i + 2], "labels": ids[i : i + 2]} for i in range(0, 12, 2)]
+    module.train_dataloader = lambda: DataLoader(batches, batch_size=None)
+    return module
+
+
+@pytest.mark.parametrize("family", ["bert_classifier", "llama_causal_lm"])
+def test_with_defaults_the_cut_stays_within_the_tolerance(tmp_path, family):
+    """Encoder classifier and decoder LM: with the defaults the loss right after the cut is within 5 % of before."""
+    torch.manual_seed(0)
+    module = PruneModule("bert") if family == "bert_classifier" else _tiny_causal_lm()
+    pruning = EarlyPruning(estimation_steps=4)
+    pl.Trainer(callbacks=[pruning], max_steps=6, **trainer_kwargs(tmp_path)).fit(module)
+    check = pruning.check
+    assert pruning.pruned and check["enabled"] and check["tolerance"] == 0.05
+    assert check["increase"] <= 0.05 and check["loss_after_cut"] <= 1.05 * check["loss_before"]
+    assert all(check["used"][k] <= v for k, v in pruning.ratios().items())
