@@ -281,16 +281,16 @@ def _lora_params(model: nn.Module) -> int:
 TWEET_RUNS = {
     # name: EarlyPruning arguments (None: no pruning)
     "lora": None,
-    "lora_early_pruning": {},  # the defaults: Taylor scores, loss check at 5 %
+    "lora_early_pruning": {},  # the defaults: Taylor scores, loss check
     "paper_fixed": {"score": "magnitude", "max_loss_increase": None},  # the paper's recipe (the defaults before)
     "taylor_fixed": {"max_loss_increase": None},
-    "magnitude_checked": {"score": "magnitude"},
+    "magnitude_checked": {"score": "magnitude", "max_loss_increase": 0.05},
     "foundation_only": {"peft_module_ratio": 0.0, "peft_rank_ratio": 0.0},
     "peft_only": {"head_ratio": 0.0, "neuron_ratio": 0.0},
 }
 TWEET_LABELS = {
     "lora": "LoRA",
-    "lora_early_pruning": "LoRA + EarlyPruning, defaults (Taylor scores, loss check 5 %)",
+    "lora_early_pruning": "LoRA + EarlyPruning, defaults (Taylor scores, loss check)",
     "paper_fixed": "LoRA + EarlyPruning, paper recipe (magnitude, fixed ratios, no check)",
     "taylor_fixed": "LoRA + EarlyPruning, Taylor scores, fixed ratios (no check)",
     "magnitude_checked": "LoRA + EarlyPruning, magnitude scores, loss check 5 %",
@@ -513,7 +513,7 @@ def _causal_markdown(results: dict[str, Any], env: dict[str, Any], args: argpars
     ]
     labels = {
         "lora": "LoRA",
-        "lora_early_pruning": "LoRA + EarlyPruning, defaults (Taylor scores, loss check 5 %)",
+        "lora_early_pruning": "LoRA + EarlyPruning, defaults (Taylor scores, loss check)",
         "paper_fixed": "LoRA + EarlyPruning, paper recipe (magnitude, fixed ratios, no check)",
         "taylor_fixed": "LoRA + EarlyPruning, Taylor scores, fixed ratios (no check)",
     }
@@ -522,7 +522,10 @@ def _causal_markdown(results: dict[str, Any], env: dict[str, Any], args: argpars
             continue
         check = r.get("check") or {}
         if check.get("enabled"):
-            measured = f"{check['loss_before']:.3f} -> {check['loss_after_cut']:.3f} ({check['increase']:+.1%})"
+            measured = (
+                f"{check['loss_before']:.3f} -> {check['loss_after_cut']:.3f} ({check['increase']:+.1%}, tolerance"
+                f" {check['tolerance']:.0%})"
+            )
             used = ", ".join(f"{v:.3g}" for v in check["used"].values())
         else:
             measured, used = "-", "fixed" if name != "lora" else ""
@@ -531,7 +534,7 @@ def _causal_markdown(results: dict[str, Any], env: dict[str, Any], args: argpars
             f" {r['final_ppl']:.3f} | {measured} | {used} | {r['params_after']:,}"
             f" ({r['params_after'] / r['params_before']:.1%}) |"
         )
-    return "\n".join([*lines, ""])
+    return "\n".join([*lines, *_default_tolerance_note(results), ""])
 
 
 def run_tweets_scores(estimation_steps: int, lr: float, val_batches: int = 16) -> dict[str, Any]:
@@ -719,6 +722,31 @@ def _speed_markdown(mode: str, results: dict[str, Any], env: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
+def _default_tolerance_note(results: dict[str, Any]) -> list[str]:
+    """A note when the defaults row was measured with another ``max_loss_increase`` than today's default."""
+    import inspect
+
+    from lightning_peft.callbacks import EarlyPruning
+
+    default = inspect.signature(EarlyPruning).parameters["max_loss_increase"].default
+    check = (results.get("lora_early_pruning") or {}).get("check") or {}
+    if not check.get("enabled") or check["tolerance"] == default:
+        return []
+    tries = [t["increase"] for t in check["tries"]]
+    same = tries[-1] <= default and all(t > check["tolerance"] for t in tries[:-1])
+    return [
+        "",
+        f"The defaults row ran with `max_loss_increase={check['tolerance']}`, the default then; today's default is"
+        f" {default}: "
+        + (
+            f"every try before the last exceeded {check['tolerance']:.0%} and the last ({tries[-1]:+.1%}) is within"
+            f" {default:.0%}, so the search stops at the same plan and the row is that of today's defaults."
+            if same
+            else "the search would continue further; the row is not that of today's defaults."
+        ),
+    ]
+
+
 def _tweets_markdown(results: dict[str, Any], env: dict[str, Any], args: argparse.Namespace) -> str:
     base = results.get("lora")
     lines = [
@@ -749,9 +777,10 @@ def _tweets_markdown(results: dict[str, Any], env: dict[str, Any], args: argpars
             continue
         check = r.get("check") or {}
         if check.get("enabled"):
-            measured = f"{check['loss_before']:.3f} -> {check['loss_after_cut']:.3f} ({check['increase']:+.1%})" + (
-                f", {len(check['spared'])} halving(s)" if check["spared"] else ""
-            )
+            measured = (
+                f"{check['loss_before']:.3f} -> {check['loss_after_cut']:.3f} ({check['increase']:+.1%},"
+                f" tolerance {check['tolerance']:.0%})"
+            ) + (f", {len(check['spared'])} halving(s)" if check["spared"] else "")
             used = check["used"]
         else:
             measured, used = "-", None
@@ -774,6 +803,7 @@ def _tweets_markdown(results: dict[str, Any], env: dict[str, Any], args: argpars
             f" {r['median_step_before_pruning_s'] * 1e3:.0f} ms before the cut,"
             f" {r['median_step_after_pruning_s'] * 1e3:.0f} ms after | {speedup} |"
         )
+    lines += _default_tolerance_note(results)
     lines += ["", "Target: the defaults within 1.5 points of plain LoRA.", ""]
     return "\n".join(lines)
 

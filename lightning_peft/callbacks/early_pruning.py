@@ -148,8 +148,10 @@ class EarlyPruning(Callback):
         plot: save the mask plot at pruning time (needs a logger with a directory).
         score: how heads and neurons are ranked: ``"taylor"`` (mean ``|m * dL/dm|`` over the second half of the
             estimation) or ``"magnitude"`` (``|m|``, the paper's).
-        max_loss_increase: the largest relative increase of the loss the cut may cause on the check batches (0.05:
-            5 %); the ratios are lowered until it holds. ``None`` prunes at the fixed ratios without a check.
+        max_loss_increase: the largest relative increase of the loss the cut may cause on the check batches (0.03:
+            3 %); the ratios are lowered until it holds. ``None`` prunes at the fixed ratios without a check. On the
+            tweet task the accuracy after 150 steps tracked the loss increase at the cut (+2.6 %: -0.6 points
+            against plain LoRA; +4.9 %: -4.6; +6.2 %: -6.6), hence 3 %.
         check_batches: batches the loss check measures (the boundary batch and the most recent estimation batches).
 
     Raises:
@@ -186,7 +188,7 @@ class EarlyPruning(Callback):
         layers: str | list[str] | None = None,
         plot: bool = True,
         score: str = "taylor",
-        max_loss_increase: float | None = 0.05,
+        max_loss_increase: float | None = 0.03,
         check_batches: int = 4,
     ) -> None:
         if isinstance(estimation_steps, bool) or not isinstance(estimation_steps, int) or estimation_steps < 1:
@@ -216,7 +218,7 @@ class EarlyPruning(Callback):
         ):
             raise ValueError(
                 f"`max_loss_increase` must be a number > 0 (the relative loss increase the cut may cause) or None"
-                f" (no check), got {max_loss_increase!r}. HINT: 0.05 allows 5 %; None prunes at the fixed ratios."
+                f" (no check), got {max_loss_increase!r}. HINT: 0.03 allows 3 %; None prunes at the fixed ratios."
             )
         if isinstance(check_batches, bool) or not isinstance(check_batches, int) or check_batches < 1:
             raise ValueError(
@@ -585,10 +587,13 @@ class EarlyPruning(Callback):
                         alone[key] = increase(only)[1]
                     cost[kind] = alone[key]
                 worst = max(active, key=lambda k: cost[k])
-                halvings[worst] += 1
                 old = {n: used[n] for n in _KINDS[worst]}
-                for name in _KINDS[worst]:
-                    used[name] = 0.0 if halvings[worst] > _HALVINGS else used[name] / 2
+                while True:  # halve until the cut of that kind changes (a ratio rounds to whole heads / groups)
+                    halvings[worst] += 1
+                    for name in _KINDS[worst]:
+                        used[name] = 0.0 if halvings[worst] > _HALVINGS else used[name] / 2
+                    if halvings[worst] > _HALVINGS or _cut_of(self.make_plan(used), worst) != _cut_of(plan, worst):
+                        break
                 spared.append(
                     f"{worst}: {', '.join(f'{n} {old[n]:.3g} -> {used[n]:.3g}' for n in old)} (the whole cut"
                     f" {rise:+.1%}, {worst} alone {cost[worst]:+.1%} > {tolerance:.1%})"
@@ -904,6 +909,15 @@ class EarlyPruning(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and "on_load_checkpoint" in pl_module.__dict__:
             del pl_module.on_load_checkpoint
+
+
+def _cut_of(plan: PruningPlan, kind: str) -> Any:
+    """The part of ``plan`` that cuts ``kind`` (``heads``, ``neurons`` or ``peft``), comparable with ``==``."""
+    if kind == "heads":
+        return plan.heads
+    if kind == "neurons":
+        return plan.neurons
+    return plan.lora_removed, plan.lora_ranks, plan.adapters_removed, plan.adapter_units
 
 
 def _no_log(*args: Any, **kwargs: Any) -> None:

@@ -41,7 +41,7 @@ def test_defaults_check_the_loss_when_the_papers_ratios_are_kept():
         "peft_module_ratio": 0.75,
         "peft_rank_ratio": 0.5,
     }
-    assert pruning.score == "taylor" and pruning.max_loss_increase == 0.05 and pruning.check_batches == 4
+    assert pruning.score == "taylor" and pruning.max_loss_increase == 0.03 and pruning.check_batches == 4
 
 
 def test_taylor_scores_are_mean_abs_mask_times_gradient():
@@ -273,12 +273,25 @@ def _tiny_causal_lm() -> pl.LightningModule:
 
 @pytest.mark.parametrize("family", ["bert_classifier", "llama_causal_lm"])
 def test_with_defaults_the_cut_stays_within_the_tolerance(tmp_path, family):
-    """Encoder classifier and decoder LM: with the defaults the loss right after the cut is within 5 % of before."""
+    """Encoder classifier and decoder LM: with the defaults the loss right after the cut is within 3 % of before."""
     torch.manual_seed(0)
     module = PruneModule("bert") if family == "bert_classifier" else _tiny_causal_lm()
     pruning = EarlyPruning(estimation_steps=4)
     pl.Trainer(callbacks=[pruning], max_steps=6, **trainer_kwargs(tmp_path)).fit(module)
     check = pruning.check
-    assert pruning.pruned and check["enabled"] and check["tolerance"] == 0.05
-    assert check["increase"] <= 0.05 and check["loss_after_cut"] <= 1.05 * check["loss_before"]
+    assert pruning.pruned and check["enabled"] and check["tolerance"] == 0.03
+    assert check["increase"] <= 0.03 and check["loss_after_cut"] <= 1.03 * check["loss_before"]
     assert all(check["used"][k] <= v for k, v in pruning.ratios().items())
+
+
+def test_a_halving_that_cuts_the_same_units_is_skipped(tmp_path):
+    """4 key/value groups: 1/3 and 1/6 both cut one group, so the search goes from 1/3 straight to 1/12 (none)."""
+    torch.manual_seed(0)
+    pruning = EarlyPruning(estimation_steps=4, max_loss_increase=0.01, neuron_ratio=0, peft_module_ratio=0)
+    _estimate(tmp_path, PruneModule("llama", lora=False), pruning)
+    pruning._loss = lambda module, batches: (
+        1.0 + float((torch.cat([m.detach() for m in pruning.masks.heads]) == 0).any())
+    )
+    check = pruning.decide(pl.Trainer(**trainer_kwargs(tmp_path)), PruneModule("llama", lora=False), [None])["check"]
+    assert [round(t["ratios"]["head_ratio"], 4) for t in check["tries"]] == [0.3333, 0.0833]
+    assert check["spared"] == ["heads: head_ratio 0.333 -> 0.0833 (the whole cut +100.0%, heads alone +100.0% > 1.0%)"]
