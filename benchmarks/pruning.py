@@ -16,13 +16,25 @@ Three modes, each comparing side by side in one process:
   memory is ``torch.cuda.max_memory_allocated()``.
 * ``--mode tweets`` -- the real callback end to end: all-MiniLM-L6-v2 + LoRA on the tweet sentiment task
   (``TextClassifier`` + ``TweetSentiment``, 150 steps, batch 16, the same seed), plain LoRA vs LoRA +
-  ``EarlyPruning(estimation_steps=50)``: validation accuracy, LoRA parameters, wall time, and the median training
-  step before and after pruning within the pruned run.
+  ``EarlyPruning(estimation_steps=50)`` with its defaults (Taylor ranking, loss check), the paper's recipe
+  (magnitude ranking, fixed ratios), Taylor at fixed ratios, magnitude with the check (``TWEET_RUNS``):
+  validation accuracy, the loss check's losses before / after the cut and the ratios it used, the training loss
+  around the cut, LoRA parameters, step times. Results are written after every run.
+* ``--mode tweets-speed`` -- adds to those results a training-step speed-up per pruned run, timing plain LoRA and
+  the run's pruned shapes alternately on one batch (the runs' own step times suffer from a loaded machine).
+* ``--mode tweets-scores`` -- one 50-step estimation, then the validation-loss increase of cutting 1/3 of the heads
+  and / or neurons ranked by Taylor importance vs by mask magnitude.
+* ``--mode causal`` -- a byte-level Llama (grouped-query attention) pretrained here on tweet texts (no pretrained
+  causal LM ships in a package usable offline), fine-tuned with LoRA for 150 steps with and without EarlyPruning:
+  perplexity right before and right after the cut, and at the end.
 
 Run from the repository root::
 
     python benchmarks/pruning.py --mode cpu       # ~3 minutes on 2 cores
-    python benchmarks/pruning.py --mode tweets    # ~11 minutes on 2 cores
+    python benchmarks/pruning.py --mode tweets    # ~30 minutes on 2 cores (5 runs)
+    python benchmarks/pruning.py --mode tweets-speed   # ~5 minutes, after --mode tweets
+    python benchmarks/pruning.py --mode tweets-scores  # ~4 minutes
+    python benchmarks/pruning.py --mode causal    # ~20 minutes on a loaded 2-core machine
     python benchmarks/pruning.py --mode gpu       # one CUDA GPU, under 2 minutes
 
 Results: ``benchmarks/results/pruning_<mode>.json`` (raw numbers) and ``.md`` (tables).
