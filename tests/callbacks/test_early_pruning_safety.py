@@ -295,3 +295,19 @@ def test_a_halving_that_cuts_the_same_units_is_skipped(tmp_path):
     check = pruning.decide(pl.Trainer(**trainer_kwargs(tmp_path)), PruneModule("llama", lora=False), [None])["check"]
     assert [round(t["ratios"]["head_ratio"], 4) for t in check["tries"]] == [0.3333, 0.0833]
     assert check["spared"] == ["heads: head_ratio 0.333 -> 0.0833 (the whole cut +100.0%, heads alone +100.0% > 1.0%)"]
+
+
+def test_taylor_ranking_finds_heads_that_do_nothing(tmp_path):
+    """Heads whose output projection columns are zero have |m * dL/dm| = 0: the Taylor plan prunes exactly them."""
+    torch.manual_seed(0)
+    module = PruneModule("bert", lora=False)
+    for layer in module.net.model.bert.encoder.layer:
+        with torch.no_grad():
+            layer.attention.output.dense.weight[:, 0:8] = 0  # head 0 (8 features per head)
+            layer.attention.output.dense.weight[:, 24:32] = 0  # head 3
+    for name, param in module.named_parameters():
+        param.requires_grad = "classifier" in name  # the dead heads stay dead; the masks still train
+    fixed = {"neuron_ratio": 0, "peft_module_ratio": 0, "peft_rank_ratio": 0, "l1": 0.0, "max_loss_increase": None}
+    pruning = EarlyPruning(estimation_steps=4, head_ratio=1 / 3, score="taylor", **fixed)
+    pl.Trainer(callbacks=[pruning], max_steps=5, **trainer_kwargs(tmp_path)).fit(module)
+    assert pruning.plan.heads and all(kept == [1, 2, 4, 5] for kept in pruning.plan.heads.values())
