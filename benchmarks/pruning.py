@@ -311,7 +311,7 @@ TWEET_LABELS = {
 }
 
 
-def run_tweets(steps: int, estimation_steps: int, lr: float, runs: list[str]) -> dict[str, Any]:
+def run_tweets(steps: int, estimation_steps: int, lr: float, runs: list[str], seed: int = 42) -> dict[str, Any]:
     import lightning.pytorch as pl
     from fidelity import quiet_cpu_trainer  # the CPU Trainer of the other language benchmarks
     from lightning.pytorch.callbacks import Callback
@@ -335,7 +335,7 @@ def run_tweets(steps: int, estimation_steps: int, lr: float, runs: list[str]) ->
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"]}
     out: dict[str, Any] = {}
     for name in runs:
-        pl.seed_everything(42, verbose=False)
+        pl.seed_everything(seed, verbose=False)
         module = TextClassifier(
             "sentence-transformers/all-MiniLM-L6-v2",
             num_labels=3,
@@ -837,6 +837,7 @@ def main() -> None:
         default=list(TWEET_RUNS)[:5],
         help="tweets: which runs (added to the existing results file when it exists)",
     )
+    parser.add_argument("--seed", type=int, default=42, help="tweets: seed_everything seed (other than 42: own file)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for cpu, 2 for tweets)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tiny", action="store_true", help="cpu mode with tiny models, 1 round (seconds; the tests)")
@@ -851,6 +852,8 @@ def main() -> None:
     name = f"pruning_{args.mode}" + ("_tiny" if args.tiny else "")
     if args.mode == "tweets" and args.steps != 150:  # the longer recipe has its own results file
         name += f"_{args.steps}steps"
+    if args.mode == "tweets" and args.seed != 42:
+        name += f"_seed{args.seed}"
     if args.mode == "tweets-speed":  # adds alternated timings to the tweet results of an earlier --mode tweets
         path = args.out_dir / "pruning_tweets.json"
         stored = json.loads(path.read_text())
@@ -890,7 +893,7 @@ def main() -> None:
         previous = args.out_dir / f"{name}.json"
         results = {}
         for run in args.runs:  # written after every run, merged with what another invocation wrote meanwhile
-            row = run_tweets(args.steps, args.estimation_steps, args.lr, [run])
+            row = run_tweets(args.steps, args.estimation_steps, args.lr, [run], args.seed)
             results = json.loads(previous.read_text())["results"] if previous.exists() else {}
             results.update(row)
             results = {k: results[k] for k in TWEET_RUNS if k in results}
