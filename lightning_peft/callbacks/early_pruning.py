@@ -598,7 +598,7 @@ class EarlyPruning(Callback):
                         break
                 spared.append(
                     f"{worst}: {', '.join(f'{n} {old[n]:.3g} -> {used[n]:.3g}' for n in old)} (the whole cut"
-                    f" {rise:+.1%}, {worst} alone {cost[worst]:+.1%} > {tolerance:.1%})"
+                    f" {rise:+.1%} > {tolerance:.1%}; {worst} alone cost most, {cost[worst]:+.1%})"
                 )
         after = before * (1 + tries[-1]["increase"])
         check = {
