@@ -73,7 +73,7 @@ METHODS = {
     "early_pruning_lora": (
         """
     - class_path: EarlyPruning
-      init_args: {estimation_steps: 2, head_ratio: 0.5, neuron_ratio: 0.25, plot: false}""",
+      init_args: {estimation_steps: 2, head_ratio: 0.5, neuron_ratio: 0.25, max_loss_increase: null, plot: false}""",
         "    peft: {peft_type: LORA, r: 4, target_modules: [qkv, proj, fc1, fc2]}",
     ),
 }
