@@ -27,6 +27,8 @@ __all__ = [
     "own_parameter",
     "rewrap_ddp",
     "run_before_checkpoint_load",
+    "run_before_weights_load",
+    "undo_before_weights_load",
 ]
 
 TESTED = {"lightning": "2.6", "torch": "2.14"}
@@ -159,6 +161,37 @@ def own_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
     """
     parameters = _attribute(module, "_parameters", "`nn.Module._parameters`")
     return parameters.get(name)
+
+
+def run_before_weights_load(pl_module: Any, before: Callable[[Any, dict], None]) -> None:
+    """Call ``before(pl_module, checkpoint)`` right before Lightning loads a checkpoint's weights into ``pl_module``.
+
+    Lightning calls the LightningModule's ``on_load_checkpoint`` right before the weights load (callbacks are
+    restored only afterwards), so the module's own hook is wrapped on the instance; :func:`undo_before_weights_load`
+    restores it.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> module = pl.LightningModule()
+        >>> run_before_weights_load(module, lambda m, checkpoint: print(sorted(checkpoint)))
+        >>> module.on_load_checkpoint({"state_dict": {}})
+        ['state_dict']
+        >>> undo_before_weights_load(module)
+    """
+    original = _attribute(pl_module, "on_load_checkpoint", "`LightningModule.on_load_checkpoint`")
+
+    def on_load_checkpoint(checkpoint: dict) -> None:
+        before(pl_module, checkpoint)
+        original(checkpoint)
+
+    pl_module.on_load_checkpoint = on_load_checkpoint
+
+
+def undo_before_weights_load(pl_module: Any) -> None:
+    """Remove the wrapper of :func:`run_before_weights_load` (the class's ``on_load_checkpoint`` applies again)."""
+    if "on_load_checkpoint" in vars(pl_module):
+        del pl_module.on_load_checkpoint
 
 
 def _no_log(*args: Any, **kwargs: Any) -> None:

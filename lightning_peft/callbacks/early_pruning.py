@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import types
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -14,13 +13,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_peft._logging import logger_writes_this_step
+from lightning_peft._batch import batch_loss
+from lightning_peft._compat import (
+    is_spawning_launcher,
+    logger_writes_this_step,
+    rewrap_ddp,
+    run_before_weights_load,
+    undo_before_weights_load,
+)
 from lightning_peft.adapters import adapter_modules
 from lightning_peft.layout import find_layers
 from lightning_peft.pruning import (
@@ -267,7 +272,7 @@ class EarlyPruning(Callback):
                 f"`EarlyPruning` slices parameters in place, which `{type(trainer.strategy).__name__}` does not allow"
                 ' (it shards them). HINT: use `strategy="ddp"`; the pruned model is smaller anyway.'
             )
-        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        if is_spawning_launcher(trainer.strategy):
             raise ValueError(
                 "`EarlyPruning` cannot run under a spawning strategy (`ddp_spawn`, `ddp_fork`, `ddp_notebook`): the"
                 " main process would receive the pruned weights into its unpruned model. HINT: use"
@@ -322,18 +327,16 @@ class EarlyPruning(Callback):
         # A checkpoint written after pruning holds smaller weights: the plan must shape the model before they load.
         # Lightning calls the LightningModule's `on_load_checkpoint` right before loading the weights (callbacks are
         # restored only afterwards), so wrap it for the duration of the fit.
-        original = pl_module.on_load_checkpoint
         callback = self
 
-        def on_load_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        def shape_from_plan(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
             plan = checkpoint.get("pruning_plan")
             if plan is not None and not callback.pruned:
                 callback._drop_estimation(module)
                 callback.plan = PruningPlan.from_dict(plan)
                 apply_pruning_plan(module, callback.plan)
-            original(checkpoint)
 
-        pl_module.on_load_checkpoint = types.MethodType(on_load_checkpoint, pl_module)
+        run_before_weights_load(pl_module, shape_from_plan)
 
     def _matches_plan(self, pl_module: pl.LightningModule) -> bool:
         assert self.plan is not None
@@ -524,7 +527,7 @@ class EarlyPruning(Callback):
         for param in pl_module.parameters():
             param.grad = None
         self._rewrap_ddp(trainer, pl_module)
-        controller = next((cb for cb in trainer.callbacks if isinstance(cb, TrainableSetController)), None)
+        controller = TrainableSetController.of(trainer)
         if controller is not None:
             controller.refresh(trainer, pl_module)
         self.plan = plan
@@ -636,25 +639,14 @@ class EarlyPruning(Callback):
     def _loss(pl_module: pl.LightningModule, batches: list[Any]) -> float:
         """Mean loss over ``batches``: ``compute_loss(batch)`` if the module has one, else ``training_step``."""
         losses = []
-        compute_loss = getattr(pl_module, "compute_loss", None)
         for index, batch in enumerate(batches):
-            if callable(compute_loss):
-                output = compute_loss(batch)
-            else:
-                pl_module.log = _no_log  # type: ignore[method-assign]
-                pl_module.log_dict = _no_log  # type: ignore[method-assign]
-                try:
-                    output = pl_module.training_step(batch, index)
-                finally:
-                    del pl_module.log, pl_module.log_dict
-            if isinstance(output, Mapping):
-                output = output.get("loss")
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"EarlyPruning's loss check needs the loss of a batch, but {type(pl_module).__name__}.training_step"
-                    f" returned {type(output).__name__}. HINT: return the loss tensor or a dict with a 'loss' key, add"
-                    " a `compute_loss(batch)` method, or turn the check off with `max_loss_increase=None`."
-                )
+            output = batch_loss(
+                pl_module,
+                batch,
+                index,
+                "EarlyPruning's loss check",
+                ", or turn the check off: `max_loss_increase=None`",
+            )
             losses.append(float(output.detach().float().mean()))
         return sum(losses) / len(losses)
 
@@ -745,7 +737,7 @@ class EarlyPruning(Callback):
         if self.masks is not None:
             self.masks.remove()
             dropped = list(self.masks.parameters())
-            if _MASKS in pl_module._modules:
+            if _MASKS in dict(pl_module.named_children()):
                 delattr(pl_module, _MASKS)
             self.masks = None
         for importance in self._importances():
@@ -760,8 +752,7 @@ class EarlyPruning(Callback):
         if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
             # DDP's reducer holds the old parameters; a new wrapper registers the new ones (and broadcasts rank 0's
             # values, which are identical anyway since every rank applied the same plan).
-            strategy.model = strategy._setup_model(pl_module)
-            strategy._register_ddp_hooks()
+            rewrap_ddp(strategy, pl_module)
 
     def _mask_values(self) -> dict[str, list]:
         if self.masks is None:
@@ -914,8 +905,8 @@ class EarlyPruning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and "on_load_checkpoint" in pl_module.__dict__:
-            del pl_module.on_load_checkpoint
+        if stage == "fit":
+            undo_before_weights_load(pl_module)
 
 
 def _cut_of(plan: PruningPlan, kind: str) -> Any:
@@ -925,7 +916,3 @@ def _cut_of(plan: PruningPlan, kind: str) -> Any:
     if kind == "neurons":
         return plan.neurons
     return plan.lora_removed, plan.lora_ranks, plan.adapters_removed, plan.adapter_units
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None

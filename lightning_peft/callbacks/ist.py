@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +14,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_peft._compat import logger_writes_this_step, muted_logging
+from lightning_peft._batch import batch_loss
+from lightning_peft._compat import logger_writes_this_step
 from lightning_peft._plotting import new_figure, save_figure
 from lightning_peft._validation import check_bool, check_int, check_number, check_seed
 from lightning_peft.adapters.layers import Adapter
@@ -373,7 +374,7 @@ class IST(TrainableSetCallback):
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 for blocks in sets:
                     with self.suppressed(blocks):
-                        losses.append(_batch_loss(pl_module, batch, batch_idx).detach().float().reshape(()))
+                        losses.append(batch_loss(pl_module, batch, batch_idx, "IST").detach().float().reshape(()))
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -445,22 +446,3 @@ class IST(TrainableSetCallback):
         self._updated_at = state_dict.get("updated_at")
         self.history = [(int(step), list(scores)) for step, scores in state_dict.get("history", [])]
         self._allowed = None
-
-
-def _batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Tensor:
-    """The loss of ``batch``: ``compute_loss(batch)`` if the module has it, else ``training_step``, logging muted."""
-    compute_loss = getattr(pl_module, "compute_loss", None)
-    if callable(compute_loss):
-        output = compute_loss(batch)
-    else:
-        with muted_logging(pl_module):
-            output = pl_module.training_step(batch, batch_idx)
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"IST needs the loss of a batch, but {type(pl_module).__name__}.training_step returned"
-            f" {type(output).__name__}. HINT: return the loss tensor or a dict with a 'loss' key, or add a"
-            " `compute_loss(batch)` method."
-        )
-    return output
