@@ -44,6 +44,9 @@ def test_every_config_keeps_the_last_and_the_best_checkpoint_in_the_run_folder(c
     best = [cb for cb in checkpoints if cb.monitor is not None and cb.save_top_k >= 1]
     assert best and best[0].monitor.startswith("val/"), "the best checkpoint by a validation metric"
     assert best[0].mode == ("min" if best[0].monitor.endswith(("loss", "ppl")) else "max")
+    # the metric the config's module logs: perplexity for language models, accuracy for classifiers
+    expected = "val/ppl" if type(cli.model).__name__ == "CausalLM" else "val/acc"
+    assert best[0].monitor == expected, f"{config.name} monitors {best[0].monitor}, its module logs {expected}"
 
 
 def test_configs_readme_tables_every_config():
