@@ -34,6 +34,35 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
+def split_class_folders(
+    root: str, val_root: str | None, val_fraction: float, seed: int, suffixes: Sequence[str], kind: str
+) -> tuple[tuple[str, ...], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Class names and ``(train, val)`` samples ``(path, label)`` of a class-per-folder tree.
+
+    The validation samples come from ``val_root`` (the same class folders) when given, else ``val_fraction`` of each
+    class of ``root``, drawn with ``seed``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> for name in ("cat/1.png", "cat/2.png", "dog/1.png", "dog/2.png"):
+        ...     os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
+        ...     open(os.path.join(root, name), "wb").close()
+        >>> names, train, val = split_class_folders(root, None, 0.5, 0, (".png",), "image")
+        >>> names, len(train), len(val)
+        (('cat', 'dog'), 2, 2)
+    """
+    from lightning_peft.data._records import class_folders, scan_class_folders
+
+    names = tuple(class_folders(root))
+    samples = scan_class_folders(root, names, suffixes, kind)
+    if val_root is not None:
+        return names, samples, scan_class_folders(val_root, names, suffixes, kind)
+    train_idx, val_idx = stratified_split([y for _, y in samples], val_fraction, seed)
+    return names, [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
 def check_fraction(val_fraction: float) -> None:
     """Raise a ValueError unless ``val_fraction`` is in (0, 1)."""
     if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:

@@ -16,8 +16,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["AUDIOSET_MEAN", "AUDIOSET_STD", "SAMPLE_RATE", "FilterbankFeatures", "SpecAugment", "resample_to_16k"]
+__all__ = [
+    "AUDIOSET_MEAN",
+    "AUDIOSET_STD",
+    "SAMPLE_RATE",
+    "FeatureClips",
+    "FilterbankFeatures",
+    "SpecAugment",
+    "resample_to_16k",
+]
 
 # Mean and standard deviation of AudioSet filterbanks: the normalisation of the public AST checkpoints.
 AUDIOSET_MEAN = -4.2677393
@@ -205,3 +214,31 @@ class SpecAugment:
         start, width = self._span(out.shape[0], self.time_mask, generator)
         out[start : start + width, :] = self.fill
         return out
+
+
+class FeatureClips(Dataset):
+    """Filterbank features of one split with their labels; training items may be augmented.
+
+    Items are ``(features (T, F), label)``. ``sources`` names where each clip came from (a file, a voice).
+
+    Example::
+
+        >>> clips = FeatureClips(torch.zeros(2, 8, 4), torch.tensor([0, 1]), ["a.wav", "b.wav"], None)
+        >>> len(clips), clips[1][1].item()
+        (2, 1)
+    """
+
+    def __init__(self, features: Tensor, labels: Tensor, sources: list[str], augment: SpecAugment | None) -> None:
+        self.features = features
+        self.labels = labels
+        self.sources = sources
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        features = self.features[index]
+        if self.augment is not None:
+            features = self.augment(features)
+        return features, self.labels[index]

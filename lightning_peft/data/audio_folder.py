@@ -7,15 +7,13 @@ import wave
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_peft.data._labelled import LabelledDataModule, check_fraction, check_positive, stratified_split
-from lightning_peft.data._records import class_folders, scan_class_folders
+from lightning_peft.data._labelled import LabelledDataModule, check_fraction, check_positive, split_class_folders
 from lightning_peft.data.audio_features import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
+    FeatureClips,
     FilterbankFeatures,
     SpecAugment,
     resample_to_16k,
@@ -97,25 +95,6 @@ def _read_with_libraries(path: str) -> tuple[np.ndarray, int]:
     rate, audio = wavfile.read(path)
     audio = np.asarray(audio, dtype=np.float32)
     return (audio if audio.ndim == 2 else audio[:, None]), rate
-
-
-class _Clips(Dataset):
-    """Features of one split; training items may be augmented. Items are ``(features (T, F), label)``."""
-
-    def __init__(self, features: Tensor, labels: Tensor, paths: list[str], augment: SpecAugment | None) -> None:
-        self.features = features
-        self.labels = labels
-        self.paths = paths
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        features = self.features[index]
-        if self.augment is not None:
-            features = self.augment(features)
-        return features, self.labels[index]
 
 
 class AudioFolder(LabelledDataModule):
@@ -201,7 +180,7 @@ class AudioFolder(LabelledDataModule):
         fill = (0.0 - AUDIOSET_MEAN) / (2.0 * AUDIOSET_STD)  # the normalised zero, as in the AST recipe
         self.augmentation = SpecAugment(freq_mask, time_mask, fill=fill) if augment else None
 
-    def _clips(self, samples: list[tuple[str, int]], augment: bool) -> _Clips:
+    def _clips(self, samples: list[tuple[str, int]], augment: bool) -> FeatureClips:
         paths = [path for path, _ in samples]
         waveforms = []
         for path in paths:
@@ -211,21 +190,16 @@ class AudioFolder(LabelledDataModule):
             waveforms.append(audio)
         features = torch.from_numpy(self.features(waveforms))
         labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-        return _Clips(features, labels, paths, self.augmentation if augment else None)
+        return FeatureClips(features, labels, paths, self.augmentation if augment else None)
 
     @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             self.check_model_outputs()
             return
-        self.label_names = tuple(class_folders(self.root))
-        samples = scan_class_folders(self.root, self.label_names, AUDIO_SUFFIXES, "audio")
-        if self.val_root is not None:
-            train = samples
-            val = scan_class_folders(self.val_root, self.label_names, AUDIO_SUFFIXES, "audio")
-        else:
-            train_idx, val_idx = stratified_split([y for _, y in samples], self.val_fraction, self.seed)
-            train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+        self.label_names, train, val = split_class_folders(
+            self.root, self.val_root, self.val_fraction, self.seed, AUDIO_SUFFIXES, "audio"
+        )
         self.train_set = self._clips(train, augment=True)
         self.val_set = self._clips(val, augment=False)
         self.test_set = self.val_set

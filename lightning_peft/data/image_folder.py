@@ -11,8 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_peft.data._labelled import LabelledDataModule, check_fraction, check_positive, stratified_split
-from lightning_peft.data._records import class_folders, scan_class_folders
+from lightning_peft.data._labelled import LabelledDataModule, check_fraction, check_positive, split_class_folders
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "timm_data_config"]
 
@@ -158,14 +157,9 @@ class ImageFolder(LabelledDataModule):
         if self.train_set is not None:
             self.check_model_outputs()
             return
-        self.label_names = tuple(class_folders(self.root))
-        samples = scan_class_folders(self.root, self.label_names, IMAGE_SUFFIXES, "image")
-        if self.val_root is not None:
-            train = samples
-            val = scan_class_folders(self.val_root, self.label_names, IMAGE_SUFFIXES, "image")
-        else:
-            train_idx, val_idx = stratified_split([y for _, y in samples], self.val_fraction, self.seed)
-            train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+        self.label_names, train, val = split_class_folders(
+            self.root, self.val_root, self.val_fraction, self.seed, IMAGE_SUFFIXES, "image"
+        )
         self.train_set = _Images(train, self.transform(training=True))
         self.val_set = _Images(val, self.transform(training=False))
         self.test_set = self.val_set

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_peft.data._split import SplitDataModule
 from lightning_peft.data.audio_features import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
+    FeatureClips,
     FilterbankFeatures,
     SpecAugment,
     resample_to_16k,
@@ -121,25 +120,6 @@ def synthesize(word: str, voice: str, speed: int, pitch: int, program: str = "es
         raise ValueError(f"`{program}` wrote {channels}-channel {8 * width}-bit audio; expected mono 16-bit.")
     audio = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
     return _resample(audio, rate)
-
-
-class _KeywordClips(Dataset):
-    """Features and labels of one split; training items may be augmented."""
-
-    def __init__(self, features: Tensor, labels: Tensor, voices: list[str], augment: SpecAugment | None) -> None:
-        self.features = features
-        self.labels = labels
-        self.voices = voices
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        features = self.features[index]
-        if self.augment is not None:
-            features = self.augment(features)
-        return features, self.labels[index]
 
 
 class SpokenKeywords(SplitDataModule):
@@ -263,9 +243,9 @@ class SpokenKeywords(SplitDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.program = program
-        self.train_set: _KeywordClips | None = None
-        self.val_set: _KeywordClips | None = None
-        self.test_set: _KeywordClips | None = None
+        self.train_set: FeatureClips | None = None
+        self.val_set: FeatureClips | None = None
+        self.test_set: FeatureClips | None = None
 
     @property
     def num_classes(self) -> int:
@@ -334,7 +314,7 @@ class SpokenKeywords(SplitDataModule):
                 with _atomic(target) as tmp, open(tmp, "wb") as file:
                     np.save(file, raw)
 
-    def _load(self, voices: list[str], version: str, augment: bool) -> _KeywordClips:
+    def _load(self, voices: list[str], version: str, augment: bool) -> FeatureClips:
         features, labels, names = [], [], []
         for label, word in enumerate(self.words):
             for voice in voices:
@@ -343,7 +323,7 @@ class SpokenKeywords(SplitDataModule):
                 labels += [label] * len(raw)
                 names += [voice] * len(raw)
         stacked = torch.from_numpy(np.concatenate(features))
-        return _KeywordClips(
+        return FeatureClips(
             stacked, torch.tensor(labels, dtype=torch.long), names, self.augmentation if augment else None
         )
 

@@ -69,7 +69,7 @@ def test_audio_folder_reads_flac_and_resamples_stereo_wav(tmp_path):
     stereo = write_wav(tmp_path / "stereo.wav", tone(440, 0.5, 44100), 44100, channels=2)
     np.testing.assert_allclose(read_audio(str(stereo)), resample_to_16k(tone(440, 0.5, 44100), 44100), atol=1e-3)
     # the features are the AST filterbanks of the 16 kHz waveform
-    expected = FilterbankFeatures(target_length=48)(read_audio(data.val_set.paths[0]))
+    expected = FilterbankFeatures(target_length=48)(read_audio(data.val_set.sources[0]))
     torch.testing.assert_close(data.val_set.features[0], torch.from_numpy(expected))
     features, labels = next(iter(data.train_dataloader()))
     assert features.shape == (2, 48, 128) and labels.dtype == torch.int64

@@ -57,10 +57,10 @@ def test_two_generations_are_identical(generated, tmp_path):
 def test_split_by_voice_and_shapes(generated):
     split = generated.split_voices()
     assert sorted(split["train"] + split["val"] + split["test"]) == sorted(SMALL["voices"])
-    train_voices = set(generated.train_set.voices)
+    train_voices = set(generated.train_set.sources)
     assert train_voices == set(split["train"])
-    assert not train_voices & set(generated.val_set.voices) and not train_voices & set(generated.test_set.voices)
-    assert set(generated.val_set.voices).isdisjoint(generated.test_set.voices)
+    assert not train_voices & set(generated.val_set.sources) and not train_voices & set(generated.test_set.sources)
+    assert set(generated.val_set.sources).isdisjoint(generated.test_set.sources)
     # 3 words x 1 voice x 2 speeds x 1 pitch per voice
     assert len(generated.train_set) == len(generated.val_set) == len(generated.test_set) == 6
     assert sorted(generated.val_set.labels.tolist()) == [0, 0, 1, 1, 2, 2]
