@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from typing_extensions import override
 
+from lightning_peft._validation import check_int
 from lightning_peft.data._split import SplitDataModule
 
 
@@ -123,6 +125,19 @@ class LabelledDataModule(SplitDataModule):
                 " with), or start a new run without `ckpt_path`."
             )
         self.label_names = saved
+
+    def _class_folder_settings(
+        self, root: str, val_root: str | None, val_fraction: float, batch_size: int, seed: int, num_workers: int
+    ) -> None:
+        """Check and keep the settings every class-per-folder DataModule shares (root, split, loader)."""
+        check_fraction(val_fraction)
+        check_int("num_workers", num_workers, 0, "use 0 on small data.")
+        self.root = os.path.expanduser(root)
+        self.val_root = None if val_root is None else os.path.expanduser(val_root)
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
 
     def check_model_outputs(self) -> None:
         """Raise a ValueError if the Trainer's model was built for another number of classes than the data has."""

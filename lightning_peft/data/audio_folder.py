@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import wave
 
 import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_peft.data._labelled import LabelledDataModule, check_fraction, check_positive, split_class_folders
+from lightning_peft.data._labelled import LabelledDataModule, check_positive, split_class_folders
 from lightning_peft.data.audio_features import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
@@ -166,16 +165,8 @@ class AudioFolder(LabelledDataModule):
     ) -> None:
         super().__init__()
         check_positive(batch_size=batch_size, num_mel_bins=num_mel_bins, target_length=target_length)
-        check_fraction(val_fraction)
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
+        self._class_folder_settings(root, val_root, val_fraction, batch_size, seed, num_workers)
         self.save_hyperparameters()
-        self.root = os.path.expanduser(root)
-        self.val_root = None if val_root is None else os.path.expanduser(val_root)
-        self.val_fraction = val_fraction
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
         self.features = FilterbankFeatures(num_mel_bins=num_mel_bins, target_length=target_length)
         fill = (0.0 - AUDIOSET_MEAN) / (2.0 * AUDIOSET_STD)  # the normalised zero, as in the AST recipe
         self.augmentation = SpecAugment(freq_mask, time_mask, fill=fill) if augment else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_peft.data._labelled import LabelledDataModule, check_fraction, check_positive, split_class_folders
+from lightning_peft.data._labelled import LabelledDataModule, check_positive, split_class_folders
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "timm_data_config"]
 
@@ -132,19 +131,11 @@ class ImageFolder(LabelledDataModule):
     ) -> None:
         super().__init__()
         check_positive(batch_size=batch_size, **({} if image_size is None else {"image_size": image_size}))
-        check_fraction(val_fraction)
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
+        self._class_folder_settings(root, val_root, val_fraction, batch_size, seed, num_workers)
         self.data_config = timm_data_config(model, image_size)
         self.save_hyperparameters()
-        self.root = os.path.expanduser(root)
-        self.val_root = None if val_root is None else os.path.expanduser(val_root)
         self.model_name = model
-        self.val_fraction = val_fraction
         self.augment = augment
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
 
     def transform(self, training: bool) -> Callable:
         """Return timm's transform for training (augmented when ``augment``) or evaluation images."""
