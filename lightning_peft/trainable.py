@@ -28,7 +28,9 @@ Candidates are the parameters with ``requires_grad=True`` when training starts: 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Set
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from typing_extensions import override
 from lightning_peft._compat import ddp_constructor_kwargs, logger_writes_this_step, run_before_checkpoint_load
 from lightning_peft._sharding import check_optimizers
 
-__all__ = ["TrainableSetCallback", "TrainableSetController", "agree_seed"]
+__all__ = ["BoundaryTiming", "TrainableSetCallback", "TrainableSetController", "agree_seed"]
 
 
 def agree_seed(trainer: pl.Trainer, seed: int | None) -> int:
@@ -107,6 +109,23 @@ class TrainableSetCallback(Callback):
         raise NotImplementedError
 
 
+@dataclass
+class BoundaryTiming:
+    """What the controller's last optimizer-step boundary cost: :attr:`TrainableSetController.last_boundary`.
+
+    Attributes:
+        step: the optimizer step of the boundary.
+        total_ns: wall time of the whole boundary (methods' ``on_step_boundary``, their sets, applying, logging).
+        logging_ns: the part spent in ``pl_module.log`` of ``trainable_params``.
+        changed: whether any method's set changed (only then are ``requires_grad`` flags and state touched).
+    """
+
+    step: int
+    total_ns: int
+    logging_ns: int
+    changed: bool
+
+
 class TrainableSetController(Callback):
     """Applies the combined trainable set of all :class:`TrainableSetCallback` s at optimizer-step boundaries.
 
@@ -128,6 +147,9 @@ class TrainableSetController(Callback):
         self._last_step: int | None = None
         self._last_wishes: list[Set[str] | None] | None = None
         self._held_for_loading: list[nn.Parameter] = []
+        #: Cost of the most recent optimizer-step boundary (``None`` before the first); benchmarks read it after
+        #: each batch to time the controller without wrapping its hooks.
+        self.last_boundary: BoundaryTiming | None = None
 
     @property
     def release_optimizer_state(self) -> bool:
@@ -212,6 +234,7 @@ class TrainableSetController(Callback):
         if step == self._last_step:  # inside an accumulation window: never change the set here
             return
         self._last_step = step
+        start = time.perf_counter_ns()
         # the boundary first, for every method, then the wishes: no method depends on the order of the callbacks
         for participant in self.participants:
             participant.on_step_boundary(trainer, pl_module, batch, batch_idx, step)
@@ -235,8 +258,12 @@ class TrainableSetController(Callback):
             self._apply(trainer, allowed)
         # `log` costs ~0.5 ms on a CPU: call it when the value changes and on the steps the loggers write (every
         # `log_every_n_steps`), so the curve is complete without paying for it on every step.
+        logging_ns = 0
         if changed or logger_writes_this_step(trainer):
+            logging_start = time.perf_counter_ns()
             pl_module.log("trainable_params", float(self.num_trainable), on_step=True, on_epoch=False)
+            logging_ns = time.perf_counter_ns() - logging_start
+        self.last_boundary = BoundaryTiming(step, time.perf_counter_ns() - start, logging_ns, changed)
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-read the candidate parameters after a callback replaced or removed some of them (e.g. pruning).

@@ -221,3 +221,28 @@ def test_every_boundary_comes_before_any_set_whatever_the_callback_order(tmp_pat
     for step in (0, 1):  # once per optimizer step, not per batch
         calls = [(kind, name) for kind, name, s in log if s == step]
         assert sorted(calls[:2]) == [("boundary", "a"), ("boundary", "b")] and len(calls) == 4
+
+
+class BoundaryReader(Callback):
+    """Reads the controller's `last_boundary` after every batch, as a benchmark would."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(TrainableSetController.of(trainer).last_boundary)
+
+
+def test_last_boundary_reports_each_boundary_once_with_its_cost(tmp_path):
+    schedule = Schedule([OUTSIDE | _block(0), OUTSIDE | _block(1)])
+    schedule.plan.insert(1, schedule.plan[0])  # the same set object twice: no change at step 1
+    reader = BoundaryReader()
+    _fit(tmp_path, [schedule, reader], max_steps=3, accumulate_grad_batches=2)
+    # one timing per optimizer step, the same object for both batches of an accumulation window
+    assert [t.step for t in reader.seen] == [0, 0, 1, 1, 2, 2]
+    assert reader.seen[0] is reader.seen[1]
+    assert [t.changed for t in reader.seen[::2]] == [True, False, True]
+    for timing in reader.seen:
+        assert 0 <= timing.logging_ns <= timing.total_ns
+    # a changed set is logged, so part of that boundary's time is Lightning's logging
+    assert reader.seen[0].logging_ns > 0
