@@ -20,7 +20,15 @@ from torch import nn
 __all__ = [
     "TESTED",
     "CompatibilityError",
+    "attached_trainer",
     "ddp_constructor_kwargs",
+    "dropout_classes",
+    "efficient_attention",
+    "fake_tensor",
+    "fake_tensor_mode",
+    "flash_attention_cpu",
+    "hf_auto_models_from_config",
+    "hf_masks_as_in_a_real_run",
     "is_spawning_launcher",
     "logger_writes_this_step",
     "muted_logging",
@@ -28,7 +36,10 @@ __all__ = [
     "rewrap_ddp",
     "run_before_checkpoint_load",
     "run_before_weights_load",
+    "storage_id",
+    "tensor_version",
     "undo_before_weights_load",
+    "view_base",
 ]
 
 TESTED = {"lightning": "2.6", "torch": "2.14"}
@@ -216,3 +227,251 @@ def muted_logging(pl_module: Any) -> Generator[None, None, None]:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
+
+
+# --------------------------------------------------------------------------------------------- LightningModule
+
+
+def attached_trainer(pl_module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or ``None`` (``pl_module.trainer`` raises when there is none).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> attached_trainer(pl.LightningModule()) is None
+        True
+    """
+    return _attribute(pl_module, "_trainer", "`LightningModule._trainer`")
+
+
+# ------------------------------------------------------------------------------------------------ torch tensors
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The version counter of ``tensor`` (bumped by every in-place change; what autograd checks in backward).
+
+    Example::
+
+        >>> t = torch.zeros(2)
+        >>> before = tensor_version(t)
+        >>> _ = t.add_(1)
+        >>> tensor_version(t) == before + 1
+        True
+    """
+    return tensor._version
+
+
+def view_base(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor ``tensor`` is a view of, or ``tensor`` itself when it is not a view.
+
+    Example::
+
+        >>> t = torch.zeros(4)
+        >>> view_base(t[1:]) is t, view_base(t) is t
+        (True, True)
+    """
+    base = tensor._base
+    return tensor if base is None else base
+
+
+def storage_id(tensor: torch.Tensor) -> int:
+    """An identifier of ``tensor``'s storage, the same for every view of it; valid for fake tensors too.
+
+    Example::
+
+        >>> t = torch.zeros(4)
+        >>> storage_id(t[1:]) == storage_id(t)
+        True
+    """
+    return tensor.untyped_storage()._cdata
+
+
+def dropout_classes() -> tuple[type[nn.Module], ...]:
+    """The base class of torch's dropout modules (``Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ...).
+
+    Example::
+
+        >>> isinstance(nn.Dropout2d(), dropout_classes())
+        True
+    """
+    dropout = _attribute(nn.modules.dropout, "_DropoutNd", "`torch.nn.modules.dropout._DropoutNd`")
+    return (dropout,)
+
+
+def fake_tensor_mode(**kwargs: Any) -> Any:
+    """A new ``FakeTensorMode`` (tensors with shapes, dtypes and devices but no data); ``kwargs`` go to it.
+
+    Example::
+
+        >>> with fake_tensor_mode():
+        ...     torch.empty(2**40, device="cpu").shape
+        torch.Size([1099511627776])
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+    except ImportError as error:
+        raise CompatibilityError("`torch._subclasses.fake_tensor.FakeTensorMode`") from error
+    return FakeTensorMode(**kwargs)
+
+
+def fake_tensor(mode: Any, meta: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fake tensor of ``mode`` with the shape, dtype and strides of the meta tensor ``meta``, on ``device``.
+
+    Example::
+
+        >>> mode = fake_tensor_mode(allow_non_fake_inputs=True)
+        >>> fake_tensor(mode, torch.empty(3, 4, device="meta"), torch.device("cpu")).device
+        device(type='cpu')
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError as error:
+        raise CompatibilityError("`torch._subclasses.fake_tensor.FakeTensor`") from error
+    return FakeTensor(mode, meta, device)
+
+
+def flash_attention_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """The output of the CPU flash-attention kernel that ``scaled_dot_product_attention`` dispatches to on CPU.
+
+    Called directly where the dispatch cannot run (fake tensors), so what it saves for backward is what a real
+    step saves.
+
+    Example::
+
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> torch.allclose(flash_attention_cpu(q, q, q, False, None, None),
+        ...                torch.nn.functional.scaled_dot_product_attention(q, q, q), atol=1e-5)
+        True
+    """
+    kernel = _attribute(
+        torch.ops.aten,
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "`aten._scaled_dot_product_flash_attention_for_cpu`",
+    )
+    return kernel(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)[0]
+
+
+def efficient_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None,
+    dropout: float,
+    causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """The output of the memory-efficient attention kernel (CUDA), with its log-sum-exp computed for backward.
+
+    Example::
+
+        >>> callable(efficient_attention)
+        True
+    """
+    kernel = _attribute(
+        torch.ops.aten, "_scaled_dot_product_efficient_attention", "`aten._scaled_dot_product_efficient_attention`"
+    )
+    return kernel(query, key, value, bias, True, dropout, causal, scale=scale)[0]
+
+
+# ------------------------------------------------------------------------------------------------- transformers
+
+
+@contextlib.contextmanager
+def hf_auto_models_from_config() -> Generator[None, None, None]:
+    """Inside, ``AutoModel*.from_pretrained(path, ...)`` builds the model from the config alone (no weights read).
+
+    Without transformers installed, nothing changes.
+
+    Example::
+
+        >>> with hf_auto_models_from_config():
+        ...     pass
+    """
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto import auto_factory
+    except ImportError:
+        yield
+        return
+    base = _attribute(
+        auto_factory, "_BaseAutoModelClass", "`transformers.models.auto.auto_factory._BaseAutoModelClass`"
+    )
+    # transformers 5 defines `from_pretrained` on each auto class, 4 on the base only: replace every definition
+    owners, seen = [], [base]
+    while seen:
+        cls = seen.pop()
+        if "from_pretrained" in vars(cls):
+            owners.append((cls, vars(cls)["from_pretrained"]))
+        seen.extend(cls.__subclasses__())
+    if not owners:
+        raise CompatibilityError("`_BaseAutoModelClass.from_pretrained`")
+
+    def from_config(cls: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        config, unused = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **kwargs)
+        return cls.from_config(config, **unused)
+
+    for cls, _ in owners:
+        cls.from_pretrained = classmethod(from_config)
+    try:
+        yield
+    finally:
+        for cls, original in owners:
+            cls.from_pretrained = original
+
+
+@contextlib.contextmanager
+def hf_masks_as_in_a_real_run(padded: bool = False) -> Generator[None, None, None]:
+    """Let Hugging Face models skip the causal mask on fake tensors where a real run would.
+
+    transformers treats a fake tensor as tracing and then always builds the attention mask (and, with grouped
+    key/value heads, repeats keys and values instead of passing ``enable_gqa``), which saves more than a real step.
+    Inside, fake tensors do not count as tracing there. Where a decision reads values (unknown on fake tensors),
+    ``padded`` decides: with it the mask is built, as for a padded batch; without, the padding mask is taken as all
+    ones. Position ids are taken as one sequence per row (no packing). Without transformers, nothing changes.
+
+    Example::
+
+        >>> with hf_masks_as_in_a_real_run(padded=False):
+        ...     pass
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    is_tracing = _attribute(masking_utils, "is_tracing", "`transformers.masking_utils.is_tracing`")
+    ignore = _attribute(
+        masking_utils, "_ignore_causal_mask_sdpa", "`transformers.masking_utils._ignore_causal_mask_sdpa`"
+    )
+    packed = _attribute(
+        masking_utils, "find_packed_sequence_indices", "`transformers.masking_utils.find_packed_sequence_indices`"
+    )
+
+    def as_in_a_real_run(function: Callable, unknown: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            masking_utils.is_tracing = lambda tensor=None: is_tracing(None)
+            try:
+                return function(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - a data-dependent read of a fake tensor's values
+                return unknown(*args, **kwargs)
+            finally:
+                masking_utils.is_tracing = is_tracing
+
+        return run
+
+    def unpadded(padding_mask: Any, *args: Any, **kwargs: Any) -> bool:
+        return False if padded else ignore(None, *args, **kwargs)
+
+    masking_utils._ignore_causal_mask_sdpa = as_in_a_real_run(ignore, unpadded)
+    masking_utils.find_packed_sequence_indices = as_in_a_real_run(packed, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices = ignore, packed

@@ -30,13 +30,23 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_peft._compat import (
+    efficient_attention,
+    fake_tensor,
+    fake_tensor_mode,
+    flash_attention_cpu,
+    hf_auto_models_from_config,
+    hf_masks_as_in_a_real_run,
+    storage_id,
+    view_base,
+)
 from lightning_peft.layers import LayerStack, find_layers
 from lightning_peft.quantization.saved_tensors import DEFAULT_MIN_NUMEL, _derives_from_leaf
 
@@ -261,70 +271,6 @@ def format_bytes(n: float) -> str:
 # ----------------------------------------------------------------------------------------------- fake model
 
 
-@contextlib.contextmanager
-def _weights_not_loaded() -> Generator[None, None, None]:
-    """Build Hugging Face models from their config where code asks for ``from_pretrained`` (meta device only)."""
-    try:
-        from transformers import AutoConfig
-        from transformers.models.auto import auto_factory
-    except ImportError:
-        yield
-        return
-    original = auto_factory._BaseAutoModelClass.__dict__["from_pretrained"]
-
-    def from_config(cls: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
-        config, unused = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **kwargs)
-        return cls.from_config(config, **unused)
-
-    auto_factory._BaseAutoModelClass.from_pretrained = classmethod(from_config)
-    try:
-        yield
-    finally:
-        auto_factory._BaseAutoModelClass.from_pretrained = original
-
-
-@contextlib.contextmanager
-def _masks_as_in_a_real_run(padded: bool = False) -> Generator[None, None, None]:
-    """Let Hugging Face models skip the causal mask on fake tensors where a real run would.
-
-    transformers treats a fake tensor as tracing and then always builds the attention mask (and, with grouped
-    key/value heads, repeats keys and values instead of passing ``enable_gqa``), which saves more than a real step.
-    The estimate stands in for a real step, so fake tensors do not count as tracing there. Where a decision reads
-    values (unknown on fake tensors), the example batch decides: with ``padded`` (its attention mask has zeros) the
-    mask is built, as for a padded batch; without, the padding mask is taken as all ones. Position ids are taken as
-    one sequence per row (no packing).
-    """
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        yield
-        return
-    is_tracing = masking_utils.is_tracing
-    ignore, packed = masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices
-
-    def as_in_a_real_run(function: Callable, unknown: Callable) -> Callable:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            masking_utils.is_tracing = lambda tensor=None: is_tracing(None)
-            try:
-                return function(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - a data-dependent read of a fake tensor's values
-                return unknown(*args, **kwargs)
-            finally:
-                masking_utils.is_tracing = is_tracing
-
-        return run
-
-    def unpadded(padding_mask: Any, *args: Any, **kwargs: Any) -> bool:
-        return False if padded else ignore(None, *args, **kwargs)
-
-    masking_utils._ignore_causal_mask_sdpa = as_in_a_real_run(ignore, unpadded)
-    masking_utils.find_packed_sequence_indices = as_in_a_real_run(packed, lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices = ignore, packed
-
-
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """Call ``factory`` with the default device ``meta`` (and Hugging Face checkpoints read as configs only).
 
@@ -333,28 +279,24 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         >>> build_on_meta(lambda: nn.Linear(4096, 4096)).weight.device
         device(type='meta')
     """
-    with torch.device("meta"), _weights_not_loaded():
+    with torch.device("meta"), hf_auto_models_from_config():
         return factory()
 
 
 def _fake_module(module: nn.Module, mode: Any, device: torch.device) -> None:
     """Swap every meta parameter and buffer of ``module`` for a fake tensor on ``device`` (in place)."""
-    from torch._subclasses.fake_tensor import FakeTensor
 
     def fake(tensor: Tensor) -> Tensor:
-        meta = tensor if tensor.is_meta else tensor.to("meta")
-        return FakeTensor(mode, meta, device)
+        return fake_tensor(mode, tensor if tensor.is_meta else tensor.to("meta"), device)
 
-    swapped: dict[int, Tensor] = {}  # tied parameters stay tied
+    swapped: dict[int, nn.Parameter] = {}  # tied parameters stay tied
     for submodule in module.modules():
-        for name, param in list(submodule._parameters.items()):
-            if param is not None:
-                if id(param) not in swapped:
-                    swapped[id(param)] = nn.Parameter(fake(param.data), requires_grad=param.requires_grad)
-                submodule._parameters[name] = swapped[id(param)]
-        for name, buffer in list(submodule._buffers.items()):
-            if buffer is not None:
-                submodule._buffers[name] = fake(buffer)
+        for name, param in list(submodule.named_parameters(recurse=False)):
+            if id(param) not in swapped:
+                swapped[id(param)] = nn.Parameter(fake(param.data), requires_grad=param.requires_grad)
+            setattr(submodule, name, swapped[id(param)])
+        for name, buffer in list(submodule.named_buffers(recurse=False)):
+            setattr(submodule, name, fake(buffer))
 
 
 def _to_fake_batch(batch: Any, mode: Any, device: torch.device, batch_size: int | None) -> Any:
@@ -503,22 +445,14 @@ class _FusedAttention(torch.overrides.TorchFunctionMode):
         grouped = query.dim() == 4 and call.get("enable_gqa", False) and heads[1] > 0 and heads[0] % heads[1] == 0
         plain = same_heads or grouped
         if self.device_type == "cpu" and plain and dropout == 0.0:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, 0.0, causal, attn_mask=mask, scale=scale
-            )[0]
+            return flash_attention_cpu(query, key, value, causal, mask, scale)
         if self.device_type == "cuda" and same_heads:
             if mask is not None and mask.dtype is torch.bool:
                 mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, -math.inf)
             if mask is not None:
                 mask = mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
-                query, key, value, mask, True, dropout, causal, scale=scale
-            )[0]
+            return efficient_attention(query, key, value, mask, dropout, causal, scale)
         return func(*args, **kwargs)
-
-
-def _storage_key(tensor: Tensor) -> int:
-    return tensor.untyped_storage()._cdata
 
 
 def _count_forward(
@@ -533,7 +467,7 @@ def _count_forward(
 ) -> _Forward:
     """One fake forward; what autograd saves, by storage, which block was running, and its 8-bit size."""
     record = _Forward()
-    params = {_storage_key(p) for p in module.parameters()} | {_storage_key(b) for b in module.buffers()}
+    params = {storage_id(p) for p in module.parameters()} | {storage_id(b) for b in module.buffers()}
     frozen_shapes = {p.shape for p in module.parameters() if not p.requires_grad and p.is_floating_point()}
     current: list[int | None] = [None]
     handles = []
@@ -545,7 +479,7 @@ def _count_forward(
                 hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
                 if hidden is not None and hidden.is_floating_point():
                     nbytes = hidden.untyped_storage().nbytes()
-                    record.block_inputs.setdefault(_storage_key(hidden), (nbytes, nbytes // hidden.element_size()))
+                    record.block_inputs.setdefault(storage_id(hidden), (nbytes, nbytes // hidden.element_size()))
 
             def leave(*_: Any) -> None:
                 current[0] = None
@@ -554,12 +488,12 @@ def _count_forward(
             handles.append(block.register_forward_hook(leave, always_call=True))
 
     def pack(tensor: Tensor) -> Tensor:
-        key = _storage_key(tensor)
+        key = storage_id(tensor)
         if key in params:
             return tensor
         item = record.saved.get(key)
         if item is None:
-            base = tensor._base if tensor._base is not None else tensor
+            base = view_base(tensor)
             copy = tensor.is_floating_point() and (
                 _derives_from_leaf(tensor)
                 or (base.grad_fn is None and not base.requires_grad and base.shape in frozen_shapes)
@@ -586,7 +520,7 @@ def _count_forward(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             autocast,
             _FusedAttention(device_type),
-            _masks_as_in_a_real_run(padded),
+            hf_masks_as_in_a_real_run(padded),
         ):
             loss_fn(module, batch)
     finally:
@@ -737,8 +671,6 @@ def estimate_memory(
     batch_size = _batch_size_of(batch)
     if batch_size < 1:
         raise ValueError("`batch` has no tensor with a batch dimension. HINT: pass one real (or zero) batch.")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     loss_fn = loss_fn or _default_loss
     notes: list[str] = []
     padded = _has_padding(batch)
@@ -781,7 +713,7 @@ def estimate_memory(
         module.train()
         forwards = []
         for size in (batch_size, 2 * batch_size):
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            mode = fake_tensor_mode(allow_non_fake_inputs=True)
             _fake_module(module, mode, target)
             fake_batch = _to_fake_batch(batch, mode, target, size)
             autocast = (

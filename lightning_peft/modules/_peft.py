@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_peft._compat import attached_trainer
 from lightning_peft.adapters import ADAPTER_PEFT_TYPES, AdapterConfig, add_adapters
 from lightning_peft.layers import find_layers
 from lightning_peft.pruning import restore_pruned_architecture
@@ -213,7 +214,7 @@ class OptimizedModule(pl.LightningModule):
             ValueError: if the strategy's device mesh gives devices to tensor parallelism, for which these
                 modules have no plan.
         """
-        mesh = self._device_mesh  # set by ModelParallelStrategy only
+        mesh = self.device_mesh  # set by ModelParallelStrategy only
         if mesh is None or _is_fully_sharded(self.model):
             return
         from torch.distributed.fsdp import fully_shard
@@ -244,7 +245,7 @@ class OptimizedModule(pl.LightningModule):
         # A checkpoint written after EarlyPruning holds smaller weights: reach its architecture before they load
         # (Lightning calls this hook right before `load_state_dict`, in `load_from_checkpoint` and for `ckpt_path`).
         restore_pruned_architecture(self, checkpoint)
-        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+        if "rng_states" in checkpoint and attached_trainer(self) is not None and self.trainer.state.fn == "fit":
             restore_rng_states(checkpoint["rng_states"])
 
     @override

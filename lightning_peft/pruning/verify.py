@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_peft._compat import dropout_classes
 from lightning_peft.layout import block_anatomy
 from lightning_peft.pruning.masks import PruningMasks
 from lightning_peft.pruning.plan import _sync_configs
@@ -152,7 +153,7 @@ class SiteVerifier:
             for attribute, value in list(vars(module).items()):
                 if "drop" in attribute and isinstance(value, float):
                     setattr(module, attribute, 0.0)
-            if isinstance(module, nn.modules.dropout._DropoutNd):
+            if isinstance(module, dropout_classes()):
                 module.p = 0.0
         was_training = trial.training
         trial.train()

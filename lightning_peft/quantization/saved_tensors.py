@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_peft._compat import own_parameter, tensor_version, view_base
 from lightning_peft.quantization.formats import (
     _SPECS,
     QuantizedTensor,
@@ -225,11 +226,11 @@ class _Recast:
         self.parameter = weakref.ref(parameter)
         self.dtype = copy.dtype
         self.geometry = (copy.shape, copy.stride(), copy.storage_offset())
-        self.version = parameter._version
+        self.version = tensor_version(parameter)
 
     def restore(self) -> Tensor:
         parameter = self.parameter()
-        if parameter is None or parameter.untyped_storage().nbytes() == 0 or parameter._version != self.version:
+        if parameter is None or parameter.untyped_storage().nbytes() == 0 or tensor_version(parameter) != self.version:
             state = "was freed" if parameter is None or parameter.untyped_storage().nbytes() == 0 else "changed"
             raise RuntimeError(
                 f"the parameter whose {self.dtype} copy autograd saved {state} between forward and backward, so"
@@ -245,7 +246,7 @@ def _keep(tensor: Tensor) -> _Kept:
     # Returning a saved *output* unchanged would let the SavedVariable own the tensor, which owns its grad_fn,
     # which owns the SavedVariable: a cycle through C++ that gc cannot see, leaking the whole graph when a
     # loss is dropped without backward. A detached alias shares storage and version counter but not grad_fn.
-    return _Kept(tensor.detach() if tensor.grad_fn is not None else tensor, tensor._version)
+    return _Kept(tensor.detach() if tensor.grad_fn is not None else tensor, tensor_version(tensor))
 
 
 def _unpack(packed: Any) -> Tensor:
@@ -254,10 +255,10 @@ def _unpack(packed: Any) -> Tensor:
     if isinstance(packed, _Kept):
         tensor = packed.tensor
         # autograd skips its in-place check for tensors that went through hooks: do it here
-        if tensor._version != packed.version:
+        if tensor_version(tensor) != packed.version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace operation:"
-                f" [{tensor.type()} {list(tensor.shape)}] is at version {tensor._version}; expected version"
+                f" [{tensor.type()} {list(tensor.shape)}] is at version {tensor_version(tensor)}; expected version"
                 f" {packed.version} instead (detected by lightning_peft's activation quantization, which kept this"
                 " tensor unquantized). HINT: use the out-of-place form of the operation."
             )
@@ -322,7 +323,7 @@ def _enter_linear(module: nn.Module, _: Any) -> None:
     stack = getattr(_linear_weights, "stack", None)
     if stack is None:
         stack = _linear_weights.stack = []
-    stack.append(module._parameters.get("weight"))  # not `.weight`: no parametrization runs
+    stack.append(own_parameter(module, "weight"))  # not `.weight`: no parametrization runs
 
 
 def _exit_linear(*_: Any) -> None:
@@ -509,7 +510,7 @@ class ActivationQuantizer:
             if (
                 self.recompute_weight_copies
                 and type(submodule).forward is nn.Linear.forward
-                and isinstance(submodule._parameters.get("weight"), torch.Tensor)
+                and isinstance(own_parameter(submodule, "weight"), torch.Tensor)
             ):
                 self._hook_handles.append(submodule.register_forward_pre_hook(_enter_linear))
                 self._hook_handles.append(submodule.register_forward_hook(_exit_linear, always_call=True))
@@ -609,7 +610,7 @@ class ActivationQuantizer:
         if _derives_from_leaf(tensor):
             return True
         # autocast's copy of a frozen weight: a leaf without grad_fn (or a view of one) shaped like a frozen param
-        base = tensor._base if tensor._base is not None else tensor
+        base = view_base(tensor)
         return base.grad_fn is None and not base.requires_grad and base.shape in self._frozen_shapes
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
@@ -674,7 +675,7 @@ class ActivationQuantizer:
     @staticmethod
     def _copied_parameter(copy: Tensor) -> Tensor | None:
         """The parameter of which ``copy`` is autocast's cast (or a view of it), where that can be proven."""
-        base = copy._base if copy._base is not None else copy
+        base = view_base(copy)
         node = base.grad_fn
         if node is not None:
             # a trainable weight's copy: one cast straight from the weight (not from a rearranged view of it)
@@ -695,7 +696,7 @@ class ActivationQuantizer:
     def _quantize(self, tensor: Tensor, storage: torch.UntypedStorage, ptr: int, nbytes: int, numel: int) -> _SavedView:
         stats = self.stats
         stats.num_quantized += 1
-        version, dtype = tensor._version, tensor.dtype
+        version, dtype = tensor_version(tensor), tensor.dtype
         geometry = (tensor.shape, tensor.stride(), tensor.storage_offset())
         covers_storage = numel * tensor.element_size() == nbytes and _is_dense(tensor)
         # a copy of the whole storage serves every view of it; a partial view only serves the same view again
