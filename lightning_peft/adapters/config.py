@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lightning_peft._validation import check_choice, check_int, check_number
 from lightning_peft.adapters.layers import ACTIVATIONS
 
 __all__ = ["ADAPTER_PEFT_TYPES", "AdapterConfig"]
@@ -80,41 +82,36 @@ class AdapterConfig:
         self.peft_type = str(self.peft_type).upper()
         self.layout = str(self.layout).lower()
         self.placement = str(self.placement).lower()
-        if self.peft_type not in ADAPTER_PEFT_TYPES:
-            raise ValueError(
-                f"`peft_type` must be one of {list(ADAPTER_PEFT_TYPES)}, got {self.peft_type!r}."
-                " HINT: BOTTLENECK for Pfeiffer / Houlsby adapters, CONFORMER for PETL-AST's conformer adapter."
-            )
-        if self.layout not in _LAYOUTS:
-            raise ValueError(
-                f"`layout` must be one of {sorted(_LAYOUTS)}, got {self.layout!r}."
-                " HINT: 'pfeiffer' puts one adapter after the MLP, 'houlsby' one after attention and one after the MLP."
-            )
-        if self.placement not in _PLACEMENTS:
-            raise ValueError(
-                f"`placement` must be one of {list(_PLACEMENTS)}, got {self.placement!r}."
-                " HINT: 'sequential' adapts the sublayer's output, 'parallel' runs beside the sublayer on its input."
-            )
-        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
-            raise ValueError(
-                f"`reduction_factor` must be an integer >= 1, got {self.reduction_factor!r}. HINT: the papers use 16."
-            )
-        if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1):
-            raise ValueError(
-                f"`bottleneck_size` must be None or an integer >= 1, got {self.bottleneck_size!r}."
-                " HINT: leave it None to use `reduction_factor`."
-            )
-        if self.activation is not None and self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"`activation` must be None or one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
-                " HINT: None picks the paper's choice."
-            )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}. HINT: adapters usually use 0.")
-        if self.norm not in ("batch", "layer"):
-            raise ValueError(f"`norm` must be 'batch' or 'layer', got {self.norm!r}. HINT: Conformer uses 'batch'.")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1:
-            raise ValueError(f"`kernel_size` must be an integer >= 1, got {self.kernel_size!r}. HINT: Conformer: 31.")
+        check_choice(
+            "peft_type",
+            self.peft_type,
+            list(ADAPTER_PEFT_TYPES),
+            "BOTTLENECK for Pfeiffer / Houlsby adapters, CONFORMER for PETL-AST's conformer adapter.",
+        )
+        check_choice(
+            "layout",
+            self.layout,
+            sorted(_LAYOUTS),
+            "'pfeiffer' puts one adapter after the MLP, 'houlsby' one after attention and one after the MLP.",
+        )
+        check_choice(
+            "placement",
+            self.placement,
+            list(_PLACEMENTS),
+            "'sequential' adapts the sublayer's output, 'parallel' runs beside the sublayer on its input.",
+        )
+        check_int("reduction_factor", self.reduction_factor, 1, "the papers use 16.")
+        hint = "leave it None to use `reduction_factor`."
+        check_int("bottleneck_size", self.bottleneck_size, 1, hint, allow_none=True)
+        if self.activation is not None:
+            check_choice("activation", self.activation, sorted(ACTIVATIONS), "None picks the paper's choice.")
+        self.dropout = check_number(
+            "dropout", self.dropout, 0, 1, "adapters usually use 0.", "a number in [0, 1)", include_low=True
+        )
+        hint = "1.0 adds the adapter's output as it is."
+        self.scale = check_number("scale", self.scale, -math.inf, math.inf, hint, "a number")
+        check_choice("norm", self.norm, ["batch", "layer"], "Conformer uses 'batch'.")
+        check_int("kernel_size", self.kernel_size, 1, "Conformer: 31.")
         if self.sites is not None:
             for location, pair in self.sites.items():
                 if location not in ("attention", "mlp") or len(pair) != 2:

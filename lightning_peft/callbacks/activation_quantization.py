@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_peft._compat import logger_writes_this_step
 from lightning_peft._sharding import check_optimizers
+from lightning_peft._validation import check_bool
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL, ActivationQuantizer, SavedTensorStats
 
 __all__ = ["ActivationQuantization"]
@@ -96,7 +97,7 @@ class ActivationQuantization(Callback):
             compile=compile,
             recompute_weight_copies=recompute_weight_copies,
         )
-        self.log_bytes = log_bytes
+        self.log_bytes = check_bool("log_bytes", log_bytes)
         self._reported = False
 
     @property

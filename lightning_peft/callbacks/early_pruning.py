@@ -26,6 +26,7 @@ from lightning_peft._compat import (
     run_before_weights_load,
     undo_before_weights_load,
 )
+from lightning_peft._validation import check_bool, check_choice, check_int, check_number, check_seed
 from lightning_peft.adapters import adapter_modules
 from lightning_peft.layout import find_layers
 from lightning_peft.pruning import (
@@ -39,6 +40,7 @@ from lightning_peft.pruning import (
     choose_neurons,
     find_lora_layers,
     find_sites,
+    plan_applied,
     replace_in_optimizer,
 )
 from lightning_peft.pruning.surgery import Sites
@@ -55,11 +57,7 @@ _KINDS = {"heads": ("head_ratio",), "neurons": ("neuron_ratio",), "peft": ("peft
 
 
 def _check_ratio(name: str, value: float, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(
-            f"`{name}` must be a number in [0, 1) (the fraction pruned; 0 turns it off), got {value!r}. {hint}"
-        )
-    return float(value)
+    return check_number(name, value, 0, 1, hint, "a number in [0, 1) (the fraction pruned; 0 turns it off)", True)
 
 
 class EarlyPruning(Callback):
@@ -199,42 +197,56 @@ class EarlyPruning(Callback):
         max_loss_increase: float | None = 0.03,
         check_batches: int = 4,
     ) -> None:
-        if isinstance(estimation_steps, bool) or not isinstance(estimation_steps, int) or estimation_steps < 1:
-            raise ValueError(
-                f"`estimation_steps` must be an integer >= 1 (optimizer steps before pruning), got"
-                f" {estimation_steps!r}. HINT: the paper estimates over a few hundred steps; 10-20 % of the run."
-            )
-        self.head_ratio = _check_ratio("head_ratio", head_ratio, "HINT: the paper prunes 1/3 of the heads.")
-        self.neuron_ratio = _check_ratio("neuron_ratio", neuron_ratio, "HINT: the paper prunes 1/3 of the neurons.")
-        self.peft_module_ratio = _check_ratio(
-            "peft_module_ratio", peft_module_ratio, "HINT: 0.75 removes three quarters of the LoRA layers."
+        check_int(
+            "estimation_steps",
+            estimation_steps,
+            1,
+            "the paper estimates over a few hundred steps; 10-20 % of the run.",
+            what="optimizer steps before pruning",
         )
-        self.peft_rank_ratio = _check_ratio("peft_rank_ratio", peft_rank_ratio, "HINT: 0.5 halves every LoRA rank.")
-        if isinstance(l1, bool) or not isinstance(l1, (int, float)) or l1 < 0:
-            raise ValueError(
-                f"`l1` must be a number >= 0 (L1 penalty on the masks), got {l1!r}. HINT: the paper uses 1e-4."
+        self.head_ratio = _check_ratio("head_ratio", head_ratio, "the paper prunes 1/3 of the heads.")
+        self.neuron_ratio = _check_ratio("neuron_ratio", neuron_ratio, "the paper prunes 1/3 of the neurons.")
+        self.peft_module_ratio = _check_ratio(
+            "peft_module_ratio", peft_module_ratio, "0.75 removes three quarters of the LoRA layers."
+        )
+        self.peft_rank_ratio = _check_ratio("peft_rank_ratio", peft_rank_ratio, "0.5 halves every LoRA rank.")
+        l1 = check_number(
+            "l1", l1, 0, math.inf, "the paper uses 1e-4.", "a number >= 0 (L1 penalty on the masks)", include_low=True
+        )
+        check_choice(
+            "score",
+            score,
+            list(_SCORES),
+            "'taylor' ranks by |m * dL/dm|, which means something after a short estimation; 'magnitude' is the"
+            " paper's |m|.",
+        )
+        if max_loss_increase is not None:
+            max_loss_increase = check_number(
+                "max_loss_increase",
+                max_loss_increase,
+                0,
+                math.inf,
+                "0.03 allows 3 %; None prunes at the fixed ratios.",
+                "a number > 0 (the relative loss increase the cut may cause) or None (no check)",
             )
-        if score not in _SCORES:
-            raise ValueError(
-                f"`score` must be one of {list(_SCORES)}, got {score!r}. HINT: `'taylor'` ranks by |m * dL/dm|,"
-                " which means something after a short estimation; `'magnitude'` is the paper's |m|."
-            )
-        if max_loss_increase is not None and (
-            isinstance(max_loss_increase, bool)
-            or not isinstance(max_loss_increase, (int, float))
-            or not 0 < max_loss_increase < math.inf
+        check_int(
+            "check_batches",
+            check_batches,
+            1,
+            "4 is enough to see a damaging cut; more costs a forward pass each per try.",
+            what="batches the loss check measures",
+        )
+        check_seed("seed", seed)
+        check_bool("plot", plot)
+        if layers is not None and not (
+            isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers))
         ):
             raise ValueError(
-                f"`max_loss_increase` must be a number > 0 (the relative loss increase the cut may cause) or None"
-                f" (no check), got {max_loss_increase!r}. HINT: 0.03 allows 3 %; None prunes at the fixed ratios."
-            )
-        if isinstance(check_batches, bool) or not isinstance(check_batches, int) or check_batches < 1:
-            raise ValueError(
-                f"`check_batches` must be an integer >= 1 (batches the loss check measures), got {check_batches!r}."
-                " HINT: 4 is enough to see a damaging cut; more costs a forward pass each per try."
+                f"`layers` must be None, a dotted module path or a list of them, got {layers!r}."
+                ' HINT: e.g. layers="model.layers"; None finds the blocks automatically.'
             )
         self.score = score
-        self.max_loss_increase = None if max_loss_increase is None else float(max_loss_increase)
+        self.max_loss_increase = max_loss_increase
         self.check_batches = check_batches
         self.check: dict[str, Any] = {}  # what the loss check measured and decided
         self._recent: deque = deque(maxlen=max(check_batches - 1, 0))
@@ -281,7 +293,7 @@ class EarlyPruning(Callback):
         self._module = pl_module
         self._seed_value = agree_seed(trainer, self.seed)
         if self.pruned:
-            if not self._matches_plan(pl_module):
+            if not plan_applied(pl_module, self.plan):
                 apply_pruning_plan(pl_module, self.plan)
             return
         sites = find_sites(pl_module, self.layers)
@@ -337,15 +349,6 @@ class EarlyPruning(Callback):
                 apply_pruning_plan(module, callback.plan)
 
         run_before_weights_load(pl_module, shape_from_plan)
-
-    def _matches_plan(self, pl_module: pl.LightningModule) -> bool:
-        assert self.plan is not None
-        sites = find_sites(pl_module, self.plan.layers)
-        heads = {s.path: s.num_heads for s in sites.attention}
-        hidden = {s.path: s.hidden for s in sites.mlp}
-        return all(heads.get(p) == len(k) for p, k in self.plan.heads.items()) and all(
-            hidden.get(p) == len(k) for p, k in self.plan.neurons.items()
-        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

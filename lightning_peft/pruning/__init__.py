@@ -13,6 +13,7 @@ from lightning_peft.pruning.plan import (
     choose_heads,
     choose_lora,
     choose_neurons,
+    plan_applied,
     restore_pruned_architecture,
 )
 from lightning_peft.pruning.surgery import (
@@ -35,6 +36,7 @@ __all__ = [
     "PruningMasks",
     "PruningPlan",
     "apply_pruning_plan",
+    "plan_applied",
     "choose_heads",
     "choose_lora",
     "choose_neurons",

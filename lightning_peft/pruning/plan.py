@@ -18,6 +18,7 @@ __all__ = [
     "choose_heads",
     "choose_lora",
     "choose_neurons",
+    "plan_applied",
     "restore_pruned_architecture",
 ]
 
@@ -252,6 +253,49 @@ def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> P
         for path in plan.adapters_removed:
             remove_adapter(root, path, record)
     return record
+
+
+def plan_applied(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> bool:
+    """Whether ``root`` has the architecture ``plan`` leads to: every part of it, not only heads and neurons.
+
+    Checked: the kept heads and neurons of every site, the ranks of every LoRA layer the plan keeps, that the
+    removed LoRA layers and adapters are gone, and the bottleneck sizes of the kept adapters.
+
+    Example::
+
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=4, pretrained=False)
+        >>> plan = {"heads": {"blocks.1.attn": [0, 3]}}
+        >>> before = plan_applied(vit, plan)
+        >>> _ = apply_pruning_plan(vit, plan)
+        >>> before, plan_applied(vit, plan)
+        (False, True)
+    """
+    if isinstance(plan, dict):
+        plan = PruningPlan.from_dict(plan)
+    sites = find_sites(root, plan.layers)
+    heads = {s.path: s.num_heads for s in sites.attention}
+    hidden = {s.path: s.hidden for s in sites.mlp}
+    if any(heads.get(p) != len(k) for p, k in plan.heads.items()):
+        return False
+    if any(hidden.get(p) != len(k) for p, k in plan.neurons.items()):
+        return False
+    lora = find_lora_layers(root)
+    if any(p in lora for p in plan.lora_removed):
+        return False
+    for path, adapters in plan.lora_ranks.items():
+        layer = lora.get(path)
+        if layer is None or any(layer.r.get(a) != len(k) for a, k in adapters.items()):
+            return False
+    if plan.adapters_removed or plan.adapter_units:
+        from lightning_peft.adapters import adapter_modules
+
+        present = dict(adapter_modules(root))
+        if any(p in present for p in plan.adapters_removed):
+            return False
+        if any(p not in present or present[p].down.out_features != len(k) for p, k in plan.adapter_units.items()):
+            return False
+    return True
 
 
 def restore_pruned_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> bool:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft._compat import own_parameter, tensor_version, view_base
+from lightning_peft._validation import check_bool, check_int, check_seed
 from lightning_peft.quantization.formats import (
     _SPECS,
     QuantizedTensor,
@@ -413,17 +414,23 @@ class ActivationQuantizer:
         recompute_weight_copies: bool = True,
     ) -> None:
         _check_format(format)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(
-                f"`group_size` must be a positive integer, got {group_size!r}."
-                " HINT: 128 (the default) matches the hidden sizes of most transformers; smaller groups are more"
-                " accurate and store more scales."
-            )
-        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
-            raise ValueError(
-                f"`min_numel` must be an integer >= 0, got {min_numel!r}."
-                f" HINT: use 0 to quantize every floating-point tensor, or {DEFAULT_MIN_NUMEL} (the default)."
-            )
+        check_int(
+            "group_size",
+            group_size,
+            1,
+            "128 (the default) matches the hidden sizes of most transformers; smaller groups are more accurate and"
+            " store more scales.",
+        )
+        check_int(
+            "min_numel",
+            min_numel,
+            0,
+            f"use 0 to quantize every floating-point tensor, or {DEFAULT_MIN_NUMEL} (the default).",
+        )
+        check_bool("stochastic_rounding", stochastic_rounding)
+        check_seed("seed", seed)
+        if compile is not None:
+            check_bool("compile", compile)
         if isinstance(exclude_modules, str) or (
             exclude_modules is not None and not all(isinstance(p, str) for p in exclude_modules)
         ):
@@ -431,11 +438,7 @@ class ActivationQuantizer:
                 f"`exclude_modules` must be a list of module-name patterns, got {exclude_modules!r}."
                 ' HINT: write `exclude_modules=["head"]` (a list), not `exclude_modules="head"`.'
             )
-        if not isinstance(recompute_weight_copies, bool):
-            raise ValueError(
-                f"`recompute_weight_copies` must be True or False, got {recompute_weight_copies!r}."
-                " HINT: True (the default) casts weights again in backward; False keeps autocast's copies."
-            )
+        check_bool("recompute_weight_copies", recompute_weight_copies)
         self.format = format
         self.group_size = group_size
         self.min_numel = min_numel

@@ -211,8 +211,11 @@ def test_adding_twice_is_refused():
         ({"layout": "both"}, r"`layout` must be one of \['houlsby', 'pfeiffer'\], got 'both'.*HINT"),
         ({"placement": "beside"}, r"`placement` must be one of \['sequential', 'parallel'\]"),
         ({"reduction_factor": 0}, r"`reduction_factor` must be an integer >= 1"),
-        ({"activation": "softmax"}, r"`activation` must be None or one of"),
-        ({"norm": "group"}, r"`norm` must be 'batch' or 'layer'"),
+        ({"activation": "softmax"}, r"`activation` must be one of .*got 'softmax'.*HINT: None picks"),
+        ({"norm": "group"}, r"`norm` must be one of \['batch', 'layer'\]"),
+        ({"reduction_factor": True}, r"`reduction_factor` must be an integer >= 1, got True"),
+        ({"dropout": "0.1"}, r"`dropout` must be a number in \[0, 1\), got '0.1'"),
+        ({"scale": None}, r"`scale` must be a number, got None"),
         ({"sites": {"ffn": ["a", "b"]}}, r"`sites` must map 'attention' / 'mlp'"),
     ],
 )

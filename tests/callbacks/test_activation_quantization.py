@@ -243,8 +243,12 @@ def test_ddp_spawn_keeps_ranks_identical(tmp_path):
     ("kwargs", "match"),
     [
         ({"format": "int4"}, r"`format` must be one of 'int8', 'fp8_e4m3', 'fp8_e5m2', got 'int4'.*HINT"),
-        ({"group_size": -8}, r"`group_size` must be a positive integer, got -8.*HINT"),
+        ({"group_size": -8}, r"`group_size` must be an integer >= 1, got -8.*HINT"),
         ({"min_numel": -1}, r"`min_numel` must be an integer >= 0, got -1.*HINT"),
+        ({"group_size": True}, r"`group_size` must be an integer >= 1, got True"),
+        ({"stochastic_rounding": 1}, r"`stochastic_rounding` must be True or False, got 1"),
+        ({"compile": "yes"}, r"`compile` must be True or False, got 'yes'"),
+        ({"log_bytes": "no"}, r"`log_bytes` must be True or False, got 'no'.*HINT"),
     ],
 )
 def test_misconfiguration(kwargs, match):

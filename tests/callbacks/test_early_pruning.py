@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from pruning_helpers import PruneModule, sample_input
 
 from lightning_peft.callbacks import LISA, ActivationQuantization, EarlyPruning
-from lightning_peft.pruning import apply_pruning_plan, find_lora_layers
+from lightning_peft.pruning import apply_pruning_plan, find_lora_layers, plan_applied
 from lightning_peft.trainable import TrainableSetController
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,6 +40,14 @@ class Watch(Callback):
         ({"peft_module_ratio": 2}, r"`peft_module_ratio` must be"),
         ({"peft_rank_ratio": "half"}, r"`peft_rank_ratio` must be"),
         ({"l1": -1e-4}, r"`l1` must be a number >= 0"),
+        ({"estimation_steps": True}, r"`estimation_steps` must be an integer >= 1.*got True"),
+        ({"head_ratio": False}, r"`head_ratio` must be a number in \[0, 1\).*got False"),
+        ({"check_batches": 2.0}, r"`check_batches` must be an integer >= 1"),
+        ({"max_loss_increase": True}, r"`max_loss_increase` must be a number > 0.*or None"),
+        ({"score": "random"}, r"`score` must be one of \['taylor', 'magnitude'\].*HINT"),
+        ({"seed": 1.5}, r"`seed` must be None or an integer"),
+        ({"plot": "no"}, r"`plot` must be True or False"),
+        ({"layers": 3}, r"`layers` must be None, a dotted module path or a list of them.*HINT"),
     ],
 )
 def test_misconfiguration_at_construction(kwargs, match):
@@ -287,3 +295,24 @@ def test_with_half_finetuning_and_ist(tmp_path, method):
     params = dict(module.named_parameters())
     assert controller.candidates and all(controller.candidates[n] is params[n] for n in controller.candidates)
     assert all(torch.isfinite(p).all() for p in params.values())
+
+
+def test_a_fitted_plan_that_prunes_only_lora_is_applied_to_a_fresh_model(tmp_path):
+    """Resuming into a fresh model: the plan is applied whatever it prunes, LoRA ranks and layers included."""
+    torch.manual_seed(0)
+    callback = EarlyPruning(estimation_steps=2, head_ratio=0, neuron_ratio=0, seed=1)
+    module = PruneModule("bert")
+    pl.Trainer(callbacks=[callback], max_steps=3, **trainer_kwargs(tmp_path)).fit(module)
+    plan = callback.plan
+    assert not plan.heads and not plan.neurons and (plan.lora_removed or plan.lora_ranks)
+    assert plan_applied(module, plan)
+
+    fresh = PruneModule("bert")
+    assert not plan_applied(fresh, plan)
+    lora_before = _lora_params(fresh)
+    callback.setup(pl.Trainer(**trainer_kwargs(tmp_path)), fresh, "fit")
+    assert plan_applied(fresh, plan)
+    assert _lora_params(fresh) == _lora_params(module) < lora_before
+    # a second setup leaves the pruned model as it is
+    callback.setup(pl.Trainer(**trainer_kwargs(tmp_path)), fresh, "fit")
+    assert _lora_params(fresh) == _lora_params(module)

@@ -110,7 +110,7 @@ trainer:
     [
         ({"precision": "32-true"}, r"`precision` must be 'bf16-mixed' or '16-mixed', got '32-true'.*HINT"),
         ({"format": "int4"}, r"`format` must be one of 'int8', 'fp8_e4m3', 'fp8_e5m2', got 'int4'.*HINT"),
-        ({"group_size": 0}, r"`group_size` must be a positive integer, got 0.*HINT"),
+        ({"group_size": 0}, r"`group_size` must be an integer >= 1, got 0.*HINT"),
     ],
 )
 def test_misconfiguration(kwargs, match):

@@ -376,7 +376,7 @@ def test_stochastic_rounding_leaves_the_global_rng_alone():
     ("kwargs", "match"),
     [
         ({"format": "int4"}, r"`format` must be one of 'int8', 'fp8_e4m3', 'fp8_e5m2', got 'int4'.*HINT"),
-        ({"group_size": 0}, r"`group_size` must be a positive integer, got 0.*HINT"),
+        ({"group_size": 0}, r"`group_size` must be an integer >= 1, got 0.*HINT"),
         ({"min_numel": -1}, r"`min_numel` must be an integer >= 0, got -1.*HINT"),
         ({"exclude_modules": "head"}, r"`exclude_modules` must be a list of module-name patterns.*HINT"),
         ({"recompute_weight_copies": "yes"}, r"`recompute_weight_copies` must be True or False, got 'yes'.*HINT"),
