@@ -257,3 +257,20 @@ def test_private_lightning_and_torch_api_only_in_the_compatibility_module():
         if path.name != "_compat.py":
             found += _private_uses(path.read_text(), own, path.name)
     assert not found, f"private API outside lightning_peft/_compat.py: {found}"
+
+
+def test_installed_lightning_and_torch_are_in_the_declared_range():
+    """pyproject.toml bounds both from above; what runs the tests must be inside, and _compat says the same range."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    pyproject = Path(_compat.__file__).parents[1] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    for package, installed in (("lightning", lightning.__version__), ("torch", torch.__version__)):
+        spec = next(d for d in dependencies if re.match(rf"{package}\b", d))
+        low, high = re.fullmatch(rf"{package}>=([\d.]+),<([\d.]+)", spec).groups()
+        assert Version(low) <= Version(Version(installed).base_version) < Version(high), (spec, installed)
+        assert low.startswith(_compat.TESTED[package]), (spec, _compat.TESTED)
