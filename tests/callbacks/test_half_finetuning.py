@@ -326,6 +326,28 @@ def test_resume_continues_the_stage_and_keeps_the_pretrained_values(tmp_path):
 # ---------------------------------------------------------------------------------- models without a stack
 
 
+def test_resume_with_channel_halves_matches_the_uninterrupted_run(tmp_path):
+    def run(path, max_epochs, ckpt_path=None, checkpoint=False):
+        torch.manual_seed(0)
+        module = ConvStack()
+        hft = HalfFineTuning(reselect_every_n_epochs=2, reset="on_reselect", seed=4)
+        callbacks = [hft]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=path / "ckpt", save_last=True, save_top_k=0))
+        kwargs = trainer_kwargs(path, enable_checkpointing=checkpoint)
+        pl.Trainer(callbacks=callbacks, max_epochs=max_epochs, **kwargs).fit(module, ckpt_path=ckpt_path)
+        return module, hft
+
+    reference, uninterrupted = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 3, checkpoint=True)
+    resumed_module, resumed = run(tmp_path / "b", 4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert resumed.history == uninterrupted.history and len(resumed.history) == 2
+    assert resumed.masks.keys() == uninterrupted.masks.keys()
+    assert all(torch.equal(resumed.masks[n], uninterrupted.masks[n]) for n in resumed.masks)
+    final = dict(resumed_module.named_parameters())
+    assert all(torch.equal(final[n], p) for n, p in reference.named_parameters())
+
+
 def test_cnn_without_block_stack_trains_half_of_each_layers_channels(tmp_path):
     module = CNNModule()
     before = snapshot(module)
