@@ -490,6 +490,7 @@ class RankDump(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = {"history": self.hft.history, "selected": self.hft.selected, "weights": snapshot(pl_module)}
+        state["masks"] = self.hft.masks
         torch.save(state, self.path / f"rank{trainer.global_rank}.pt")
 
 
@@ -505,6 +506,27 @@ def test_ddp_ranks_draw_the_same_halves_and_stay_identical(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["selected"] == ranks[1]["selected"]
     assert len(ranks[0]["history"]) == 3
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
+
+
+@retry_spawn_teardown_abort
+@pytest.mark.slow
+def test_ddp_ranks_keep_the_same_channel_halves_and_frozen_rows(tmp_path):
+    hft = HalfFineTuning(reselect_every_n_epochs=1, reset="on_reselect")  # channel halves of a VGG-like stack
+    module = ConvStack()
+    start = snapshot(module)
+    trainer = pl.Trainer(
+        callbacks=[hft, RankDump(hft, tmp_path)],
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2, limit_train_batches=2),
+    )
+    trainer.fit(module)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["masks"].keys() == ranks[1]["masks"].keys() and len(ranks[0]["history"]) == 2
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name])
+        weight = ranks[0]["weights"][name]
+        assert torch.equal(weight[~mask], start[name][~mask]) and not torch.equal(weight[mask], start[name][mask])
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
 
