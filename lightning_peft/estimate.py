@@ -388,11 +388,8 @@ def _apply_lisa(module: nn.Module, stack: LayerStack, n_layers: int) -> None:
 def _apply_hft(module: nn.Module, seed: int) -> None:
     from lightning_peft.callbacks import HalfFineTuning
 
-    callback = HalfFineTuning(seed=seed)
-    callback._find_units(module)
-    callback._generator = torch.Generator().manual_seed(seed)
-    callback._draw(0)
-    trained = set(callback._outside) | set(callback.selected or ())
+    plan = HalfFineTuning(seed=seed).preview(module)
+    trained = set(plan.outside) | set(plan.selected)
     for name, param in module.named_parameters():
         param.requires_grad_(name in trained)
 

@@ -152,20 +152,21 @@ def _check_hft(build, inputs, output) -> tuple[str, str]:
     grads = _Gradients()
     _fit(module, [hft, grads], steps=1)
     named = dict(module.named_parameters())
-    selected = set(hft.selected or [])
-    allowed = selected | set(hft._outside)
+    plan = hft.plan()
+    selected = set(plan.selected)
+    allowed = selected | set(plan.outside)
     stray = sorted(grads.steps[0] - allowed)
     if stray:
         return "fail", f"frozen parameters got gradients: {stray[:3]}"
-    if hft._stackless:
-        rows = [(name, mask) for name, mask in hft.masks.items() if mask.numel() > 1]
+    if plan.channels:
+        rows = [(name, mask) for name, mask in plan.masks.items() if mask.numel() > 1]
         share = sum(int(m.sum()) for _, m in rows) / max(sum(m.numel() for _, m in rows), 1)
         if not rows or not 0.3 <= share <= 0.7:
             return "fail", f"channel halves: {share:.2f} of the rows train (expected about half)"
-        return "ok", f"channel halves of {len(hft._blocks)} layers (blocks hold one layer each): {share:.2f} of rows"
+        return "ok", f"channel halves of {len(plan.blocks)} layers (blocks hold one layer each): {share:.2f} of rows"
     whole: list[int] = []
     all_total = all_trained = 0
-    for index, block in enumerate(hft._blocks):
+    for index, block in enumerate(plan.blocks):
         by_category: dict[str, list] = {}
         for unit in block:
             by_category.setdefault(unit.category, []).append(unit)
@@ -181,7 +182,7 @@ def _check_hft(build, inputs, output) -> tuple[str, str]:
     share = all_trained / max(all_total, 1)
     if not 0.3 <= share <= 0.7:
         return "fail", f"{share:.2f} of the block parameters train (expected about half)"
-    return "ok", f"{len(hft._blocks)} blocks halved: {share:.2f} of block parameters train"
+    return "ok", f"{len(plan.blocks)} blocks halved: {share:.2f} of block parameters train"
 
 
 def _lora_targets(net: nn.Module) -> list[str]:

@@ -21,6 +21,25 @@ changes in the middle of gradient accumulation. It owns what changing the traina
   then asks each for its trainable set, so no method depends on the order of ``trainer.callbacks``;
 * at the end of ``fit`` the parameters it froze are trainable again, as the user gave them.
 
+**Row masks.** A method may also restrict a parameter to some of its rows (dim 0: the output channels of a
+convolution or linear layer, with the matching bias entries) through :meth:`TrainableSetCallback.trainable_rows`:
+a boolean mask per parameter name, ``True`` where the row trains. ``requires_grad`` is per tensor, so the controller
+does the rest itself, at the same boundaries and after the sets:
+
+* the row masks of all methods combine by AND, for the parameters of the combined trainable set only: a parameter
+  that any method's set freezes is frozen whole (no gradient, optimizer state released), whatever the rows say; a
+  combined mask with no row left freezes the parameter whole, one with every row is no restriction;
+* every row-masked parameter gets one gradient hook that zeroes the gradient of its frozen rows, and every optimizer
+  one step post-hook that writes the frozen rows back to the values held when the mask began applying, so weight
+  decay and momentum cannot move them (only the frozen rows are held, on the parameter's device). The values are
+  held again when a method returns a new mask mapping (it may have written into the parameters, as Half
+  Fine-Tuning's reset does), when the parameter trains again after being frozen whole, and after :meth:`refresh`;
+* a row-masked parameter keeps its optimizer state (its trained rows need it; the state of the frozen rows is
+  unused while they are written back); it is released if the parameter freezes whole and fresh when it trains again;
+* ``trainable_params`` counts the trained rows only;
+* the hooks are removed, through their handles, at the end of ``fit`` and on an exception;
+* under FSDP2 row masks are refused (a sharded parameter splits its rows across ranks).
+
 Candidates are the parameters with ``requires_grad=True`` when training starts: what the user's module froze
 (e.g. a peft base model) stays frozen and is never touched.
 """
@@ -29,7 +48,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +58,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_peft._compat import ddp_constructor_kwargs, logger_writes_this_step, run_before_checkpoint_load
@@ -65,8 +85,9 @@ class TrainableSetCallback(Callback):
     """Base class of callbacks that decide which parameters train.
 
     A subclass implements :meth:`trainable_parameters`; the controller calls it at every optimizer-step boundary
-    and intersects the answers of all such callbacks. Subclasses that override ``setup`` must call
-    ``super().setup(...)``, which attaches the controller.
+    and intersects the answers of all such callbacks. A subclass that trains parts of a parameter also implements
+    :meth:`trainable_rows`. Subclasses that override ``setup`` must call ``super().setup(...)``, which attaches the
+    controller.
 
     Args:
         release_optimizer_state: release the optimizer state of parameters this callback freezes. If any
@@ -108,6 +129,42 @@ class TrainableSetCallback(Callback):
         """
         raise NotImplementedError
 
+    def trainable_rows(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> Mapping[str, Tensor] | None:
+        """Row masks of the parameters this callback lets train only in part at ``step`` (``None``: whole tensors).
+
+        Called once per optimizer step, right after :meth:`trainable_parameters`. Each value is a 1-D boolean
+        tensor with one entry per row of the named parameter (dim 0: output channels; a bias has the rows of its
+        weight), ``True`` where the row trains. The controller zeroes the gradient of the other rows and writes them
+        back after every optimizer step (see the module docstring); a parameter named here must also be in this
+        callback's trainable set, else it is frozen whole. Return the *same object* while nothing changes; a new
+        object makes the controller hold the frozen rows' current values again. Default: ``None``.
+
+        Example::
+
+            >>> class TrainEvenChannels(TrainableSetCallback):
+            ...     def trainable_parameters(self, trainer, pl_module, step):
+            ...         return None
+            ...     def trainable_rows(self, trainer, pl_module, step):
+            ...         if not hasattr(self, "_rows"):
+            ...             self._rows = {n: torch.arange(p.shape[0]) % 2 == 0 for n, p in pl_module.named_parameters()
+            ...                           if n.startswith("conv.") and p.dim() >= 1}
+            ...         return self._rows
+        """
+        return None
+
+
+@dataclass
+class _RowRestriction:
+    """A parameter that trains on some rows: its frozen rows, their held values and its gradient hook."""
+
+    param: nn.Parameter
+    mask: Tensor  # combined row mask, as the methods gave it (on the CPU)
+    frozen: Tensor  # indices of the frozen rows, on the parameter's device
+    held: Tensor  # values of the frozen rows when the mask began applying
+    handle: RemovableHandle  # the gradient hook that zeroes the frozen rows' gradient
+
 
 @dataclass
 class BoundaryTiming:
@@ -117,7 +174,8 @@ class BoundaryTiming:
         step: the optimizer step of the boundary.
         total_ns: wall time of the whole boundary (methods' ``on_step_boundary``, their sets, applying, logging).
         logging_ns: the part spent in ``pl_module.log`` of ``trainable_params``.
-        changed: whether any method's set changed (only then are ``requires_grad`` flags and state touched).
+        changed: whether any method's set or row masks changed (only then are ``requires_grad`` flags, hooks and
+            state touched).
     """
 
     step: int
@@ -130,8 +188,8 @@ class TrainableSetController(Callback):
     """Applies the combined trainable set of all :class:`TrainableSetCallback` s at optimizer-step boundaries.
 
     Added automatically by the first such callback (one controller per Trainer); users do not create it. It logs
-    ``trainable_params`` (the number of parameter elements that train) whenever it changes and on every step the
-    loggers write.
+    ``trainable_params`` (the number of parameter elements that train, trained rows only for a row-masked parameter)
+    whenever it changes and on every step the loggers write.
 
     Example::
 
@@ -146,6 +204,9 @@ class TrainableSetController(Callback):
         self.num_trainable = 0
         self._last_step: int | None = None
         self._last_wishes: list[Set[str] | None] | None = None
+        self._last_rows: list[Mapping[str, Tensor] | None] | None = None
+        self._rows: dict[str, _RowRestriction] = {}
+        self._step_hooks: list[RemovableHandle] = []
         self._held_for_loading: list[nn.Parameter] = []
         #: Cost of the most recent optimizer-step boundary (``None`` before the first); benchmarks read it after
         #: each batch to time the controller without wrapping its hooks.
@@ -155,6 +216,11 @@ class TrainableSetController(Callback):
     def release_optimizer_state(self) -> bool:
         """Whether state of parameters that stop training is released (any participant asking is enough)."""
         return any(p.release_optimizer_state for p in self.participants)
+
+    @property
+    def row_masks(self) -> dict[str, Tensor]:
+        """The combined row masks now applied (parameter name to boolean mask over dim 0, ``True``: trains)."""
+        return {name: restriction.mask for name, restriction in self._rows.items()}
 
     @classmethod
     def of(cls, trainer: pl.Trainer) -> TrainableSetController | None:
@@ -225,6 +291,8 @@ class TrainableSetController(Callback):
             )
         self._last_step = None
         self._last_wishes = None
+        self._last_rows = None
+        self._remove_row_hooks()
 
     @override
     def on_train_batch_start(
@@ -239,23 +307,13 @@ class TrainableSetController(Callback):
         for participant in self.participants:
             participant.on_step_boundary(trainer, pl_module, batch, batch_idx, step)
         wishes = [p.trainable_parameters(trainer, pl_module, step) for p in self.participants]
-        last = self._last_wishes
-        changed = last is None or len(last) != len(wishes) or any(a is not b for a, b in zip(wishes, last, strict=True))
-        if changed:
-            self._last_wishes = wishes
-            allowed = set(self.candidates)
-            for wish in wishes:
-                if wish is not None:
-                    allowed &= wish if isinstance(wish, (set, frozenset)) else set(wish)
-            if self.candidates and not allowed:
-                restricting = [p for p, wish in zip(self.participants, wishes, strict=True) if wish is not None]
-                names = ", ".join(type(p).__name__ for p in restricting)
-                raise ValueError(
-                    f"At optimizer step {step} the trainable sets of {names} have no parameter in common: nothing"
-                    " would train. HINT: combine methods whose sets overlap (e.g. LISA with IST draws different"
-                    " blocks), or leave parameters outside the blocks (the head) trainable."
-                )
-            self._apply(trainer, allowed)
+        rows = [p.trainable_rows(trainer, pl_module, step) for p in self.participants]
+        changed = _changed(self._last_wishes, wishes)
+        rows_changed = _changed(self._last_rows, rows)
+        if changed or rows_changed:
+            changed = True
+            self._last_wishes, self._last_rows = wishes, rows
+            self._apply(trainer, wishes, rows, rehold=rows_changed, step=step)
         # `log` costs ~0.5 ms on a CPU: call it when the value changes and on the steps the loggers write (every
         # `log_every_n_steps`), so the curve is complete without paying for it on every step.
         logging_ns = 0
@@ -270,16 +328,13 @@ class TrainableSetController(Callback):
 
         Candidates keep their names: a replaced parameter (a smaller copy under the same name) stays a candidate, a
         removed one leaves; the current trainable set is applied again to the new objects at once, so nothing waits
-        for the next optimizer step.
+        for the next optimizer step. Row masks move to the new objects too (their frozen rows held again); a mask
+        that no longer fits its parameter's rows raises.
         """
         names = set(self.candidates)
         self.candidates = {name: p for name, p in pl_module.named_parameters() if name in names}
-        if self._last_wishes is not None:
-            allowed = set(self.candidates)
-            for wish in self._last_wishes:
-                if wish is not None:
-                    allowed &= wish if isinstance(wish, (set, frozenset)) else set(wish)
-            self._apply(trainer, allowed)
+        if self._last_wishes is not None and self._last_rows is not None:
+            self._apply(trainer, self._last_wishes, self._last_rows, rehold=True, step=trainer.global_step)
         else:
             self.num_trainable = sum(p.numel() for p in self.candidates.values() if p.requires_grad)
 
@@ -292,26 +347,152 @@ class TrainableSetController(Callback):
         self._release_held()
         self._restore()
 
-    def _apply(self, trainer: pl.Trainer, allowed: Set[str]) -> None:
+    def _allowed(self, wishes: list[Set[str] | None], step: int) -> set[str]:
+        allowed = set(self.candidates)
+        for wish in wishes:
+            if wish is not None:
+                allowed &= wish if isinstance(wish, (set, frozenset)) else set(wish)
+        if self.candidates and not allowed:
+            restricting = [p for p, wish in zip(self.participants, wishes, strict=True) if wish is not None]
+            names = ", ".join(type(p).__name__ for p in restricting)
+            raise ValueError(
+                f"At optimizer step {step} the trainable sets of {names} have no parameter in common: nothing"
+                " would train. HINT: combine methods whose sets overlap (e.g. LISA with IST draws different"
+                " blocks), or leave parameters outside the blocks (the head) trainable."
+            )
+        return allowed
+
+    def _combined_rows(
+        self, trainer: pl.Trainer, rows: list[Mapping[str, Tensor] | None], allowed: set[str]
+    ) -> dict[str, Tensor]:
+        """AND of the methods' row masks over the allowed parameters (unrestricted ones left out)."""
+        combined: dict[str, Tensor] = {}
+        for participant, wish in zip(self.participants, rows, strict=True):
+            if not wish:
+                continue
+            _check_rows_supported(trainer, participant)
+            for name, mask in wish.items():
+                if name not in allowed:  # frozen whole by some method's set (or by the user): rows do not matter
+                    continue
+                param = self.candidates[name]
+                n_rows = param.shape[0] if param.dim() else 1
+                if not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.shape == (n_rows,)):
+                    got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask)
+                    raise ValueError(
+                        f"`{type(participant).__name__}.trainable_rows` gave {name!r} a mask of {got}; expected a"
+                        f" bool tensor of shape ({n_rows},), one entry per row (dim 0) of the parameter. HINT:"
+                        " build it as `torch.zeros(param.shape[0], dtype=torch.bool)` and set the rows that train."
+                    )
+                mask = mask.to("cpu")
+                combined[name] = combined[name] & mask if name in combined else mask
+        return {name: mask for name, mask in combined.items() if not bool(mask.all())}
+
+    def _apply(
+        self,
+        trainer: pl.Trainer,
+        wishes: list[Set[str] | None],
+        rows: list[Mapping[str, Tensor] | None],
+        rehold: bool,
+        step: int,
+    ) -> None:
+        allowed = self._allowed(wishes, step)
+        combined = self._combined_rows(trainer, rows, allowed)
+        empty = {name for name, mask in combined.items() if not bool(mask.any())}
+        if empty:  # no row left: frozen whole, which also releases its state
+            allowed -= empty
+            combined = {name: mask for name, mask in combined.items() if name not in empty}
+            if not allowed:
+                raise ValueError(
+                    f"At optimizer step {step} the row masks leave no row of {sorted(empty)[:3]} and the sets no"
+                    " other parameter: nothing would train. HINT: let at least one row of each masked parameter train."
+                )
         release = self.release_optimizer_state
         optimizers = trainer.optimizers
-        total = 0
+        reactivated: set[str] = set()
         for name, param in self.candidates.items():
             want = name in allowed
-            if want:
-                total += param.numel()
             if param.requires_grad == want:
                 continue
             param.requires_grad_(want)
             param.grad = None
+            if want:
+                reactivated.add(name)
             if release:  # frozen: free its state; reactivated: start from fresh state
                 for optimizer in optimizers:
                     optimizer.state.pop(param, None)
+        self._restrict_rows(trainer, combined, reactivated, rehold)
+        total = 0
+        for name in allowed:
+            param = self.candidates[name]
+            mask = combined.get(name)
+            total += param.numel() if mask is None else int(mask.sum()) * (param.numel() // mask.numel())
         self.num_trainable = total
 
+    def _restrict_rows(
+        self, trainer: pl.Trainer, combined: dict[str, Tensor], reactivated: set[str], rehold: bool
+    ) -> None:
+        """Install, update or remove the gradient hooks and held rows so that exactly ``combined`` applies."""
+        for name in [n for n in self._rows if n not in combined]:
+            self._rows.pop(name).handle.remove()
+        for name, mask in combined.items():
+            param = self.candidates[name]
+            current = self._rows.get(name)
+            if (
+                current is not None
+                and current.param is param
+                and not rehold
+                and name not in reactivated
+                and torch.equal(current.mask, mask)
+            ):
+                continue
+            if current is not None:
+                current.handle.remove()
+            frozen = (~mask).nonzero().flatten().to(param.device)
+            held = param.detach().index_select(0, frozen)
+            restriction = _RowRestriction(param, mask, frozen, held, param.register_hook(_zero_rows(frozen)))
+            self._rows[name] = restriction
+        if self._rows and not self._step_hooks:
+            self._step_hooks = [opt.register_step_post_hook(self._write_back_frozen_rows) for opt in trainer.optimizers]
+
+    @torch.no_grad()
+    def _write_back_frozen_rows(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for restriction in self._rows.values():
+            restriction.param.index_copy_(0, restriction.frozen, restriction.held)
+
+    def _remove_row_hooks(self) -> None:
+        for restriction in self._rows.values():
+            restriction.handle.remove()
+        self._rows = {}
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
     def _restore(self) -> None:
+        self._remove_row_hooks()
         for param in self.candidates.values():
             param.requires_grad_(True)
+
+
+def _changed(last: list[Any] | None, now: list[Any]) -> bool:
+    """Whether any method returned another object than last time (identity: methods return the same while equal)."""
+    return last is None or len(last) != len(now) or any(a is not b for a, b in zip(now, last, strict=True))
+
+
+def _zero_rows(frozen: Tensor) -> Any:
+    def hook(grad: Tensor) -> Tensor:
+        return grad.index_fill(0, frozen, 0)
+
+    return hook
+
+
+def _check_rows_supported(trainer: pl.Trainer, participant: TrainableSetCallback) -> None:
+    strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"`{type(participant).__name__}` trains parts of parameters (row masks from `trainable_rows`), which"
+            f" `strategy={type(strategy).__name__}` does not support: FSDP2 shards every parameter along its rows"
+            ' across ranks. HINT: use `strategy="ddp"`, or configure the method to train whole parameters.'
+        )
 
 
 _CHECKPOINT_KEY = "trainable_set"

@@ -81,6 +81,39 @@ class TinyBlockModel(pl.LightningModule):
         return make_loader()
 
 
+class ConvStack(pl.LightningModule):
+    """A VGG-like stack: `n_blocks` blocks in `self.blocks` holding one convolution each, then a linear head.
+
+    Blocks of a single layer cannot be halved by whole tensors: Half Fine-Tuning splits their channels.
+    """
+
+    def __init__(self, n_blocks: int = 4, channels: int = 6, weight_decay: float = 0.1) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.ReLU())
+            for i in range(n_blocks)
+        )
+        self.head = nn.Linear(channels, 3)
+        self.weight_decay = weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=self.weight_decay)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(16, 1, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+        return DataLoader(data, batch_size=4)
+
+
 def make_loader(n: int = 48, batch_size: int = 4, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)

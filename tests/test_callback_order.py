@@ -5,7 +5,7 @@ import itertools
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import trainer_kwargs
+from helpers import ConvStack, trainer_kwargs
 from pruning_helpers import PruneModule
 
 from lightning_peft.callbacks import IST, LISA, ActivationQuantization, EarlyPruning, HalfFineTuning
@@ -55,3 +55,37 @@ def test_orders_cover_every_method_first_and_last():
     assert {order[0] for order in ORDERS} | {order[-1] for order in ORDERS} >= {"IST", "LISA", "ActivationQuantization"}
     assert all(sorted(order) == sorted(ORDERS[0]) for order in ORDERS)
     assert len(set(ORDERS)) == len(ORDERS) and len(list(itertools.permutations(ORDERS[0]))) == 120
+
+
+def _channel_callbacks():
+    return {
+        "LISA": LISA(n_layers=2, interval=2, seed=1, plot=False),
+        "HalfFineTuning": HalfFineTuning(reselect_every_n_epochs=1, seed=2),  # blocks of one layer: channel halves
+        "ActivationQuantization": ActivationQuantization(min_numel=64),
+    }
+
+
+CHANNEL_ORDERS = [
+    ("LISA", "HalfFineTuning", "ActivationQuantization"),
+    ("ActivationQuantization", "HalfFineTuning", "LISA"),
+    ("HalfFineTuning", "ActivationQuantization", "LISA"),
+]
+
+
+def _train_channels(order, tmp_path):
+    torch.manual_seed(0)
+    module = ConvStack()
+    callbacks = _channel_callbacks()
+    trainer = pl.Trainer(callbacks=[callbacks[name] for name in order], max_epochs=3, **trainer_kwargs(tmp_path))
+    trainer.fit(module)
+    return {name: p.detach().clone() for name, p in module.named_parameters()}, callbacks
+
+
+def test_shuffled_callbacks_with_channel_halves_train_bit_identically(tmp_path):
+    reference, callbacks = _train_channels(CHANNEL_ORDERS[0], tmp_path / "0")
+    assert callbacks["HalfFineTuning"].plan().channels and len(callbacks["HalfFineTuning"].history) == 3
+    assert callbacks["ActivationQuantization"].last_stats.num_quantized > 0
+    for index, order in enumerate(CHANNEL_ORDERS[1:], start=1):
+        weights, _ = _train_channels(order, tmp_path / str(index))
+        different = [name for name in reference if not torch.equal(weights[name], reference[name])]
+        assert not different, (order, different[:3])

@@ -246,3 +246,172 @@ def test_last_boundary_reports_each_boundary_once_with_its_cost(tmp_path):
         assert 0 <= timing.logging_ns <= timing.total_ns
     # a changed set is logged, so part of that boundary's time is Lightning's logging
     assert reader.seen[0].logging_ns > 0
+
+
+# ------------------------------------------------------------------------------------------------------ row masks
+
+
+def _rows(n, trained):
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[list(trained)] = True
+    return mask
+
+
+class Rows(TrainableSetCallback):
+    """Trains parts of parameters: `plan[step]` maps names to row masks (last one repeats); `sets` likewise."""
+
+    def __init__(self, plan, sets=(None,)):
+        super().__init__()
+        self.plan, self.sets = list(plan), [frozenset(s) if s is not None else None for s in sets]
+        self.calls = []
+
+    def trainable_parameters(self, trainer, pl_module, step):
+        return self.sets[min(step, len(self.sets) - 1)]
+
+    def trainable_rows(self, trainer, pl_module, step):
+        self.calls.append(step)
+        return self.plan[min(step, len(self.plan) - 1)]
+
+
+class Steps(Callback):
+    """Records, for every batch, the parameters before and after it and the controller's row masks."""
+
+    def __init__(self):
+        self.before, self.after, self.masks, self.steps, self.grad_flags = [], [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before.append(snapshot(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append(snapshot(pl_module))
+        self.masks.append(dict(TrainableSetController.of(trainer).row_masks))
+        self.steps.append(trainer.global_step - 1)  # the step this batch belonged to
+        self.grad_flags.append({n for n, p in pl_module.named_parameters() if p.requires_grad})
+
+
+def _moved_rows(before, after):
+    return (before != after).reshape(before.shape[0], -1).any(dim=1)
+
+
+def _same(masks, expected):
+    return masks.keys() == expected.keys() and all(torch.equal(masks[n], expected[n]) for n in masks)
+
+
+FC1 = ("blocks.0.fc1.weight", "blocks.0.fc1.bias")
+
+
+def test_frozen_rows_never_move_under_weight_decay_and_momentum_and_trained_rows_do(tmp_path):
+    first = {n: _rows(16, range(0, 16, 2)) for n in FC1}  # one object for both: as Half Fine-Tuning shares them
+    second = {n: _rows(16, range(4, 12)) for n in FC1}  # a new mapping from step 3: held again there
+    model = TinyBlockModel()  # AdamW, weight decay 0.01
+    start = snapshot(model)
+    steps = Steps()
+    _, trainer, _ = _fit(tmp_path, [Rows([first, first, first, second]), steps], model=model, max_steps=6)
+    for index, (before, after) in enumerate(zip(steps.before, steps.after, strict=True)):
+        masks = first if index < 3 else second
+        for name in FC1:
+            assert torch.equal(_moved_rows(before[name], after[name]), masks[name]), (index, name)
+            frozen = ~masks[name]
+            # bit-identical to the values held when the mask began applying
+            held_at = start if index < 3 else steps.before[3]
+            assert torch.equal(after[name][frozen], held_at[name][frozen])
+    final = dict(model.named_parameters())
+    always_frozen = ~(first[FC1[0]] | second[FC1[0]])
+    assert torch.equal(final[FC1[0]][always_frozen], start[FC1[0]][always_frozen])
+    assert trainer.optimizers[0].state[final[FC1[0]]]  # a row-masked parameter keeps its optimizer state
+    assert _same(steps.masks[0], first) and _same(steps.masks[3], second)
+
+
+def test_row_masks_combine_by_and_and_a_set_freezes_whole_with_state_released(tmp_path):
+    w1 = "blocks.1.fc1.weight"
+    a = Rows([{FC1[0]: _rows(16, range(8)), w1: _rows(16, range(8))}], sets=[OUTSIDE | _block(0) | _block(2)])
+    b = Rows([{FC1[0]: _rows(16, range(0, 16, 2))}])
+    model = TinyBlockModel()
+    start = snapshot(model)
+    steps, rec = Steps(), Recorder()
+    _, trainer, _ = _fit(tmp_path, [a, b, steps, rec], model=model, max_steps=4)
+    assert _same(steps.masks[0], {FC1[0]: _rows(16, (0, 2, 4, 6))})  # AND; w1 is frozen by a's set: no rows apply
+    final = dict(model.named_parameters())
+    assert torch.equal(_moved_rows(start[FC1[0]], final[FC1[0]]), _rows(16, (0, 2, 4, 6)))
+    assert torch.equal(final[w1], start[w1])  # frozen whole, whatever its rows say
+    assert all(w1 not in flags for flags in steps.grad_flags)
+    assert all(w1 not in held for held in rec.state)  # its optimizer state is released
+
+
+def test_row_masks_change_only_at_accumulation_boundaries(tmp_path):
+    plan = [{FC1[0]: _rows(16, range(i, i + 8))} for i in range(4)]  # a new mapping at every step
+    rows = Rows(plan)
+    steps = Steps()
+    _fit(tmp_path, [rows, steps], max_steps=4, accumulate_grad_batches=3)
+    assert rows.calls == [0, 1, 2, 3]  # asked once per optimizer step
+    assert len(steps.masks) == 12
+    for index, masks in enumerate(steps.masks):
+        assert _same(masks, plan[index // 3])  # the same mask for every batch of a window
+    for window in range(4):  # over a whole accumulation window (one optimizer step) only the window's rows move
+        before, after = steps.before[3 * window], steps.after[3 * window + 2]
+        assert torch.equal(_moved_rows(before[FC1[0]], after[FC1[0]]), plan[window][FC1[0]])
+
+
+def test_row_hooks_are_removed_after_fit(tmp_path):
+    masks = {FC1[0]: _rows(16, range(8))}
+    model, trainer, _ = _fit(tmp_path, [Rows([masks])], max_steps=2)
+    controller = TrainableSetController.of(trainer)
+    assert not controller.row_masks and not controller._step_hooks
+    x, y = next(iter(model.train_dataloader()))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    weight = model.blocks[0].fc1.weight
+    assert bool((weight.grad[8:] != 0).any())  # no gradient hook zeroes the frozen rows any more
+    before = weight.detach().clone()
+    trainer.optimizers[0].step()
+    assert not torch.equal(weight[8:], before[8:])  # and no step hook writes them back
+
+
+def test_trainable_params_counts_the_trained_rows(tmp_path):
+    masks = {n: _rows(16, range(5)) for n in FC1}
+    model, trainer, _ = _fit(tmp_path, [Rows([masks], sets=[OUTSIDE | _block(0)])], max_steps=2)
+    size = {n: p.numel() for n, p in model.named_parameters()}
+    expected = sum(size[n] for n in OUTSIDE | _block(0)) - (16 - 5) * (8 + 1)  # fc1: 16 rows of 8 weights + bias
+    assert trainer.callback_metrics["trainable_params"].item() == expected
+
+
+def test_refresh_moves_row_masks_to_replaced_parameters(tmp_path):
+    masks = {FC1[0]: _rows(16, range(8))}
+
+    class Replace(Callback):
+        """Replaces blocks.0.fc1.weight by a copy after step 1, as pruning replaces parameters."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step != 2:
+                return
+            layer, optimizer = pl_module.blocks[0].fc1, trainer.optimizers[0]
+            old = layer.weight
+            layer.weight = torch.nn.Parameter(old.detach().clone())
+            params = optimizer.param_groups[0]["params"]
+            params[next(i for i, p in enumerate(params) if p is old)] = layer.weight
+            optimizer.state.pop(old, None)
+            TrainableSetController.of(trainer).refresh(trainer, pl_module)
+
+    model = TinyBlockModel()
+    start = snapshot(model)
+    _fit(tmp_path, [Rows([masks]), Replace()], model=model, max_steps=5)
+    weight = model.blocks[0].fc1.weight
+    assert torch.equal(weight[8:], start[FC1[0]][8:])  # the new object's frozen rows were held and kept
+    assert not torch.equal(weight[:8], start[FC1[0]][:8])
+
+
+def test_a_row_mask_of_the_wrong_shape_fails_with_a_hint(tmp_path):
+    with pytest.raises(ValueError, match=r"`Rows.trainable_rows` gave 'blocks.0.fc1.weight' a mask.*\(16,\).*HINT"):
+        _fit(tmp_path, [Rows([{FC1[0]: torch.ones(8, dtype=torch.bool)}])], max_steps=1)
+
+
+def test_row_masks_are_refused_under_fsdp2(tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    model = TinyBlockModel()
+    rows = Rows([{FC1[0]: _rows(16, range(8))}])
+    controller = TrainableSetController()
+    controller.participants = [rows]
+    controller.candidates = dict(model.named_parameters())
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), global_step=0, optimizers=[])
+    with pytest.raises(ValueError, match=r"`Rows` trains parts of parameters.*`strategy=ModelParallelStrategy`.*HINT"):
+        controller.on_train_batch_start(trainer, model, None, 0)

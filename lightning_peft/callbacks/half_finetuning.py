@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,29 @@ class _Unit:
     category: str
     parameters: tuple[str, ...]
     numel: int
+
+
+@dataclass(frozen=True)
+class HalfFineTuningPlan:
+    """What a draw of :class:`HalfFineTuning` trains, for the tools that inspect it (support matrix, estimate).
+
+    Attributes:
+        outside: parameters outside the blocks (embeddings, final norm, head, or a stackless model's last layer);
+            they train.
+        blocks: the parameter-owning units (``name``, ``category``, ``parameters``, ``numel``) of every block; one
+            unit per layer when the model has no block stack.
+        selected: the block parameters the draw lets train. With ``channels`` every layer is selected and trains on
+            the rows of ``masks``.
+        masks: row masks (dim 0, ``True``: the row trains) of the parameters trained in part.
+        channels: whether the layers are split by output channels (no block stack, or blocks of one layer each,
+            with ``granularity="category"``).
+    """
+
+    outside: tuple[str, ...]
+    blocks: tuple[tuple[_Unit, ...], ...]
+    selected: tuple[str, ...]
+    masks: Mapping[str, Tensor]
+    channels: bool
 
 
 class HalfFineTuning(TrainableSetCallback):
@@ -70,9 +93,11 @@ class HalfFineTuning(TrainableSetCallback):
     **Models without a repeated block stack** (a small CNN): the parameter-owning modules in registration order
     are the layers, and the last one is the head, which trains. ``"layer"`` and ``"model"`` choose among the other
     layers as above. ``"category"`` makes each layer its own category and trains ``ratio`` of its output channels
-    (rows of the weight, with their bias entries), drawn at random per layer: this cannot be expressed with
-    ``requires_grad``, so the gradients of the frozen rows are masked and, after every optimizer step, the frozen
-    rows are written back (undoing weight decay and momentum). Those layers keep full optimizer state.
+    (rows of the weight, with their bias entries), drawn at random per layer. The same holds for a stack whose
+    blocks hold a single layer each (a VGG). ``requires_grad`` cannot express this, so the masks go to the
+    controller as row masks (:meth:`trainable_rows`): it zeroes the gradients of the frozen rows and, after every
+    optimizer step, writes the frozen rows back (undoing weight decay and momentum). Those layers keep their
+    optimizer state; combined with another method (LISA), a layer that method freezes is frozen whole.
 
     **Stages.** Every ``fit`` call is a new stage (the paper's SFT / DPO stage, or a new task of continual
     learning) and draws a fresh selection; with ``reselect_every_n_epochs`` it also draws again every n epochs. The
@@ -181,10 +206,6 @@ class HalfFineTuning(TrainableSetCallback):
         self._outside: list[str] = []
         self._stackless = False
         self._allowed: frozenset[str] | None = None
-        # Gradient masking (models without a block stack, category granularity).
-        self._device_masks: dict[str, Tensor] = {}
-        self._held: dict[str, Tensor] = {}
-        self._handles: list[Any] = []
         self._params: dict[str, nn.Parameter] = {}
 
     # ------------------------------------------------------------------------------------------------- set-up
@@ -213,7 +234,7 @@ class HalfFineTuning(TrainableSetCallback):
         self._allowed = None
         super().setup(trainer, pl_module, stage)
 
-    def _find_units(self, pl_module: pl.LightningModule) -> None:
+    def _find_units(self, pl_module: nn.Module) -> None:
         named = dict(pl_module.named_parameters())
         try:
             stack = find_layers(pl_module, self.layers)
@@ -290,8 +311,6 @@ class HalfFineTuning(TrainableSetCallback):
         # FSDP2 restores a checkpoint after `on_fit_start`: what it loaded is in place now (the selection drawn in
         # `on_fit_start` was replaced by the checkpoint's), and the next fit is a new stage
         self._restored = False
-        if self.masks:
-            self._install_masks(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -300,8 +319,6 @@ class HalfFineTuning(TrainableSetCallback):
         if n is None or epoch == self._drawn_epoch or (epoch - self._stage_start_epoch) % n != 0:
             return
         self._draw(epoch)
-        if self.masks:
-            self._refresh_masks()
 
     @override
     def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:
@@ -315,14 +332,52 @@ class HalfFineTuning(TrainableSetCallback):
         return self._allowed
 
     @override
+    def trainable_rows(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> Mapping[str, Tensor] | None:
+        # a new dict at every draw (and load), the same object in between: the controller re-holds only then
+        return self.masks or None
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_masks()
         if self.reset == "on_train_end":
             self._reset_frozen()
 
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_masks()
+    # ------------------------------------------------------------------------------------------------- plan
+
+    def plan(self) -> HalfFineTuningPlan:
+        """The current draw: what sits outside the blocks, the blocks' units, the selection and its row masks.
+
+        Raises:
+            ValueError: before the first draw (a ``fit`` draws in ``on_fit_start``; :meth:`preview` draws without).
+        """
+        if self.selected is None:
+            raise ValueError(
+                "HalfFineTuning has drawn no selection yet. HINT: read `plan()` once `fit` has started, or call"
+                " `preview(module)` for the draw a `fit` would make."
+            )
+        return HalfFineTuningPlan(
+            outside=tuple(self._outside),
+            blocks=tuple(tuple(block) for block in self._blocks),
+            selected=tuple(self.selected),
+            masks=dict(self.masks),
+            channels=self._stackless and self.granularity == "category",
+        )
+
+    def preview(self, module: nn.Module) -> HalfFineTuningPlan:
+        """The first draw a ``fit`` of ``module`` would make with these arguments, without a Trainer.
+
+        ``seed`` seeds it (0 when ``seed`` is None); this callback's own state is left untouched, so it can still be
+        used for training. The memory estimate and the support matrix use it.
+        """
+        probe = HalfFineTuning(
+            ratio=self.ratio, granularity=self.granularity, seed=self.seed, layers=self.layers, verbose=False
+        )
+        probe._find_units(module)
+        probe._params = dict(module.named_parameters())
+        probe._generator = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
+        probe._draw(0)
+        return probe.plan()
 
     # ------------------------------------------------------------------------------------------------- draws
 
@@ -453,41 +508,6 @@ class HalfFineTuning(TrainableSetCallback):
             param = self._params[name]
             pretrained = self._pretrained[name].to(device=param.device, dtype=param.dtype)
             param.copy_(torch.where(_expand(mask.to(param.device), param), param, pretrained))
-        if self._handles:
-            self._refresh_masks()
-
-    # ---------------------------------------------------------------------------------------- gradient masking
-
-    def _install_masks(self, trainer: pl.Trainer) -> None:
-        self._remove_masks()
-        for name, mask in self.masks.items():
-            param = self._params[name]
-            device_mask = _expand(mask.to(param.device), param).clone()
-            self._device_masks[name] = device_mask
-            self._held[name] = param.detach().clone()
-            self._handles.append(param.register_hook(lambda grad, m=device_mask: grad * m))
-        for optimizer in trainer.optimizers:
-            self._handles.append(optimizer.register_step_post_hook(self._write_back_frozen_rows))
-
-    def _refresh_masks(self) -> None:
-        """Point the installed hooks at the current masks and hold the current values of the frozen rows."""
-        for name, mask in self.masks.items():
-            param = self._params[name]
-            self._device_masks[name].copy_(_expand(mask.to(param.device), param))
-            self._held[name] = param.detach().clone()
-
-    @torch.no_grad()
-    def _write_back_frozen_rows(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for name, mask in self._device_masks.items():
-            param = self._params[name]
-            param.copy_(torch.where(mask, param, self._held[name]))
-
-    def _remove_masks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._device_masks = {}
-        self._held = {}
 
     # ------------------------------------------------------------------------------------------------- state
 

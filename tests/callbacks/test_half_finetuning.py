@@ -3,12 +3,21 @@ from collections import Counter
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, tiny_transformer, trainer_kwargs
+from helpers import (
+    ConvStack,
+    TinyBlockModel,
+    changed,
+    retry_spawn_teardown_abort,
+    snapshot,
+    tiny_transformer,
+    trainer_kwargs,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_peft.callbacks import LISA, HalfFineTuning
 from lightning_peft.layers import find_layers
+from lightning_peft.trainable import TrainableSetController
 
 OUTSIDE = {"embed.weight", "embed.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"}
 
@@ -317,6 +326,28 @@ def test_resume_continues_the_stage_and_keeps_the_pretrained_values(tmp_path):
 # ---------------------------------------------------------------------------------- models without a stack
 
 
+def test_resume_with_channel_halves_matches_the_uninterrupted_run(tmp_path):
+    def run(path, max_epochs, ckpt_path=None, checkpoint=False):
+        torch.manual_seed(0)
+        module = ConvStack()
+        hft = HalfFineTuning(reselect_every_n_epochs=2, reset="on_reselect", seed=4)
+        callbacks = [hft]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=path / "ckpt", save_last=True, save_top_k=0))
+        kwargs = trainer_kwargs(path, enable_checkpointing=checkpoint)
+        pl.Trainer(callbacks=callbacks, max_epochs=max_epochs, **kwargs).fit(module, ckpt_path=ckpt_path)
+        return module, hft
+
+    reference, uninterrupted = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 3, checkpoint=True)
+    resumed_module, resumed = run(tmp_path / "b", 4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert resumed.history == uninterrupted.history and len(resumed.history) == 2
+    assert resumed.masks.keys() == uninterrupted.masks.keys()
+    assert all(torch.equal(resumed.masks[n], uninterrupted.masks[n]) for n in resumed.masks)
+    final = dict(resumed_module.named_parameters())
+    assert all(torch.equal(final[n], p) for n, p in reference.named_parameters())
+
+
 def test_cnn_without_block_stack_trains_half_of_each_layers_channels(tmp_path):
     module = CNNModule()
     before = snapshot(module)
@@ -359,6 +390,70 @@ def test_cnn_layer_and_model_granularities_choose_whole_layers(granularity, tmp_
     assert "model.fc_layers.2.weight" in hft.trainable_parameters(None, module, 0)
 
 
+class EveryStep(pl.Callback):
+    """Records every step: parameters before and after it, LISA's blocks, HFT's masks and the controller's."""
+
+    def __init__(self, lisa, hft):
+        self.lisa, self.hft = lisa, hft
+        self.start, self.before, self.records = None, None, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = snapshot(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = snapshot(pl_module)  # after any reset of this epoch's draw
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        controller = TrainableSetController.of(trainer)
+        self.records.append(
+            (self.before, snapshot(pl_module), set(self.lisa.sampled), dict(self.hft.masks), controller.row_masks)
+        )
+
+
+def test_lisa_and_channel_halves_of_single_layer_blocks_compose_through_the_controller(tmp_path):
+    module = ConvStack()  # blocks of one convolution each: HFT splits channels; AdamW with weight decay 0.1
+    lisa = LISA(n_layers=2, interval=3, seed=0, plot=False)
+    hft = HalfFineTuning(reselect_every_n_epochs=1, reset="on_reselect", seed=1)
+    record = EveryStep(lisa, hft)
+    trainer = pl.Trainer(callbacks=[lisa, hft, record], max_epochs=3, **trainer_kwargs(tmp_path))
+    trainer.fit(module)
+    assert [h["epoch"] for h in hft.history] == [0, 1, 2]
+    assert len({tuple(sorted(r[2])) for r in record.records}) > 1  # LISA drew other blocks
+    draws = {tuple(torch.cat([m for _, m in sorted(r[3].items())]).tolist()) for r in record.records}
+    assert len(draws) == 3  # and HFT other channels
+    for step, (before, after, sampled, masks, applied) in enumerate(record.records):
+        for index in range(len(module.blocks)):
+            names = [f"blocks.{index}.0.weight", f"blocks.{index}.0.bias"]
+            for name in names:
+                if index not in sampled:  # unsampled: frozen whole, nothing moves
+                    assert name not in applied
+                    assert torch.equal(after[name], before[name]), (step, name)
+                    continue
+                assert torch.equal(applied[name], masks[name])
+                assert torch.equal((after[name] != before[name]).reshape(len(masks[name]), -1).any(1), masks[name])
+                frozen = ~masks[name]  # frozen rows hold the fit-start (pre-trained) values, across draws
+                assert torch.equal(after[name][frozen], record.start[name][frozen]), (step, name)
+        assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert all(p.requires_grad for p in module.parameters())
+
+
+def test_plan_and_preview_describe_the_draw(tmp_path):
+    module = CNNModule()
+    hft = HalfFineTuning(seed=3)
+    with pytest.raises(ValueError, match=r"no selection yet.*HINT"):
+        hft.plan()
+    preview = hft.preview(module)
+    assert hft.selected is None  # the callback itself is untouched
+    assert preview.channels and preview.outside == ("model.fc_layers.2.weight", "model.fc_layers.2.bias")
+    assert len(preview.blocks) == 3 and set(preview.masks) == set(preview.selected)
+    _draw(hft, module, tmp_path)  # a fit's first draw with the same seed is the preview
+    plan = hft.plan()
+    assert plan.selected == preview.selected
+    assert all(torch.equal(plan.masks[n], preview.masks[n]) for n in plan.masks)
+    blocks = HalfFineTuning(seed=3).preview(TinyBlockModel())
+    assert not blocks.channels and not blocks.masks and len(blocks.blocks) == 4
+
+
 def test_works_through_a_real_fit_on_a_tiny_vit(tmp_path):
     class ViTModule(pl.LightningModule):
         def __init__(self):
@@ -395,6 +490,7 @@ class RankDump(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = {"history": self.hft.history, "selected": self.hft.selected, "weights": snapshot(pl_module)}
+        state["masks"] = self.hft.masks
         torch.save(state, self.path / f"rank{trainer.global_rank}.pt")
 
 
@@ -410,6 +506,27 @@ def test_ddp_ranks_draw_the_same_halves_and_stay_identical(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["selected"] == ranks[1]["selected"]
     assert len(ranks[0]["history"]) == 3
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
+
+
+@retry_spawn_teardown_abort
+@pytest.mark.slow
+def test_ddp_ranks_keep_the_same_channel_halves_and_frozen_rows(tmp_path):
+    hft = HalfFineTuning(reselect_every_n_epochs=1, reset="on_reselect")  # channel halves of a VGG-like stack
+    module = ConvStack()
+    start = snapshot(module)
+    trainer = pl.Trainer(
+        callbacks=[hft, RankDump(hft, tmp_path)],
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2, limit_train_batches=2),
+    )
+    trainer.fit(module)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["masks"].keys() == ranks[1]["masks"].keys() and len(ranks[0]["history"]) == 2
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name])
+        weight = ranks[0]["weights"][name]
+        assert torch.equal(weight[~mask], start[name][~mask]) and not torch.equal(weight[mask], start[name][mask])
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
 
