@@ -367,12 +367,25 @@ class TrainableSetController(Callback):
     ) -> dict[str, Tensor]:
         """AND of the methods' row masks over the allowed parameters (unrestricted ones left out)."""
         combined: dict[str, Tensor] = {}
+        names: set[str] = set()
+
+        def known_names(trainer: pl.Trainer) -> set[str]:  # read only when a mask names a non-candidate
+            if not names:
+                names.update(n for n, _ in trainer.lightning_module.named_parameters())
+            return names
+
         for participant, wish in zip(self.participants, rows, strict=True):
             if not wish:
                 continue
             _check_rows_supported(trainer, participant)
             for name, mask in wish.items():
                 if name not in allowed:  # frozen whole by some method's set (or by the user): rows do not matter
+                    if name not in self.candidates and name not in known_names(trainer):
+                        raise ValueError(
+                            f"`{type(participant).__name__}.trainable_rows` names {name!r}, which is no parameter of"
+                            f" {type(trainer.lightning_module).__name__}. HINT: use the names of"
+                            " `pl_module.named_parameters()`."
+                        )
                     continue
                 param = self.candidates[name]
                 n_rows = param.shape[0] if param.dim() else 1

@@ -404,6 +404,16 @@ def test_a_row_mask_of_the_wrong_shape_fails_with_a_hint(tmp_path):
         _fit(tmp_path, [Rows([{FC1[0]: torch.ones(8, dtype=torch.bool)}])], max_steps=1)
 
 
+def test_a_row_mask_naming_no_parameter_fails_and_one_of_a_user_frozen_parameter_is_ignored(tmp_path):
+    with pytest.raises(ValueError, match=r"`Rows.trainable_rows` names 'blocks.0.fc9.weight', which is no parameter"):
+        _fit(tmp_path, [Rows([{"blocks.0.fc9.weight": _rows(16, range(8))}])], max_steps=1)
+    model = TinyBlockModel()
+    model.blocks[0].fc1.weight.requires_grad_(False)  # the user's choice: not a candidate, its mask does not matter
+    before = snapshot(model)
+    _fit(tmp_path, [Rows([{FC1[0]: _rows(16, range(8))}])], model=model, max_steps=2)
+    assert FC1[0] not in changed(before, model)
+
+
 def test_row_masks_are_refused_under_fsdp2(tmp_path):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
