@@ -812,18 +812,30 @@ def estimate_from_config(
     """
     import copy
 
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
     from lightning_peft.callbacks import LISA, ActivationQuantization
     from lightning_peft.cli.main import PeftCLI
 
-    holder: dict[str, Any] = {}
+    class ModelOnMetaCLI(PeftCLI):
+        """Builds the model on the meta device (config only), the DataModule and Trainer as a run would."""
 
-    def parse() -> nn.Module:
-        cli = PeftCLI(args=["--config", config], run=False, save_config_callback=None)
-        holder["cli"] = cli
-        return cli.model
+        def instantiate_classes(self) -> None:
+            data = self.config.get("data")
+            self.config["data"] = None
+            try:
+                with torch.device("meta"), hf_auto_models_from_config():
+                    super().instantiate_classes()
+            finally:
+                self.config["data"] = data
+            if data is not None:  # real: it reads files and may make tensors (means, label maps) in __init__
+                parser = ArgumentParser(exit_on_error=False)
+                parser.add_argument("--data", type=LightningDataModule)
+                self.datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
 
-    template = build_on_meta(parse)
-    cli = holder["cli"]
+    cli = ModelOnMetaCLI(args=["--config", config], run=False, save_config_callback=None)
+    template = cli.model
     trainer, datamodule = cli.trainer, cli.datamodule
     if datamodule is None:
         raise ValueError(
