@@ -23,9 +23,9 @@ the held-out digits (new task) and on the 5,000 MNIST images (old task) before a
 
 Run from the repository root (the language part: 6 minutes on an idle 2-core machine)::
 
-    python benchmarks/fidelity.py                          # both experiments
-    python benchmarks/fidelity.py --experiments forgetting # seconds
-    python benchmarks/fidelity.py --methods full lisa      # a subset of the language methods (merged into the
+    python -m benchmarks.fidelity                          # both experiments
+    python -m benchmarks.fidelity --experiments forgetting # seconds
+    python -m benchmarks.fidelity --methods full lisa      # a subset of the language methods (merged into the
                                                            # committed results)
 
 Results: ``benchmarks/results/fidelity_language.{json,md}`` and ``fidelity_forgetting.{json,md}``.
@@ -34,13 +34,11 @@ Results: ``benchmarks/results/fidelity_language.{json,md}`` and ``fidelity_forge
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -55,12 +53,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import SavedTensorCounter, _cpu_name, _ProcessMemory, optimizer_state_tensors, storage_bytes  # noqa: E402
+from lightning_peft.callbacks import LISA, HalfFineTuning
+from lightning_peft.modules import TextClassifier
 
-from lightning_peft.callbacks import LISA, HalfFineTuning  # noqa: E402
+from .harness import (
+    RESULTS_DIR,
+    MeasuringCallback,
+    ProcessMemory,
+    environment,
+    quiet_cpu_trainer,
+    write_markdown,
+    write_results,
+)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LANGUAGE_METHODS = ("full", "lisa", "hft", "lora", "ist_lora")
 LANGUAGE_LABELS = {
@@ -90,6 +95,15 @@ FORGETTING_LABELS = {
     "half_reset": "Half-Reset (new half every epoch, frozen half reset at the end)",
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# What a language row keeps of the measuring callback's results (the rows' JSON keys)
+PROBE_KEYS = (
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "saved_activation_bytes",
+    "trainable_params",
+    "param_bytes",
+    "total_params",
+)
 
 
 def _ist_class() -> type[Callback] | None:
@@ -100,95 +114,12 @@ def _ist_class() -> type[Callback] | None:
     return IST
 
 
-def _environment() -> dict[str, Any]:
-    import transformers
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 1),  # other jobs on the machine inflate wall times
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-class Probe(Callback):
-    """Step times, trainable elements and the memory components of every training step."""
-
-    def __init__(self) -> None:
-        self.step_seconds: list[float] = []
-        self.results: dict[str, int] = {
-            "grad_bytes": 0,
-            "optimizer_state_bytes": 0,
-            "saved_activation_bytes": 0,
-            "trainable_params": 0,
-        }
-        self._counter: SavedTensorCounter | None = None
-        self._hooks: Any = None
-        self._start = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = list(pl_module.parameters())
-        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.results["param_bytes"] = storage_bytes(params)
-        self.results["total_params"] = sum(p.numel() for p in params)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        self._counter = SavedTensorCounter(self._param_storages)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._counter.pack, self._counter.unpack)
-        self._hooks.__enter__()
-        self._start = time.perf_counter()
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = None
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        with_grad = [p for p in pl_module.parameters() if p.grad is not None]
-        self.results["grad_bytes"] = max(self.results["grad_bytes"], storage_bytes(p.grad for p in with_grad))
-        self.results["trainable_params"] = max(self.results["trainable_params"], sum(p.numel() for p in with_grad))
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
-    ) -> None:
-        self.step_seconds.append(time.perf_counter() - self._start)
-        if self._counter is not None:
-            saved = max(self.results["saved_activation_bytes"], self._counter.nbytes)
-            self.results["saved_activation_bytes"] = saved
-            self._counter = None
-        state = storage_bytes(optimizer_state_tensors(trainer.optimizers[0]))
-        self.results["optimizer_state_bytes"] = max(self.results["optimizer_state_bytes"], state)
-
-
 # ------------------------------------------------------------------------------------------------------- language
 
 
-def quiet_cpu_trainer(root: str, callbacks: list, **limits: Any) -> pl.Trainer:
-    """A one-device CPU Trainer without logger, checkpoints, progress bar or model summary, as every run here uses.
-
-    ``limits`` are the run's length (``max_epochs``, ``limit_train_batches``, ``num_sanity_val_steps``, ...).
-    """
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-        **limits,
-    )
-
-
-def fit_and_record(trainer: pl.Trainer, module: pl.LightningModule, data: Any, probe: Probe) -> dict[str, Any]:
+def fit_and_record(
+    trainer: pl.Trainer, module: pl.LightningModule, data: Any, probe: MeasuringCallback
+) -> dict[str, Any]:
     """Fit ``module`` on ``data``; the record every language run starts with: steps, final validation metrics,
     wall time of the fit and the training steps' time (from ``probe``)."""
     start = time.perf_counter()
@@ -205,10 +136,8 @@ def fit_and_record(trainer: pl.Trainer, module: pl.LightningModule, data: Any, p
 
 
 def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, Any]:
-    from lightning_peft.modules import TextClassifier
-
     gc.collect()
-    process = _ProcessMemory()
+    process = ProcessMemory()
     process.reset()
     pl.seed_everything(LANGUAGE_SEED, verbose=False)
     lora = method in ("lora", "ist_lora")
@@ -219,7 +148,7 @@ def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, An
         peft=dict(LORA_CONFIG) if lora else None,
         optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
     )
-    probe = Probe()
+    probe = MeasuringCallback()
     callbacks: list[Callback] = [probe]
     if method == "lisa":
         callbacks.append(LISA(n_layers=2, interval=25, plot=False))
@@ -245,7 +174,7 @@ def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, An
         "label": LANGUAGE_LABELS[method],
         "lr": lr,
         **fit_and_record(trainer, module, data, probe),
-        **probe.results,
+        **{key: probe.results[key] for key in PROBE_KEYS},
         "rss_peak_delta_bytes": process.peak_delta(),
     }
     result["counted_peak_bytes"] = sum(
@@ -269,7 +198,7 @@ def run_language(methods: list[str], root: str, steps: int = LANGUAGE_STEPS) -> 
         print(f"language: {method} ...", flush=True)
         runs.append(_language_run(method, data, root, steps))
         print(json.dumps(runs[-1]), flush=True)
-    return {"env": _environment(), "steps": steps, "seed": LANGUAGE_SEED, "runs": runs}
+    return {"env": environment(packages=("transformers",)), "steps": steps, "seed": LANGUAGE_SEED, "runs": runs}
 
 
 def _merge_language(new: dict[str, Any]) -> dict[str, Any]:
@@ -454,7 +383,7 @@ def run_forgetting(seeds: int, epochs: int, lr: float, root: str) -> dict[str, A
         summary[method]["mnist_kept_over_full"] = {"mean": statistics.mean(kept), "std": statistics.pstdev(kept)}
         summary[method]["seeds_forgetting_less_than_full"] = sum(k > 0 for k in kept)
     return {
-        "env": _environment(),
+        "env": environment(packages=("transformers",)),
         "setup": {
             "train_digits": len(data["train_y"]),
             "val_digits": n_val,
@@ -520,20 +449,18 @@ def main(argv: list[str] | None = None) -> None:
         for name, render in (("language", render_language), ("forgetting", render_forgetting)):
             path = out / f"fidelity_{name}.json"
             if path.exists():
-                (out / f"fidelity_{name}.md").write_text(render(json.loads(path.read_text())))
+                write_markdown(out / f"fidelity_{name}.md", render(json.loads(path.read_text())))
         return
     with tempfile.TemporaryDirectory() as root:
         if "forgetting" in args.experiments:
             results = run_forgetting(args.seeds, args.epochs, args.lr, root)
-            (out / "fidelity_forgetting.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "fidelity_forgetting.md").write_text(render_forgetting(results))
+            write_results(out, "fidelity_forgetting", results, render_forgetting)
             print(render_forgetting(results))
         if "language" in args.experiments:
             results = run_language(args.methods, root, args.steps)
             if out == RESULTS_DIR and args.steps == LANGUAGE_STEPS:
                 results = _merge_language(results)
-            (out / "fidelity_language.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "fidelity_language.md").write_text(render_language(results))
+            write_results(out, "fidelity_language", results, render_language)
             print(render_language(results))
 
 

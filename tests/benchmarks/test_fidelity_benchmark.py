@@ -3,13 +3,12 @@ Half Fine-Tuning run (channel halves of the CNN) that learns the new task."""
 
 import pytest
 import torch
-from helpers import load_benchmark
+
+from benchmarks import fidelity
 
 pytest.importorskip("digit_recognizer")
 pytest.importorskip("mlxtend")
 pytest.importorskip("sklearn")
-
-fidelity = load_benchmark("fidelity")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
