@@ -71,7 +71,7 @@ def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None, dev
             precision=measured["precision"],
             methods=["full", "lisa", "lora"],
             variants=["", "int8_act", "int8_act+adamw8bit", "checkpointing", "int8_act+checkpointing"],
-            loss_fn=lambda module, batch: module._loss(batch),
+            loss_fn=lambda module, batch: module.loss(batch),
             lisa_layers=memory.LISA_LAYERS,
             lora_rank=memory.LORA_RANK,
             lora_alpha=memory.LORA_ALPHA,

@@ -382,9 +382,9 @@ class BenchModule(pl.LightningModule):
         self.switch_every = switch_every
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        return self._loss(batch)
+        return self.loss(batch)
 
-    def _loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+    def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         if self.family == "vit":
             images, labels = batch
             return F.cross_entropy(self.model(images), labels)
