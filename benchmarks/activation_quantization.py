@@ -12,10 +12,10 @@ For each model and each format (none, int8, fp8_e4m3, fp8_e5m2), on one fixed ba
 - gradient fidelity against the unquantized step on the same batch: per-parameter cosine similarity (min / mean)
   and relative error ``||g_q - g|| / ||g||`` (over all gradients, and the worst tensor).
 
-    python benchmarks/activation_quantization.py --mode cpu   # small ViT and Llama, minutes on 2 cores
-    python benchmarks/activation_quantization.py --mode gpu   # ViT-B/16 64x224^2 and a 1.1B Llama at 4x1024
-    python benchmarks/activation_quantization.py --mode cpu --sizes widths   # the GPU models' widths on CPU
-    python benchmarks/activation_quantization.py --mode cpu --sizes gpu --saved-only   # the GPU sizes' bytes
+    python -m benchmarks.activation_quantization --mode cpu   # small ViT and Llama, minutes on 2 cores
+    python -m benchmarks.activation_quantization --mode gpu   # ViT-B/16 64x224^2 and a 1.1B Llama at 4x1024
+    python -m benchmarks.activation_quantization --mode cpu --sizes widths   # the GPU models' widths on CPU
+    python -m benchmarks.activation_quantization --mode cpu --sizes gpu --saved-only   # the GPU sizes' bytes
 
 ``--sizes`` picks the models apart from the device: ``small`` (the CPU default), ``widths`` (ViT-B/16 at 8 x 224^2;
 the 1.1B Llama's widths with 2 of its 22 layers at 1 x 1024 tokens: step time and gradients at real matrix sizes
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -46,7 +45,9 @@ from torch import nn
 
 from lightning_peft.quantization import FORMATS, ActivationQuantizer
 
-RESULTS = Path(__file__).parent / "results"
+from .harness import RESULTS_DIR, cpu_name, storage_bytes, write_markdown, write_results
+
+RESULTS = RESULTS_DIR
 # LISA + int8 activations + AdamW8bit: at most this fraction of full fine-tuning's memory (the 1.1B Llama's target)
 COMBINATION_TARGET = 0.45
 
@@ -219,10 +220,6 @@ def _quantizers(args) -> dict[str, ActivationQuantizer | None]:
     return configs
 
 
-def _storage_bytes(tensors) -> int:
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
 def _combination(workload: Workload, model: nn.Module, args, plain_saved: int) -> dict:
     """Counted memory of one step of LISA + int8 activations + AdamW8bit against full fine-tuning with AdamW.
 
@@ -256,11 +253,11 @@ def _combination(workload: Workload, model: nn.Module, args, plain_saved: int) -
     optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4, min_8bit_size=4096)
     optimizer.step()
     state = [v for per_param in optimizer.state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
-    param_bytes = _storage_bytes(params.values())
+    param_bytes = storage_bytes(params.values())
     lisa = {
         "params": param_bytes,
-        "grads": _storage_bytes(p.grad for p in trainable),
-        "optimizer_state": _storage_bytes(state),
+        "grads": storage_bytes(p.grad for p in trainable),
+        "optimizer_state": storage_bytes(state),
         "saved": stats.bytes_after,
     }
     full = {"params": param_bytes, "grads": param_bytes, "optimizer_state": 2 * param_bytes, "saved": plain_saved}
@@ -291,7 +288,7 @@ def run(args) -> dict:
         "sizes": args.sizes,
         "saved_only": args.saved_only,
         "combination": args.combination,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "autocast": "bfloat16",
@@ -385,7 +382,7 @@ def _mib(value) -> str:
 
 
 def _command(report: dict) -> str:
-    command = f"python benchmarks/activation_quantization.py --mode {report['mode']}"
+    command = f"python -m benchmarks.activation_quantization --mode {report['mode']}"
     if report["sizes"] != DEFAULT_SIZES[report["mode"]]:
         command += f" --sizes {report['sizes']}"
     if report["saved_only"]:
@@ -603,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.render is not None:
         report = json.loads(args.render.read_text())
-        args.render.with_suffix(".md").write_text(markdown(report))
+        write_markdown(args.render.with_suffix(".md"), markdown(report))
         print(f"wrote {plot(report, args.render.with_suffix('.png'))}")
         return report
     args.sizes = args.sizes or DEFAULT_SIZES[args.mode]
@@ -614,8 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = run(args)
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / output_stem(args.mode, args.sizes, args.saved_only)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_results(args.output, stem.name, report, markdown)
     plot(report, stem.with_suffix(".png"))
     print(f"wrote {stem}.json, {stem}.md and {stem}.png")
     return report

@@ -1,7 +1,7 @@
 """Run every config in configs/ as a user would and record wall time, peak memory and the final metrics.
 
-    python benchmarks/configs.py                 # all configs
-    python benchmarks/configs.py quickstart      # the configs whose file name contains "quickstart"
+    python -m benchmarks.configs                 # all configs
+    python -m benchmarks.configs quickstart      # the configs whose file name contains "quickstart"
 
 Each config runs as ``lightning-peft fit --config FILE`` in a fresh process (in a temporary folder, so logs do not
 land in the repository). Peak memory is the child's maximum resident set size; the final metrics are the line the

@@ -19,8 +19,8 @@ Recorded for every method, on voices never heard in training (the 4 held-out voi
 Methods are entries of ``METHODS`` (a label and the callbacks it adds to the Trainer): full fine-tuning, LISA, and
 Half Fine-Tuning when ``lightning_peft.callbacks.HalfFineTuning`` is available. One more method is one more entry.
 
-    python benchmarks/continual_audio.py             # CPU, under a minute on 2 idle cores (+ ~30 s of synthesis once)
-    python benchmarks/continual_audio.py --quick     # a few steps of each stage: a smoke test, not a measurement
+    python -m benchmarks.continual_audio             # CPU, under a minute on 2 idle cores (+ ~30 s of synthesis once)
+    python -m benchmarks.continual_audio --quick     # a few steps of each stage: a smoke test, not a measurement
 
 Results: ``benchmarks/results/continual_audio.json`` and ``.md``.
 """
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,13 +42,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import SavedTensorCounter, optimizer_state_tensors, storage_bytes  # noqa: E402
+from lightning_peft.callbacks import LISA
+from lightning_peft.data import SpokenKeywords
+from lightning_peft.data.spoken_keywords import DEFAULT_WORDS
+from lightning_peft.modules import AudioClassifier
 
-from lightning_peft.callbacks import LISA  # noqa: E402
-from lightning_peft.data import SpokenKeywords  # noqa: E402
-from lightning_peft.data.spoken_keywords import DEFAULT_WORDS  # noqa: E402
-from lightning_peft.modules import AudioClassifier  # noqa: E402
+from .harness import MeasuringCallback, environment, storage_bytes, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_WORDS = DEFAULT_WORDS[:6]
@@ -87,38 +84,6 @@ MODEL = {
     "fstride": 16,
     "tstride": 16,
 }
-
-
-class MemoryCounter(Callback):
-    """Count trained elements, gradient, optimizer-state and saved-activation bytes over the training steps."""
-
-    def __init__(self) -> None:
-        self.grad_bytes = 0
-        self.state_bytes = 0
-        self.saved_bytes = 0
-        self.trained_elements = 0
-        self._hooks = None
-        self._counter: SavedTensorCounter | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._counter = SavedTensorCounter({p.untyped_storage().data_ptr() for p in pl_module.parameters()})
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._counter.pack, self._counter.unpack)
-        self._hooks.__enter__()
-
-    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = None
-            self.saved_bytes = max(self.saved_bytes, self._counter.nbytes)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.grad_bytes = max(self.grad_bytes, storage_bytes(grads))
-        self.trained_elements = max(self.trained_elements, sum(g.numel() for g in grads))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        optimizer = trainer.optimizers[0]
-        self.state_bytes = max(self.state_bytes, storage_bytes(optimizer_state_tensors(optimizer)))
 
 
 def _subset(dataset, words: tuple[str, ...]) -> Subset:
@@ -195,27 +160,29 @@ def run(args: argparse.Namespace) -> dict:
         optimizer = functools.partial(torch.optim.AdamW, lr=args.finetune_lr, weight_decay=0.05)
         module = AudioClassifier(len(DEFAULT_WORDS), optimizer=optimizer, **MODEL)
         module.load_state_dict(pretrained)
-        counter = MemoryCounter()
+        counter = MeasuringCallback()
         trainer = _trainer(args.finetune_epochs, [*method.callbacks(args.seed), counter], limit)
         start = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader(NEW_WORDS))
         seconds = time.perf_counter() - start
         after = evaluate(module, old_clips, new_clips)
-        params = storage_bytes(p.detach() for p in module.parameters())
+        memory = {
+            "params": storage_bytes(p.detach() for p in module.parameters()),
+            "grads": counter.results["grad_bytes"],
+            "optimizer_state": counter.results["optimizer_state_bytes"],
+            "saved_activations": counter.results["saved_activation_bytes"],
+        }
         results[key] = {
             "label": method.label,
             **after,
             "forgetting": before["old_among_old"] - after["old_among_old"],
             "steps": trainer.global_step,
             "seconds": round(seconds, 1),
-            "trained_elements": counter.trained_elements,
+            "trained_elements": counter.results["trainable_params"],
             "total_elements": sum(p.numel() for p in module.parameters()),
             "memory": {
-                "params": params,
-                "grads": counter.grad_bytes,
-                "optimizer_state": counter.state_bytes,
-                "saved_activations": counter.saved_bytes,
-                "total": params + counter.grad_bytes + counter.state_bytes + counter.saved_bytes,
+                **memory,
+                "total": sum(memory.values()),
             },
         }
         print(f"{key}: {results[key]}", flush=True)
@@ -226,12 +193,7 @@ def run(args: argparse.Namespace) -> dict:
             entry["time_vs_full"] = round(entry["seconds"] / full["seconds"], 3)
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "threads": args.threads,
-        },
+        "environment": {**environment(), "machine": platform.machine(), "threads": args.threads},
         "setup": {
             "old_words": list(OLD_WORDS),
             "new_words": list(NEW_WORDS),
@@ -320,12 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     results = run(args)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "continual_audio.json").write_text(json.dumps(results, indent=2) + "\n")
-    markdown = render_markdown(results)
-    (out / "continual_audio.md").write_text(markdown)
-    print(markdown)
+    write_results(args.out_dir, "continual_audio", results, render_markdown)
+    print(render_markdown(results))
 
 
 if __name__ == "__main__":

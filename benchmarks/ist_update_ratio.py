@@ -22,13 +22,13 @@ them alike.
 
 Recorded per run: final validation accuracy, wall time of ``fit`` (training + the validation pass), the sum of the
 training step times, trainable parameters per step (elements that received a gradient in a step, max over steps,
-from ``fidelity.Probe``; the classification head trains in every step) and, for IST, the final layer scores.
+from ``harness.MeasuringCallback``; the classification head trains in every step) and, for IST, the final layer scores.
 
 Run from the repository root (the defaults: 15 runs, 41 minutes on a shared 2-core CPU with one torch thread)::
 
-    python benchmarks/ist_update_ratio.py
-    python benchmarks/ist_update_ratio.py --seeds 42 --steps 50 --ratios 0.5 --long-steps 0   # a quick check
-    python benchmarks/ist_update_ratio.py --render   # rewrite the markdown from the JSON
+    python -m benchmarks.ist_update_ratio
+    python -m benchmarks.ist_update_ratio --seeds 42 --steps 50 --ratios 0.5 --long-steps 0   # a quick check
+    python -m benchmarks.ist_update_ratio --render   # rewrite the markdown from the JSON
 
 Results: ``benchmarks/results/ist_update_ratio.json`` (every run, written after each one) and ``.md`` (tables and
 a summary).
@@ -41,7 +41,6 @@ import functools
 import gc
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,21 +50,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import (  # noqa: E402
-    LANGUAGE_SEED,
-    LANGUAGE_STEPS,
-    LORA_CONFIG,
-    LORA_LR,
-    MODEL,
-    RESULTS_DIR,
-    Probe,
-    _environment,
-    fit_and_record,
-    quiet_cpu_trainer,
-)
+from lightning_peft.callbacks import IST
 
-from lightning_peft.callbacks import IST  # noqa: E402
+from .fidelity import LANGUAGE_SEED, LANGUAGE_STEPS, LORA_CONFIG, LORA_LR, MODEL, fit_and_record
+from .harness import RESULTS_DIR, MeasuringCallback, environment, quiet_cpu_trainer, write_json, write_markdown
 
 NAME = "ist_update_ratio"
 RATIOS = (0.25, 0.5, 0.75)
@@ -109,7 +97,7 @@ def run_one(
         peft=dict(LORA_CONFIG),
         optimizer=functools.partial(torch.optim.AdamW, lr=LORA_LR, weight_decay=0.01),
     )
-    probe = Probe()
+    probe = MeasuringCallback()
     callbacks: list[Callback] = [probe]
     ist = None
     if ratio is not None:
@@ -294,11 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     name = NAME + ("_released_state" if args.release_state else "")
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     if args.render:
-        md_path.write_text(render(json.loads(json_path.read_text())))
+        write_markdown(md_path, render(json.loads(json_path.read_text())))
         return
     ratios = sorted(args.ratios)
     results: dict[str, Any] = {
-        "env": _environment(),
+        "env": environment(packages=("transformers",)),
         "setup": {
             "model": MODEL,
             "steps": args.steps,
@@ -319,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     def record(run: dict[str, Any], where: list[dict[str, Any]]) -> None:
         where.append(run)
         results["total_seconds"] = round(time.perf_counter() - start, 1)
-        json_path.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a stopped study keeps its runs
+        write_json(json_path, results)  # after every run: a stopped study keeps its runs
         print(json.dumps(run), flush=True)
 
     data = tweet_data()
@@ -338,8 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                     results["long_runs"],
                 )
     results["total_seconds"] = round(time.perf_counter() - start, 1)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md_path.write_text(render(results))
+    write_json(json_path, results)
+    write_markdown(md_path, render(results))
     print(render(results))
 
 

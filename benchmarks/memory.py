@@ -25,12 +25,13 @@ is -- from the callback's own statistics, since a second hook inside it would sh
 ``--mode cpu`` reports their sum (and the process's peak RSS delta, indicative only). ``--mode gpu`` reports
 ``torch.cuda.max_memory_allocated()`` over the timed steps. Step time is the median wall time of a training step
 (``on_train_batch_start`` to ``on_train_batch_end``, CUDA-synchronised) after warm-up. The trainable-set
-controller's own cost is timed by wrapping its ``on_train_batch_start``.
+controller's own cost is what it reports of each optimizer-step boundary (``TrainableSetController.last_boundary``).
+The measuring code is :mod:`benchmarks.harness`'s, the peers are built by :mod:`benchmarks.peers`.
 
 Run from the repository root::
 
-    python benchmarks/memory.py                # --mode cpu: small models, fp32, about 2.5 minutes on 2 cores
-    python benchmarks/memory.py --mode gpu     # ViT-B/16, ViT-L/16, Llama 1.1B in bf16-mixed on one GPU
+    python -m benchmarks.memory                # --mode cpu: small models, fp32, about 2.5 minutes on 2 cores
+    python -m benchmarks.memory --mode gpu     # ViT-B/16, ViT-L/16, Llama 1.1B in bf16-mixed on one GPU
 
 Results go to ``benchmarks/results/memory_<mode>.json`` (raw numbers) and ``.md`` (tables, targets).
 """
@@ -38,26 +39,18 @@ Results go to ``benchmarks/results/memory_<mode>.json`` (raw numbers) and ``.md`
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import datetime
 import gc
-import importlib.metadata
-import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import lightning
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -65,9 +58,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_peft.callbacks import LISA, ActivationQuantization
-from lightning_peft.layers import find_layers
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL
-from lightning_peft.trainable import TrainableSetController
+
+from .harness import RESULTS_DIR, MeasuringCallback, ProcessMemory, environment, write_results
+from .peers import GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
 
 METHODS = (
     "full",
@@ -131,7 +125,8 @@ CHECKPOINTING_METHODS = frozenset({"full_checkpointing", "lisa_checkpointing", "
 GALORE_RANK = {"vit": 64, "llama": 64}
 GALORE_UPDATE_GAP = 200
 GALORE_SCALE = 0.25
-ADAMW8BIT_METHODS = frozenset({"lisa_int8_adamw8bit"})
+# The optimizer of each method that does not use torch's AdamW.
+OPTIMIZER = {"lisa_int8_adamw8bit": "adamw8bit", "badam": "badam", "galore": "galore"}
 QUANT_GROUP_SIZE = 128
 LISA_LAYERS = 2
 LORA_RANK = 16
@@ -148,7 +143,6 @@ STEP_TIME_TARGET = 0.8
 # 0.45x full fine-tuning's peak on the 1.1B Llama (``ModelSpec.combination_target``).
 SAVED_BYTES_TARGET = 0.55
 QUANT_STEP_TIME_TARGET = 1.15
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -303,89 +297,6 @@ SMALL_TENSORS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- memory counting
-
-
-def storage_bytes(tensors: Iterable[Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a storage viewed by several tensors counts once)."""
-    storages = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
-    """Tensors of the optimizer's state, also those held by objects in it (GaLore's projection matrices) and, for
-    BAdam, its base optimizer's state and the float32 copy of the active block it updates."""
-    base = getattr(optimizer, "base_optimizer", None)
-    if base is not None:
-        yield from getattr(optimizer, "param_idx2hp", {}).values()
-        optimizer = base
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, Tensor):
-                yield value
-            elif hasattr(value, "__dict__"):
-                yield from (v for v in vars(value).values() if isinstance(v, Tensor))
-
-
-class SavedTensorCounter:
-    """Pack/unpack hooks that record the storages autograd saves for backward, parameters excluded."""
-
-    def __init__(self, excluded_storages: set[int]) -> None:
-        self.excluded = excluded_storages
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in self.excluded:
-            self.storages[pointer] = storage.nbytes()
-        return tensor
-
-    @staticmethod
-    def unpack(tensor: Tensor) -> Tensor:
-        return tensor
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.storages.values())
-
-
-class _ProcessMemory:
-    """Peak resident set size of this process since :meth:`reset` (Linux ``clear_refs``; None where unavailable)."""
-
-    def __init__(self) -> None:
-        self.baseline: int | None = None
-
-    @staticmethod
-    def _status(key: str) -> int | None:
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def reset(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the baseline is what is in use
-        try:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # resets VmHWM to the current RSS
-        except OSError:
-            self.baseline = None
-            return
-        self.baseline = self._status("VmRSS")
-
-    def peak_delta(self) -> int | None:
-        peak = self._status("VmHWM")
-        return None if peak is None or self.baseline is None else peak - self.baseline
-
-
 # ---------------------------------------------------------------------------------------------- models and data
 
 
@@ -416,10 +327,7 @@ def build_model(spec: ModelSpec, method: str) -> nn.Module:
             task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS["llama"]
         )
     if method in CHECKPOINTING_METHODS:
-        if spec.family == "vit":
-            model.set_grad_checkpointing(True)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return get_peft_model(model, lora) if method == "lora" else model
 
 
@@ -451,10 +359,9 @@ class RepeatedBatch:
 class BenchModule(pl.LightningModule):
     """Wraps a ViT (images, labels -> cross-entropy) or a causal LM (token ids -> next-token loss).
 
-    ``optimizer``: ``"adamw"`` (torch; bitsandbytes ``AdamW8bit`` when ``min_8bit_size`` is set), ``"badam"``
-    (BAdam's ``BlockOptimizer`` around AdamW, one block at a time, switching every ``switch_every`` steps) or
-    ``"galore"`` (galore-torch ``GaLoreAdamW``, the 2-D weights of the blocks projected). ``offload``: keep the
-    tensors saved for backward in CPU memory (``torch.autograd.graph.save_on_cpu``).
+    ``optimizer``: one of :data:`benchmarks.peers.OPTIMIZERS`: ``"adamw"`` (torch), ``"adamw8bit"`` (bitsandbytes,
+    ``min_8bit_size``), ``"badam"`` (BAdam's ``BlockOptimizer`` around AdamW, one block at a time, switching every
+    ``switch_every`` steps) or ``"galore"`` (galore-torch ``GaLoreAdamW``, the 2-D weights of the blocks projected).
     """
 
     def __init__(
@@ -462,36 +369,22 @@ class BenchModule(pl.LightningModule):
         model: nn.Module,
         family: str,
         lr: float = 1e-4,
-        min_8bit_size: int | None = None,
         optimizer: str = "adamw",
-        offload: bool = False,
+        min_8bit_size: int = 4096,
         switch_every: int = 3,
     ) -> None:
         super().__init__()
         self.model = model
         self.family = family
         self.lr = lr
-        self.min_8bit_size = min_8bit_size  # None: torch AdamW; else bitsandbytes AdamW8bit with this threshold
         self.optimizer_kind = optimizer
-        self.offload = offload
+        self.min_8bit_size = min_8bit_size
         self.switch_every = switch_every
-        self.saved_tensor_counter: SavedTensorCounter | None = None  # set for the one step that counts
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        counter = self.saved_tensor_counter
-        offload = (
-            torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-            if self.offload
-            else contextlib.nullcontext()
-        )
-        if counter is None:
-            with offload:
-                return self._loss(batch)
-        # the counted (warm-up) step: the counter's hooks would shadow save_on_cpu's, so it counts what is offloaded
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-            return self._loss(batch)
+        return self.loss(batch)
 
-    def _loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+    def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         if self.family == "vit":
             images, labels = batch
             return F.cross_entropy(self.model(images), labels)
@@ -499,214 +392,22 @@ class BenchModule(pl.LightningModule):
         return self.model(input_ids=tokens, labels=tokens).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Over every parameter that trains now: LISA freezes blocks afterwards and needs them all in the optimizer.
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_kind == "badam":
-            import warnings
-
-            from badam import BlockOptimizer
-
-            # BAdam expects bf16 weights and keeps a float32 copy of the active block (counted as optimizer state)
-            warnings.filterwarnings("ignore", message="BAdam expect model to be loaded in fp16/bf16")
-
-            stack = find_layers(self)
-            return BlockOptimizer(
-                base_optimizer=torch.optim.AdamW(params, lr=self.lr),
-                named_parameters_list=list(self.named_parameters()),
-                block_prefix_list=[[f"{name}."] for name in stack.names],
-                switch_block_every=self.switch_every,
-                switch_mode="random",
-                verbose=0,
-            )
-        if self.optimizer_kind == "galore":
-            from galore_torch import GaLoreAdamW
-
-            stack = find_layers(self)
-            inside = {n for i in range(len(stack)) for n in stack.block_parameter_names(i)}
-            named = dict(self.named_parameters())
-            projected = [p for n, p in named.items() if n in inside and p.dim() == 2]
-            regular = [p for p in params if all(p is not q for q in projected)]
-            groups = [
-                {"params": regular},
-                {
-                    "params": projected,
-                    "rank": GALORE_RANK[self.family],
-                    "update_proj_gap": GALORE_UPDATE_GAP,
-                    "scale": GALORE_SCALE,
-                    "proj_type": "std",
-                },
-            ]
-            return GaLoreAdamW(groups, lr=self.lr, no_deprecation_warning=True)
-        if self.min_8bit_size is None:
-            return torch.optim.AdamW(params, lr=self.lr)
-        return _adamw8bit()(params, lr=self.lr, min_8bit_size=self.min_8bit_size)
+        return build_optimizer(
+            self,
+            self.optimizer_kind,
+            self.lr,
+            min_8bit_size=self.min_8bit_size,
+            switch_every=self.switch_every,
+            galore=GaLoreSettings(GALORE_RANK[self.family], GALORE_UPDATE_GAP, GALORE_SCALE),
+        )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        if self.optimizer_kind != "badam":
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # BAdam copies the gradients before it calls the base optimizer's step: they must exist before its step
-        optimizer_closure()
-        optimizer.step()
-        return None
-
-
-def _adamw8bit() -> type[torch.optim.Optimizer]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError as error:
-        raise ImportError(
-            "`lisa_int8_adamw8bit` needs bitsandbytes. HINT: `pip install bitsandbytes`, or leave the method out"
-            " with `--methods`."
-        ) from error
-    return bnb.optim.AdamW8bit
+        if self.optimizer_kind == "badam":
+            return optimizer_step(optimizer, optimizer_closure)
+        return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
 
 # --------------------------------------------------------------------------------------------------- measuring
-
-
-@dataclass
-class ControllerTiming:
-    """Time spent in ``TrainableSetController.on_train_batch_start``, per call, and the part of it in ``log``."""
-
-    durations_ns: list[int] = field(default_factory=list)
-    logging_ns: list[int] = field(default_factory=list)  # inside ``pl_module.log`` (Lightning's logging)
-    changed: list[bool] = field(default_factory=list)  # whether the trainable set changed at that call
-
-
-class MeasuringCallback(Callback):
-    """Runs warm-up then timed steps, records memory components, step times and the controller's cost.
-
-    Warm-up ends after ``warmup`` steps and, with ``cover_blocks``, once every block has optimizer state (at most
-    ``max_coverage_steps`` more steps). Then ``timed`` steps are timed and training stops.
-    """
-
-    def __init__(
-        self,
-        warmup: int,
-        timed: int,
-        cover_blocks: bool,
-        max_coverage_steps: int,
-        quantization: ActivationQuantization | None = None,
-    ) -> None:
-        self.warmup = warmup
-        self.timed = timed
-        self.cover_blocks = cover_blocks
-        self.max_coverage_steps = max_coverage_steps
-        # With activation quantization the saved bytes come from the callback's statistics: a counter's hooks,
-        # entered inside the callback's, would shadow them and the counted step would run unquantized.
-        self.quantization = quantization
-        self.cuda = False
-        self.step = 0
-        self.timed_from: int | None = None
-        self.step_times: list[float] = []
-        self.block_params: list[list[nn.Parameter]] = []
-        self.parameter_storages: set[int] = set()
-        self.results: dict[str, Any] = {"grad_bytes": 0, "trainable_params": 0}
-        self.controller_timing: ControllerTiming | None = None
-        self._start = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.cuda = pl_module.device.type == "cuda"
-        params = list(pl_module.parameters())
-        self.parameter_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.results["param_bytes"] = storage_bytes(params)
-        self.results["total_params"] = sum(p.numel() for p in params)
-        stack = find_layers(pl_module)
-        named = dict(pl_module.named_parameters())
-        # A block "has state" when every parameter of it that may train (LoRA: its adapters) has optimizer state.
-        self.block_params = [
-            [named[n] for n in stack.block_parameter_names(i) if named[n].requires_grad] for i in range(len(stack))
-        ]
-        controller = next((cb for cb in trainer.callbacks if isinstance(cb, TrainableSetController)), None)
-        if controller is not None:
-            self.controller_timing = _time_controller(controller, pl_module)
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.results["gpu_allocated_at_start_bytes"] = torch.cuda.memory_allocated()
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        if self.step == 0 and self.quantization is None:  # count on a warm-up step: the bookkeeping is not timed
-            pl_module.saved_tensor_counter = SavedTensorCounter(self.parameter_storages)
-        if self.cuda:
-            torch.cuda.synchronize()
-            if self.step == self.timed_from:
-                self.results["gpu_peak_warmup_bytes"] = torch.cuda.max_memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-        self._start = time.perf_counter()
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        with_grad = [p for p in pl_module.parameters() if p.grad is not None]
-        # BAdam moves the active block's gradients onto its float32 copies before the base optimizer runs
-        with_grad += [p for p in getattr(optimizer, "param_idx2hp", {}).values() if p.grad is not None]
-        self.results["grad_bytes"] = max(self.results["grad_bytes"], storage_bytes(p.grad for p in with_grad))
-        self.results["trainable_params"] = max(self.results["trainable_params"], sum(p.numel() for p in with_grad))
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
-    ) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - self._start
-        counter = pl_module.saved_tensor_counter
-        if counter is not None:
-            self.results["saved_activation_bytes"] = counter.nbytes
-            pl_module.saved_tensor_counter = None
-        if self.step == 0 and self.quantization is not None:
-            # complete once the forward is done (the callback leaves its hooks in ``on_before_backward``)
-            stats = self.quantization.last_stats
-            self.results["saved_activation_bytes"] = stats.bytes_after
-            self.results["quantization"] = asdict(stats)
-        if self.timed_from is not None and self.step >= self.timed_from:
-            self.step_times.append(elapsed)
-        self.step += 1
-        optimizer = trainer.optimizers[0]
-        if self.timed_from is None and self.step >= self.warmup:
-            covered = self._blocks_with_state(optimizer) == len(self.block_params)
-            if covered or not self.cover_blocks or self.step >= self.warmup + self.max_coverage_steps:
-                self.timed_from = self.step
-                self.results["warmup_steps"] = self.step
-        if len(self.step_times) == self.timed:
-            self.results["optimizer_state_bytes"] = storage_bytes(optimizer_state_tensors(optimizer))
-            self.results["blocks_with_state"] = self._blocks_with_state(optimizer)
-            self.results["n_blocks"] = len(self.block_params)
-            if self.cuda:
-                self.results["gpu_peak_timed_bytes"] = torch.cuda.max_memory_allocated()
-            trainer.should_stop = True
-
-    def _blocks_with_state(self, optimizer: torch.optim.Optimizer) -> int:
-        return sum(all(p in optimizer.state for p in block) for block in self.block_params)
-
-
-def _time_controller(controller: TrainableSetController, pl_module: pl.LightningModule) -> ControllerTiming:
-    """Wrap the controller's per-batch hook with a timer (on the instance: Lightning looks hooks up by name).
-
-    The module's ``log`` is wrapped too (on the instance), so the time the hook spends in Lightning's logging of
-    ``trainable_params`` is known separately from the controller's own work.
-    """
-    timing = ControllerTiming()
-    hook = controller.on_train_batch_start
-    log = pl_module.log
-    in_log = [0]
-
-    def timed_log(*args: Any, **kwargs: Any) -> None:
-        start = time.perf_counter_ns()
-        log(*args, **kwargs)
-        in_log[0] += time.perf_counter_ns() - start
-
-    def timed_hook(*args: Any, **kwargs: Any) -> None:
-        before = controller._last_wishes
-        in_log[0] = 0
-        start = time.perf_counter_ns()
-        hook(*args, **kwargs)
-        timing.durations_ns.append(time.perf_counter_ns() - start)
-        timing.logging_ns.append(in_log[0])
-        timing.changed.append(controller._last_wishes is not before)
-
-    controller.on_train_batch_start = timed_hook
-    pl_module.log = timed_log
-    return timing
 
 
 def measure(
@@ -730,7 +431,7 @@ def measure(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     allocated_before = torch.cuda.memory_allocated() if cuda else None  # what an earlier method left behind
-    process = _ProcessMemory()
+    process = ProcessMemory()
     process.reset()
     torch.manual_seed(0)  # same weights for every method (the caller's RNG state is restored by `run`)
     with device:
@@ -738,9 +439,8 @@ def measure(
     module = BenchModule(
         model,
         spec.family,
-        min_8bit_size=small_tensors.min_8bit_size if method in ADAMW8BIT_METHODS else None,
-        optimizer=method if method in ("badam", "galore") else "adamw",
-        offload=method == "full_offload",
+        optimizer=OPTIMIZER.get(method, "adamw"),
+        min_8bit_size=small_tensors.min_8bit_size,
         switch_every=schedule.lisa_interval,
     )
     batch = make_batch(spec, device)
@@ -754,7 +454,12 @@ def measure(
             log_bytes=False,  # no other method logs per step: Lightning's `log` would be timed for these only
         )
     probe = MeasuringCallback(
-        schedule.warmup, schedule.timed, method == "lisa_kept", schedule.max_coverage_steps, quantization
+        warmup=schedule.warmup,
+        timed=schedule.timed,
+        cover_blocks=method == "lisa_kept",
+        max_coverage_steps=schedule.max_coverage_steps,
+        quantization=quantization,
+        offload=method == "full_offload",
     )
     callbacks: list[Callback] = [probe]
     if method in ("lisa", "lisa_int8_adamw8bit", "lisa_checkpointing"):
@@ -782,15 +487,13 @@ def measure(
     )
     trainer.fit(module, train_dataloaders=RepeatedBatch(batch, steps))
     result = dict(probe.results)
-    if len(probe.step_times) != schedule.timed:
-        raise RuntimeError(f"{spec.key}/{method}: timed {len(probe.step_times)} steps, expected {schedule.timed}")
-    result["step_times_ms"] = [1000 * t for t in probe.step_times]
+    if len(probe.timed_seconds) != schedule.timed:
+        raise RuntimeError(f"{spec.key}/{method}: timed {len(probe.timed_seconds)} steps, expected {schedule.timed}")
+    result["step_times_ms"] = [1000 * t for t in probe.timed_seconds]
     result["rss_peak_delta_bytes"] = None if cuda else process.peak_delta()
     result["gpu_allocated_before_build_bytes"] = allocated_before
-    if probe.controller_timing is not None:
-        result["controller_ns"] = probe.controller_timing.durations_ns
-        result["controller_logging_ns"] = probe.controller_timing.logging_ns
-        result["controller_changed"] = probe.controller_timing.changed
+    if probe.boundaries:
+        result["controller_boundaries"] = [asdict(b) for b in probe.boundaries]
     del trainer, module, model, batch, probe, callbacks, quantization
     gc.collect()
     if cuda:
@@ -828,7 +531,7 @@ def _summarise(runs: list[dict[str, Any]], cuda: bool) -> dict[str, Any]:
         rss = [r["rss_peak_delta_bytes"] for r in runs]
         summary["rss_peak_delta_bytes"] = None if None in rss else max(rss)
         summary["memory_bytes"] = summary["components_total_bytes"]
-    if "controller_ns" in last:
+    if "controller_boundaries" in last:
         summary["controller"] = _controller_summary(runs)
     if "quantization" in last:
         summary["quantization"] = last["quantization"]  # the counted step is the same in every repeat
@@ -836,14 +539,14 @@ def _summarise(runs: list[dict[str, Any]], cuda: bool) -> dict[str, Any]:
 
 
 def _controller_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-call costs of the controller hook, by kind: the first call of a run (the initial freeze, and Lightning's
-    first ``log`` call of the fit), a call where the trainable set changes, and one where it does not."""
+    """Costs of the controller's optimizer-step boundaries (``TrainableSetController.last_boundary``), by kind: the
+    first of a run (the initial freeze, and Lightning's first ``log`` call of the fit), a boundary where the
+    trainable set changes, and one where it does not."""
     calls = []
     for run in runs:
-        triples = zip(run["controller_ns"], run["controller_logging_ns"], run["controller_changed"], strict=True)
-        for index, (total, in_log, changed) in enumerate(triples):
-            kind = "first" if index == 0 else "change" if changed else "unchanged"
-            calls.append({"kind": kind, "us": total / 1000, "logging_us": in_log / 1000})
+        for index, boundary in enumerate(run["controller_boundaries"]):
+            kind = "first" if index == 0 else "change" if boundary["changed"] else "unchanged"
+            calls.append({"kind": kind, "us": boundary["total_ns"] / 1000, "logging_us": boundary["logging_ns"] / 1000})
     return {"calls": calls, **_controller_stats(calls)}
 
 
@@ -969,51 +672,6 @@ def _targets(spec: ModelSpec, methods: dict[str, dict[str, Any]], gpu: bool) -> 
     return targets
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    import peft
-    import timm
-    import transformers
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    try:  # from the package metadata: importing bitsandbytes is slow and noisy
-        bnb_version = importlib.metadata.version("bitsandbytes")
-    except importlib.metadata.PackageNotFoundError:
-        bnb_version = None
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = _cpu_name()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "lightning": lightning.__version__,
-        "timm": timm.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "bitsandbytes": bnb_version,
-        "git_commit": commit,
-    }
-
-
 def run(
     mode: str = "cpu",
     sizes: str | None = None,
@@ -1096,7 +754,12 @@ def _run(
         "mode": mode,
         "sizes": sizes,
         "precision": precision,
-        "environment": _environment(device),
+        "environment": environment(
+            device,
+            packages=("timm", "transformers", "peft", "bitsandbytes"),
+            cuda_version=True,
+            commit=True,
+        ),
         "schedule": asdict(schedule),
         "lisa": {"n_layers": LISA_LAYERS, "interval": schedule.lisa_interval, "kept_interval": schedule.kept_interval},
         "lora": {"r": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": LORA_TARGETS},
@@ -1140,9 +803,7 @@ def _run(
     stem = f"memory_{mode}" if sizes in (mode, "tiny") else f"memory_{sizes}"
     if tag:
         stem += f"_{tag}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    markdown = render_markdown(results)
-    (out_dir / f"{stem}.md").write_text(markdown)
+    write_results(out_dir, stem, results, render_markdown)
     return results
 
 
@@ -1177,7 +838,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f" torch {env['torch']}, lightning {env['lightning']}, timm {env['timm']}, transformers"
         f" {env['transformers']}, peft {env['peft']}, bitsandbytes {env.get('bitsandbytes')}; precision"
         f" `{results['precision']}`, AdamW (bitsandbytes AdamW8bit where named); sizes"
-        f" `{results['sizes']}`. Generated by `python benchmarks/memory.py --mode {results['mode']}`"
+        f" `{results['sizes']}`. Generated by `python -m benchmarks.memory --mode {results['mode']}`"
         " (see `benchmarks/README.md`).",
         "",
         f"LISA: {results['lisa']['n_layers']} blocks, interval {results['lisa']['interval']} (ours, state released);"
@@ -1259,7 +920,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             "## Trainable-set controller cost",
             "",
-            f"Time in `TrainableSetController.on_train_batch_start` over the {cost['steps']} steps of the LISA (ours)"
+            f"Time of `TrainableSetController`'s optimizer-step boundaries (its `last_boundary`) over the"
+            f" {cost['steps']} steps of the LISA (ours)"
             f" runs: {cost['mean_us']:.1f} us per step on average ({cost['mean_us_without_logging']:.1f} us without"
             f" the `pl_module.log('trainable_params', ...)` it calls when the set changes);"
             f" {_format_us(cost['mean_us_after_first'])} us per step without each run's first step (the initial"

@@ -30,12 +30,12 @@ Three modes, each comparing side by side in one process:
 
 Run from the repository root::
 
-    python benchmarks/pruning.py --mode cpu       # ~3 minutes on 2 cores
-    python benchmarks/pruning.py --mode tweets    # ~30 minutes on 2 cores (5 runs)
-    python benchmarks/pruning.py --mode tweets-speed   # ~5 minutes, after --mode tweets
-    python benchmarks/pruning.py --mode tweets-scores  # ~4 minutes
-    python benchmarks/pruning.py --mode causal    # ~20 minutes on a loaded 2-core machine
-    python benchmarks/pruning.py --mode gpu       # one CUDA GPU, under 2 minutes
+    python -m benchmarks.pruning --mode cpu       # ~3 minutes on 2 cores
+    python -m benchmarks.pruning --mode tweets    # ~30 minutes on 2 cores (5 runs)
+    python -m benchmarks.pruning --mode tweets-speed   # ~5 minutes, after --mode tweets
+    python -m benchmarks.pruning --mode tweets-scores  # ~4 minutes
+    python -m benchmarks.pruning --mode causal    # ~20 minutes on a loaded 2-core machine
+    python -m benchmarks.pruning --mode gpu       # one CUDA GPU, under 2 minutes
 
 Results: ``benchmarks/results/pruning_<mode>.json`` (raw numbers) and ``.md`` (tables).
 """
@@ -47,22 +47,17 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lightning_peft.pruning import (  # noqa: E402
+from lightning_peft.pruning import (
     apply_pruning_plan,
     choose_heads,
     choose_lora,
@@ -70,9 +65,11 @@ from lightning_peft.pruning import (  # noqa: E402
     find_lora_layers,
     find_sites,
 )
-from lightning_peft.pruning.plan import PruningPlan  # noqa: E402
+from lightning_peft.pruning.plan import PruningPlan
 
-RESULTS = ROOT / "benchmarks" / "results"
+from .harness import RESULTS_DIR, SavedTensorCounter, cpu_name, environment, write_json, write_markdown, write_results
+
+RESULTS = RESULTS_DIR
 
 SIZES = {
     "cpu": {
@@ -164,23 +161,6 @@ def prune(model: nn.Module, seed: int = 0) -> PruningPlan:
     return plan
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the bytes of the tensors saved for backward (parameters excluded)."""
-
-    def __init__(self, params: set[int]) -> None:
-        self.total = 0
-        self._seen: set[int] = set()
-
-        def pack(t: Tensor) -> Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params and ptr not in self._seen:
-                self._seen.add(ptr)
-                self.total += t.untyped_storage().nbytes()
-            return t
-
-        super().__init__(pack, lambda t: t)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -217,10 +197,10 @@ def measure(family: str, model: nn.Module, batch, device, mode: str, warmup: int
         result["train_peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
         param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = SavedBytes(param_ptrs)
-        with saved:
+        saved = SavedTensorCounter(param_ptrs)
+        with saved.hooks():
             loss = loss_of(family, model, x, y)
-        result["saved_activation_bytes"] = saved.total
+        result["saved_activation_bytes"] = saved.nbytes
         del loss
     del optimizer
     model.eval()
@@ -682,24 +662,12 @@ def run_tweets_speed(results: dict[str, Any], lr: float, rounds: int = 3, warmup
 
 
 def _env() -> dict[str, Any]:
-    import lightning
-    import peft
-    import timm
-    import transformers
-
-    env = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "timm": timm.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-    }
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    env = environment(device, packages=("timm", "transformers", "peft"))
+    # the keys this script's tables and committed results use
+    env |= {"threads": env["torch_threads"], "machine": cpu_name()}
+    if device is not None:
+        env["gpu"] = env["device"]
     return env
 
 
@@ -859,9 +827,9 @@ def main() -> None:
         stored = json.loads(path.read_text())
         run_tweets_speed(stored["results"], args.lr)
         stored["env"]["speed_measured"] = env["date"]
-        path.write_text(json.dumps(stored, indent=2, default=str))
+        write_json(path, stored)
         markdown = _tweets_markdown(stored["results"], stored["env"], args)
-        (args.out_dir / "pruning_tweets.md").write_text(markdown)
+        write_markdown(args.out_dir / "pruning_tweets.md", markdown)
         print(markdown)
         return
     if args.mode == "tweets-scores":
@@ -882,8 +850,8 @@ def main() -> None:
             ],
             "",
         ]
-        (args.out_dir / "pruning_tweets_scores.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
-        (args.out_dir / "pruning_tweets_scores.md").write_text("\n".join(lines))
+        write_json(args.out_dir / "pruning_tweets_scores.json", {"env": env, "results": results})
+        write_markdown(args.out_dir / "pruning_tweets_scores.md", "\n".join(lines))
         print("\n".join(lines))
         return
     if args.mode == "causal":
@@ -897,8 +865,8 @@ def main() -> None:
             results = json.loads(previous.read_text())["results"] if previous.exists() else {}
             results.update(row)
             results = {k: results[k] for k in TWEET_RUNS if k in results}
-            previous.write_text(json.dumps({"env": env, "results": results}, indent=2, default=str))
-            (args.out_dir / f"{name}.md").write_text(_tweets_markdown(results, env, args))
+            write_results(args.out_dir, name, {"env": env, "results": results})
+            write_markdown(args.out_dir / f"{name}.md", _tweets_markdown(results, env, args))
         markdown = _tweets_markdown(results, env, args)
     else:
         size_key = "tiny" if args.tiny else args.mode
@@ -907,8 +875,8 @@ def main() -> None:
         regimes = {"vit": ["full", "lora"], "llama": ["full", "lora"] if args.mode == "cpu" else ["lora"]}
         results = run_speed(size_key, rounds, warmup, steps, regimes)
         markdown = _speed_markdown(args.mode, results, env)
-    (args.out_dir / f"{name}.json").write_text(json.dumps({"env": env, "results": results}, indent=2, default=str))
-    (args.out_dir / f"{name}.md").write_text(markdown)
+    write_results(args.out_dir, name, {"env": env, "results": results})
+    write_markdown(args.out_dir / f"{name}.md", markdown)
     print(markdown)
 
 

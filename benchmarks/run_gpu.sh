@@ -24,27 +24,27 @@ python -c "import bitsandbytes" 2>/dev/null || echo "bitsandbytes missing: the A
 
 want() { [[ $parts == *" $1 "* ]]; }
 if want memory; then
-  timeout 330 python benchmarks/memory.py --mode gpu --out-dir "$out" 2>&1 | tee "$out/memory_gpu.log"
+  timeout 330 python -m benchmarks.memory --mode gpu --out-dir "$out" 2>&1 | tee "$out/memory_gpu.log"
 fi
 if want activation_quantization; then
-  timeout 240 python benchmarks/activation_quantization.py --mode gpu --compile --output "$out" 2>&1 \
+  timeout 240 python -m benchmarks.activation_quantization --mode gpu --compile --output "$out" 2>&1 \
     | tee "$out/activation_quantization_gpu.log"
 fi
 if want peers; then  # checkpointing, save_on_cpu, BAdam, GaLore next to ours (pip install badam galore-torch)
-  timeout 540 python benchmarks/memory.py --mode gpu --tag peers --out-dir "$out" --methods full lisa lora \
+  timeout 540 python -m benchmarks.memory --mode gpu --tag peers --out-dir "$out" --methods full lisa lora \
     full_int8 lisa_int8_adamw8bit full_checkpointing full_offload badam galore lisa_checkpointing \
     full_int8_checkpointing 2>&1 | tee "$out/memory_gpu_peers.log"
-  python benchmarks/quantizer_overhead.py --rounds 5 --out-dir "$out" 2>&1 | tail -20  # host time, same machine
+  python -m benchmarks.quantizer_overhead --rounds 5 --out-dir "$out" 2>&1 | tail -20  # host time, same machine
 fi
 if want estimate; then  # the estimate against the allocator peaks of memory_gpu*.json (run memory / peers first)
   for results in memory_gpu memory_gpu_peers; do
     [[ -f "$out/$results.json" ]] && cp "$out/$results.json" benchmarks/results/ 2>/dev/null
-    [[ -f "benchmarks/results/$results.json" ]] && timeout 300 python benchmarks/estimate_check.py \
+    [[ -f "benchmarks/results/$results.json" ]] && timeout 300 python -m benchmarks.estimate_check \
       --results "$results" --device cuda --out-dir "$out" 2>&1 | tail -5
   done
   timeout 120 python -c "from lightning_peft.cli import cli_main; cli_main(['estimate', '--config', \
 'benchmarks/estimate/llama2_7b_lisa.yaml', '--memory', '80GiB', '--device', 'cuda'])" | tee "$out/estimate_7b.txt"
 fi
 if want pruning; then
-  timeout 120 python benchmarks/pruning.py --mode gpu --out-dir "$out" 2>&1 | tee "$out/pruning_gpu.log"
+  timeout 120 python -m benchmarks.pruning --mode gpu --out-dir "$out" 2>&1 | tee "$out/pruning_gpu.log"
 fi

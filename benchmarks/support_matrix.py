@@ -1,8 +1,8 @@
 """Run every method on every architecture of the model zoo and write the support matrix.
 
-    python benchmarks/support_matrix.py                  # all models; rewrites the README's support section
-    python benchmarks/support_matrix.py hf_t5 timm_swin  # some models; prints only
-    python benchmarks/support_matrix.py --render         # rewrite the markdown and README from the JSON
+    python -m benchmarks.support_matrix                  # all models; rewrites the README's support section
+    python -m benchmarks.support_matrix hf_t5 timm_swin  # some models; prints only
+    python -m benchmarks.support_matrix --render         # rewrite the markdown and README from the JSON
 
 Each cell is :func:`lightning_peft.support.check_support` on a tiny random model of ``tests/zoo_models.py``: it
 checks what the method promises (see that module), not only that nothing crashed. Results:
@@ -145,7 +145,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": "python benchmarks/support_matrix.py",
+        "command": "python -m benchmarks.support_matrix",
     }
     write(rows, meta)
 

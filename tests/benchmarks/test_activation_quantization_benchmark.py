@@ -3,10 +3,8 @@
 import json
 
 import pytest
-from helpers import load_benchmark
 
-benchmark = load_benchmark("activation_quantization")
-
+from benchmarks import activation_quantization as benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

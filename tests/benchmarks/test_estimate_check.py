@@ -1,8 +1,6 @@
 """The estimate matches the counted memory of the committed CPU benchmark rows (the check of issue 16)."""
 
-from helpers import load_benchmark
-
-estimate_check = load_benchmark("estimate_check")
+from benchmarks import estimate_check
 
 
 def test_committed_cpu_rows_are_estimated_within_5_percent(tmp_path):

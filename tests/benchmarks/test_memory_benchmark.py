@@ -5,21 +5,20 @@ import json
 
 import pytest
 import torch
-from helpers import load_benchmark
 from torch import nn
 
-memory = load_benchmark("memory")
+from benchmarks import harness, memory
 
 
 def test_storage_bytes_counts_a_shared_storage_once():
     base = torch.zeros(16, 16)
-    assert memory.storage_bytes([base, base.t(), base[:4]]) == 16 * 16 * 4
-    assert memory.storage_bytes([base, torch.zeros(4)]) == 16 * 16 * 4 + 4 * 4
+    assert harness.storage_bytes([base, base.t(), base[:4]]) == 16 * 16 * 4
+    assert harness.storage_bytes([base, torch.zeros(4)]) == 16 * 16 * 4 + 4 * 4
 
 
 def test_saved_tensor_counter_excludes_parameters():
     layer = nn.Linear(8, 8)
-    counter = memory.SavedTensorCounter({p.untyped_storage().data_ptr() for p in layer.parameters()})
+    counter = harness.SavedTensorCounter({p.untyped_storage().data_ptr() for p in layer.parameters()})
     x = torch.randn(4, 8, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
         layer(x).sum().backward()

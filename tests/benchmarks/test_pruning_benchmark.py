@@ -10,7 +10,7 @@ ROOT = Path(__file__).parents[2]
 
 @pytest.mark.slow
 def test_pruning_benchmark_runs_on_tiny_models(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "pruning.py"), "--tiny", "--out-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "benchmarks.pruning", "--tiny", "--out-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "pruning_cpu_tiny.json").read_text())["results"]
@@ -26,8 +26,7 @@ def test_tweet_rows_and_plans_from_summaries():
     """The tweet table shows the check's losses and ratios; a summary rebuilds a plan with the run's shapes."""
     import argparse
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import pruning as bench
+    from benchmarks import pruning as bench
 
     summary = {
         "layers": [{"site": "a.attn", "kind": "heads", "kept": 4, "total": 6}],

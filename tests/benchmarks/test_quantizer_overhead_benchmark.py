@@ -2,9 +2,7 @@
 
 import json
 
-from helpers import load_benchmark
-
-quantizer_overhead = load_benchmark("quantizer_overhead")
+from benchmarks import quantizer_overhead
 
 
 def test_tiny_run_reports_every_size_dtype_and_path(tmp_path):
