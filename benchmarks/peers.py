@@ -42,6 +42,8 @@ def enable_checkpointing(model: nn.Module) -> None:
     ``gradient_checkpointing_enable`` (non-reentrant, so frozen inputs and saved-tensor hooks work)."""
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the older name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import lightning.pytorch as pl
 import pytest
@@ -231,15 +228,3 @@ def run_config(config_name: str, cwd: Path, *overrides: str, timeout: int = 900)
     assert found is not None, result.stdout[-2000:]
     metrics = dict(item.split("=") for item in found.group(2).split(", "))
     return int(found.group(1)), {name: float(value) for name, value in metrics.items()}
-
-
-def load_benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package), once per test session."""
-    module_name = f"benchmarks_{name}"
-    if module_name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
