@@ -73,7 +73,7 @@ from .harness import (
     write_markdown,
     write_results,
 )
-from .peers import GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .peers import PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LANGUAGE_METHODS = (
@@ -83,13 +83,7 @@ LANGUAGE_METHODS = (
     "lora",
     "ist_lora",
     "full_int8",
-    # what users pick instead (peers), and combinations
-    "full_checkpointing",
-    "full_offload",
-    "badam",
-    "galore",
-    "lisa_checkpointing",
-    "full_int8_checkpointing",
+    *PEERS,  # what users pick instead, and combinations
     "lisa_int8_adamw8bit",
 )
 PEER_METHODS = LANGUAGE_METHODS[LANGUAGE_METHODS.index("full_checkpointing") :]

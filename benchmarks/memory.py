@@ -61,7 +61,7 @@ from lightning_peft.callbacks import LISA, ActivationQuantization
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL
 
 from .harness import RESULTS_DIR, MeasuringCallback, ProcessMemory, environment, write_results
-from .peers import GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .peers import PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
 
 METHODS = (
     "full",
@@ -71,13 +71,7 @@ METHODS = (
     "full_int8",
     "full_fp8_e4m3",
     "lisa_int8_adamw8bit",
-    # what users pick instead (peers), and combinations with them
-    "full_checkpointing",
-    "full_offload",
-    "badam",
-    "galore",
-    "lisa_checkpointing",
-    "full_int8_checkpointing",
+    *PEERS,  # what users pick instead, and combinations with them
 )
 METHOD_LABELS = {
     "full": "Full FT (AdamW)",
@@ -109,16 +103,9 @@ UNQUANTIZED = {
 }
 # What users would pick instead, and combinations with them: memory_cpu_peers.* (BAdam and GaLore need the
 # `bench` extra: pip install badam galore-torch)
-PEER_METHODS = (
-    "full_checkpointing",
-    "full_offload",
-    "badam",
-    "galore",
-    "lisa_checkpointing",
-    "full_int8_checkpointing",
-)
+PEER_METHODS = PEERS
 # Activation checkpointing of every block: timm `set_grad_checkpointing()`, transformers
-# `gradient_checkpointing_enable()` (non-reentrant).
+# `activation_checkpointing_enable()` (`gradient_checkpointing_enable()` before 5.24), non-reentrant.
 CHECKPOINTING_METHODS = frozenset({"full_checkpointing", "lisa_checkpointing", "full_int8_checkpointing"})
 # BAdam: one block trains at a time (embeddings and head frozen, its defaults), switching every LISA interval;
 # GaLore: AdamW with the gradients of 2-D block weights projected to rank GALORE_RANK.

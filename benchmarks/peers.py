@@ -37,6 +37,17 @@ class GaLoreSettings:
     scale: float
 
 
+#: What users would pick instead, and combinations with them, as the benchmarks name them.
+PEERS = (
+    "full_checkpointing",
+    "full_offload",
+    "badam",
+    "galore",
+    "lisa_checkpointing",
+    "full_int8_checkpointing",
+)
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing of every block: timm's ``set_grad_checkpointing`` or transformers'
     ``gradient_checkpointing_enable`` (non-reentrant, so frozen inputs and saved-tensor hooks work)."""
