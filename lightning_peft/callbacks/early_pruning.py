@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_peft._batch import batch_loss
 from lightning_peft._compat import (
     is_spawning_launcher,
     logger_writes_this_step,
-    rewrap_ddp,
     run_before_weights_load,
     undo_before_weights_load,
 )
@@ -35,25 +31,22 @@ from lightning_peft.pruning import (
     PruningMasks,
     PruningPlan,
     apply_pruning_plan,
-    choose_heads,
-    choose_lora,
-    choose_neurons,
+    carry_over,
+    decision,
     find_lora_layers,
     find_sites,
     plan_applied,
-    replace_in_optimizer,
+    report,
 )
 from lightning_peft.pruning.surgery import Sites
 from lightning_peft.pruning.verify import SiteVerifier
-from lightning_peft.trainable import TrainableSetController, agree_seed
+from lightning_peft.trainable import agree_seed
 
 __all__ = ["EarlyPruning"]
 
 _MASKS = "early_pruning_masks"
 _SCORES = ("taylor", "magnitude")
 _MIN_SPREAD = 0.05  # below this coefficient of variation of the mask values, |m| ranks close to random
-_HALVINGS = 3  # the loss check halves a kind's ratio this many times, then spares that kind entirely
-_KINDS = {"heads": ("head_ratio",), "neurons": ("neuron_ratio",), "peft": ("peft_module_ratio", "peft_rank_ratio")}
 
 
 def _check_ratio(name: str, value: float, hint: str) -> float:
@@ -437,7 +430,7 @@ class EarlyPruning(Callback):
     # --------------------------------------------------------------------------------------------- pruning
     def ratios(self) -> dict[str, float]:
         """The ratios asked for at construction, by argument name (the loss check may use lower ones)."""
-        return {name: getattr(self, name) for names in _KINDS.values() for name in names}
+        return {name: getattr(self, name) for names in decision.KINDS.values() for name in names}
 
     def unit_scores(self) -> tuple[list[Tensor], list[Tensor]]:
         """The head and neuron scores the plan ranks by (``score=``), per attention / MLP site."""
@@ -453,53 +446,15 @@ class EarlyPruning(Callback):
             ratios: ``{argument name: ratio}`` overriding some of ``head_ratio``, ``neuron_ratio``,
                 ``peft_module_ratio``, ``peft_rank_ratio``.
         """
-        r = {**self.ratios(), **(ratios or {})}
-        generator = torch.Generator().manual_seed(self._seed_value or 0)
-        heads, neurons, removed, ranks = {}, {}, [], {}
-        if self.masks is not None:
-            head_scores, neuron_scores = self.unit_scores()
-            heads = choose_heads(
-                {
-                    s.path: (score, s.group_size)
-                    for s, score in zip(self.masks.attention_sites, head_scores, strict=True)
-                    if s.path not in self.excluded
-                },
-                r["head_ratio"],
-                generator,
-            )
-            neurons = choose_neurons(
-                {
-                    s.path: score
-                    for s, score in zip(self.masks.mlp_sites, neuron_scores, strict=True)
-                    if s.path not in self.excluded
-                },
-                r["neuron_ratio"],
-                generator,
-            )
-        if self.importance is not None:
-            removed, ranks = choose_lora(
-                self.importance.module_scores(),
-                self.importance.rank_scores(),
-                r["peft_module_ratio"],
-                r["peft_rank_ratio"],
-            )
-        adapters_removed, adapter_units = [], {}
-        if self.adapter_importance is not None:
-            adapters_removed, units = choose_lora(
-                self.adapter_importance.module_scores(),
-                self.adapter_importance.rank_scores(),
-                r["peft_module_ratio"],
-                r["peft_rank_ratio"],
-            )
-            adapter_units = {path: kept["adapter"] for path, kept in units.items()}
-        return PruningPlan(
-            heads=heads,
-            neurons=neurons,
-            lora_removed=removed,
-            lora_ranks=ranks,
-            adapters_removed=adapters_removed,
-            adapter_units=adapter_units,
-            layers=self.layers,
+        return decision.make_plan(
+            {**self.ratios(), **(ratios or {})},
+            self.masks,
+            self.unit_scores() if self.masks is not None else None,
+            self.importance,
+            self.adapter_importance,
+            self.excluded,
+            self._seed_value or 0,
+            self.layers,
         )
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> PruningPlan:
@@ -519,34 +474,20 @@ class EarlyPruning(Callback):
         decision = trainer.strategy.broadcast(decision, src=0)
         plan, self.check = PruningPlan.from_dict(decision["plan"]), decision["check"]
         self._recent.clear()
-        mask_values = self._mask_values()
-        lora_before = {p: dict(layer.r) for p, layer in find_lora_layers(pl_module).items()}
-        lora_before |= {p: {"adapter": a.down.out_features} for p, a in adapter_modules(pl_module)}
+        values = report.mask_values(self.masks)
+        peft_before = report.peft_sizes(pl_module)
         params_before = sum(p.numel() for p in pl_module.parameters())
         dropped = self._drop_estimation(pl_module)
-        record = apply_pruning_plan(pl_module, plan)
-        for optimizer in trainer.optimizers:
-            replace_in_optimizer(optimizer, record, drop=dropped)
-        for param in pl_module.parameters():
-            param.grad = None
-        self._rewrap_ddp(trainer, pl_module)
-        controller = TrainableSetController.of(trainer)
-        if controller is not None:
-            controller.refresh(trainer, pl_module)
+        carry_over(trainer, pl_module, apply_pruning_plan(pl_module, plan), drop=dropped)
         self.plan = plan
         self.pruned_at = trainer.global_step
         params_after = sum(p.numel() for p in pl_module.parameters())
-        self.summary = self._summarize(pl_module, plan, mask_values, lora_before, params_before, params_after)
-        rank_zero_info(self._format_summary())
+        self.summary = report.summarize(plan, values, peft_before, params_before, params_after)
+        rank_zero_info(report.format_summary(self.summary, self.check, self.pruned_at, self.score))
         self._log_check(trainer)
         log_dir = trainer.log_dir if trainer.logger is not None else None
-        if (
-            self.plot
-            and log_dir is not None
-            and trainer.is_global_zero
-            and mask_values["heads"] + mask_values["neurons"]
-        ):
-            self.plot_masks(os.path.join(log_dir, "early_pruning_masks.png"), mask_values, plan)
+        if self.plot and log_dir is not None and trainer.is_global_zero and values["heads"] + values["neurons"]:
+            self.plot_masks(os.path.join(log_dir, "early_pruning_masks.png"), values, plan)
         return plan
 
     # ------------------------------------------------------------------------------------------- loss check
@@ -562,148 +503,26 @@ class EarlyPruning(Callback):
             ``{"plan": plan as a dict, "check": report}``; the report holds ``loss_before``, ``loss_after_cut``,
             ``increase`` (relative), ``requested`` and ``used`` ratios, every try and what was spared and why.
         """
-        requested = self.ratios()
-        if self.max_loss_increase is None or not batches:
-            reason = "off (`max_loss_increase=None`)" if self.max_loss_increase is None else "no batch to measure"
-            return {"plan": self.make_plan().to_dict(), "check": {"enabled": False, "reason": reason}}
-        tolerance = self.max_loss_increase
         present = {
             "heads": self.masks is not None and bool(self.masks.attention_sites),
             "neurons": self.masks is not None and bool(self.masks.mlp_sites),
             "peft": bool(self._importances()),
         }
-        used = dict(requested)
-        halvings = dict.fromkeys(_KINDS, 0)
-        tries: list[dict[str, Any]] = []
-        alone: dict[tuple, float] = {}
-        spared: list[str] = []
-        with self._evaluation(trainer, pl_module):
-            before = self._loss(pl_module, batches)
-
-            def increase(ratios: dict[str, float]) -> tuple[PruningPlan, float]:
-                plan = self.make_plan(ratios)
-                with self._simulated(pl_module, plan):
-                    loss = self._loss(pl_module, batches)
-                return plan, (loss - before) / max(abs(before), 1e-12)
-
-            while True:
-                plan, rise = increase(used)
-                tries.append({"ratios": dict(used), "increase": rise})
-                active = [k for k in _KINDS if present[k] and any(used[n] > 0 for n in _KINDS[k])]
-                if rise <= tolerance or not active or not math.isfinite(before):
-                    break
-                cost = {}
-                for kind in active:  # what each kind's cut costs alone decides which one gives way
-                    only = {n: (used[n] if n in _KINDS[kind] else 0.0) for n in used}
-                    key = tuple(sorted(only.items()))
-                    if key not in alone:
-                        alone[key] = increase(only)[1]
-                    cost[kind] = alone[key]
-                worst = max(active, key=lambda k: cost[k])
-                old = {n: used[n] for n in _KINDS[worst]}
-                while True:  # halve until the cut of that kind changes (a ratio rounds to whole heads / groups)
-                    halvings[worst] += 1
-                    for name in _KINDS[worst]:
-                        used[name] = 0.0 if halvings[worst] > _HALVINGS else used[name] / 2
-                    if halvings[worst] > _HALVINGS or _cut_of(self.make_plan(used), worst) != _cut_of(plan, worst):
-                        break
-                spared.append(
-                    f"{worst}: {', '.join(f'{n} {old[n]:.3g} -> {used[n]:.3g}' for n in old)} (the whole cut"
-                    f" {rise:+.1%} > {tolerance:.1%}; {worst} alone cost most, {cost[worst]:+.1%})"
-                )
-        after = before * (1 + tries[-1]["increase"])
-        check = {
-            "enabled": True,
-            "tolerance": tolerance,
-            "batches": len(batches),
-            "loss_before": before,
-            "loss_after_cut": after,
-            "increase": tries[-1]["increase"],
-            "requested": requested,
-            "used": used,
-            "tries": tries,
-            "spared": spared,
-        }
-        return {"plan": plan.to_dict(), "check": check}
-
-    @contextlib.contextmanager
-    def _evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-        """Eval mode (no dropout), no gradients, the run's precision; training flags restored afterwards."""
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
-        try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                yield
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        return decision.decide(
+            trainer,
+            pl_module,
+            batches,
+            requested=self.ratios(),
+            tolerance=self.max_loss_increase,
+            plan_at=self.make_plan,
+            masks=self.masks,
+            present=present,
+            loss=self._loss,
+        )
 
     @staticmethod
     def _loss(pl_module: pl.LightningModule, batches: list[Any]) -> float:
-        """Mean loss over ``batches``: ``compute_loss(batch)`` if the module has one, else ``training_step``."""
-        losses = []
-        for index, batch in enumerate(batches):
-            output = batch_loss(
-                pl_module,
-                batch,
-                index,
-                "EarlyPruning's loss check",
-                ", or turn the check off: `max_loss_increase=None`",
-            )
-            losses.append(float(output.detach().float().mean()))
-        return sum(losses) / len(losses)
-
-    @contextlib.contextmanager
-    def _simulated(self, pl_module: pl.LightningModule, plan: PruningPlan) -> Iterator[None]:
-        """The model computes as it will after ``plan`` is applied: pruned units masked out, kept masks at 1.
-
-        Heads and neurons: the masks are set to 1 (kept) or 0 (pruned), as the cut drops the masks. LoRA: a removed
-        layer's scaling is 0, a pruned rank's row of ``A`` is zero. Adapters: a removed adapter's scale is 0, a pruned
-        unit's column of ``up`` is zero. Everything is restored on exit.
-        """
-        saved: list[tuple[Tensor, Tensor]] = []
-        attributes: list[tuple[Any, str, Any]] = []
-
-        def overwrite(tensor: Tensor, keep: list[int] | None, dim: int = 0) -> None:
-            saved.append((tensor, tensor.detach().clone()))
-            if keep is None:  # a mask of a site the plan leaves whole
-                tensor.data.fill_(1.0)
-                return
-            drop = torch.ones(tensor.shape[dim], dtype=torch.bool)
-            drop[keep] = False
-            if tensor.dim() == 1:  # a mask: kept at 1, pruned at 0
-                tensor.data.fill_(1.0)
-            tensor.data.index_fill_(dim, drop.nonzero().flatten().to(tensor.device), 0.0)
-
-        with torch.no_grad():
-            if self.masks is not None:
-                for site, mask in zip(self.masks.attention_sites, self.masks.heads, strict=True):
-                    overwrite(mask, plan.heads.get(site.path))
-                for site, mask in zip(self.masks.mlp_sites, self.masks.neurons, strict=True):
-                    overwrite(mask, plan.neurons.get(site.path))
-            if plan.lora_removed or plan.lora_ranks:
-                lora = find_lora_layers(pl_module)
-                for path in plan.lora_removed:
-                    attributes.append((lora[path], "scaling", dict(lora[path].scaling)))
-                    lora[path].scaling = dict.fromkeys(lora[path].scaling, 0.0)
-                for path, adapters in plan.lora_ranks.items():
-                    for adapter, kept in adapters.items():
-                        overwrite(lora[path].lora_A[adapter].weight, kept)
-            if plan.adapters_removed or plan.adapter_units:
-                adapters = dict(adapter_modules(pl_module))
-                for path in plan.adapters_removed:
-                    attributes.append((adapters[path], "scale", adapters[path].scale))
-                    adapters[path].scale = 0.0
-                for path, kept in plan.adapter_units.items():
-                    overwrite(adapters[path].up.weight, kept, dim=1)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for tensor, value in saved:
-                    tensor.data.copy_(value)
-                for owner, name, value in attributes:
-                    setattr(owner, name, value)
+        return decision.mean_loss(pl_module, batches)
 
     def _warn_if_masks_did_not_separate(self) -> None:
         if self.masks is None or not (self.head_ratio or self.neuron_ratio):
@@ -749,118 +568,10 @@ class EarlyPruning(Callback):
         self._importance_state = self._adapter_importance_state = None
         return dropped
 
-    @staticmethod
-    def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
-            # DDP's reducer holds the old parameters; a new wrapper registers the new ones (and broadcasts rank 0's
-            # values, which are identical anyway since every rank applied the same plan).
-            rewrap_ddp(strategy, pl_module)
-
-    def _mask_values(self) -> dict[str, list]:
-        if self.masks is None:
-            return {"heads": [], "neurons": []}
-        heads = [
-            (s.path, s.block, m.detach().float().cpu())
-            for s, m in zip(self.masks.attention_sites, self.masks.heads, strict=True)
-        ]
-        neurons = [
-            (s.path, s.block, m.detach().float().cpu())
-            for s, m in zip(self.masks.mlp_sites, self.masks.neurons, strict=True)
-        ]
-        return {"heads": heads, "neurons": neurons}
-
-    @staticmethod
-    def _summarize(pl_module, plan, mask_values, lora_before, params_before, params_after) -> dict[str, Any]:
-        layers = []
-        for path, _, mask in mask_values["heads"]:
-            kept = len(plan.heads.get(path, mask))  # a site left whole (not verified) keeps everything
-            layers.append({"site": path, "kind": "heads", "kept": kept, "total": len(mask)})
-        for path, _, mask in mask_values["neurons"]:
-            kept = len(plan.neurons.get(path, mask))
-            layers.append({"site": path, "kind": "neurons", "kept": kept, "total": len(mask)})
-        lora = []
-        for path, ranks in lora_before.items():
-            for adapter, r in ranks.items():
-                if path in plan.lora_removed or path in plan.adapters_removed:
-                    kept = 0
-                elif adapter == "adapter" and path in plan.adapter_units:
-                    kept = len(plan.adapter_units[path])
-                else:
-                    kept = len(plan.lora_ranks.get(path, {}).get(adapter, range(r)))
-                lora.append({"site": path, "adapter": adapter, "kept": kept, "total": r})
-        return {"layers": layers, "lora": lora, "params_before": params_before, "params_after": params_after}
-
-    def _format_summary(self) -> str:
-        s = self.summary
-        lines = [
-            f"EarlyPruning at step {self.pruned_at}: {s['params_before']:,} -> {s['params_after']:,} parameters"
-            f" ({s['params_after'] / max(s['params_before'], 1):.1%}), heads and neurons ranked by {self.score}"
-        ]
-        lines += self._format_check()
-        lines += [f"  {row['site']}: {row['kind']} {row['kept']}/{row['total']}" for row in s["layers"]]
-        lines += [f"  {row['site']} [{row['adapter']}]: rank {row['kept']}/{row['total']}" for row in s["lora"]]
-        return "\n".join(lines)
-
-    def _format_check(self) -> list[str]:
-        check = self.check
-        if not check.get("enabled"):
-            return [f"  loss check: {check.get('reason', 'off')}"] if check else []
-        used = ", ".join(f"{n} {v:.3g}" for n, v in check["used"].items())
-        lines = [
-            f"  loss check on {check['batches']} batch(es): {check['loss_before']:.4f} before, "
-            f"{check['loss_after_cut']:.4f} after the cut ({check['increase']:+.1%}, tolerance"
-            f" {check['tolerance']:.1%}); ratios used: {used}"
-        ]
-        if check["spared"]:
-            lines += [f"  spared {line}" for line in check["spared"]]
-        if check["increase"] > check["tolerance"]:
-            lines.append("  nothing left to spare: the remaining loss change is the masks returning to 1")
-        return lines
-
     def plot_masks(self, path: str, mask_values: dict[str, list], plan: PruningPlan) -> str:
         """Save the mask values per layer (heads left, neurons right; pruned ones in red) as a PNG at ``path``."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(11, 4.4))
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(1, 2)
-        check = self.check
-        if check.get("enabled"):
-            fig.suptitle(
-                f"loss {check['loss_before']:.4f} before, {check['loss_after_cut']:.4f} after the cut"
-                f" ({check['increase']:+.1%}, tolerance {check['tolerance']:.0%}); ratios "
-                + ", ".join(f"{n} {v:.2g}" for n, v in check["used"].items()),
-                fontsize=9,
-            )
-        for ax, kind, kept_by_site in ((axes[0], "heads", plan.heads), (axes[1], "neurons", plan.neurons)):
-            for position, (site, _, values) in enumerate(mask_values[kind]):
-                kept = torch.zeros(len(values), dtype=torch.bool)
-                kept[kept_by_site.get(site, list(range(len(values))))] = True
-                jitter = (torch.rand(len(values)) - 0.5) * 0.5
-                ax.scatter(
-                    (position + jitter)[kept],
-                    values[kept],
-                    s=6,
-                    color="tab:blue",
-                    label="kept" if not position else None,
-                )
-                ax.scatter(
-                    (position + jitter)[~kept],
-                    values[~kept],
-                    s=6,
-                    color="tab:red",
-                    label="pruned" if not position else None,
-                )
-            ax.set_xlabel("layer")
-            ax.set_ylabel("mask value")
-            ax.set_title(f"{kind} masks at step {self.pruned_at} (ranked by {self.score})", fontsize=9)
-            if mask_values[kind]:
-                ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        return path
+        args = (mask_values, plan, self.check, self.pruned_at, self.score)
+        return report.save_mask_plot(path, *args, seed=self._seed_value or 0)
 
     # ---------------------------------------------------------------------------------------------- state
     @override
@@ -910,12 +621,3 @@ class EarlyPruning(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             undo_before_weights_load(pl_module)
-
-
-def _cut_of(plan: PruningPlan, kind: str) -> Any:
-    """The part of ``plan`` that cuts ``kind`` (``heads``, ``neurons`` or ``peft``), comparable with ``==``."""
-    if kind == "heads":
-        return plan.heads
-    if kind == "neurons":
-        return plan.neurons
-    return plan.lora_removed, plan.lora_ranks, plan.adapters_removed, plan.adapter_units
