@@ -23,28 +23,23 @@ from lightning_peft._compat import (
     undo_before_weights_load,
 )
 from lightning_peft._validation import check_bool, check_choice, check_int, check_number, check_seed
-from lightning_peft.adapters import adapter_modules
-from lightning_peft.layout import find_layers
 from lightning_peft.pruning import (
-    AdapterImportance,
-    LoraImportance,
     PruningMasks,
     PruningPlan,
     apply_pruning_plan,
     carry_over,
     decision,
-    find_lora_layers,
     find_sites,
     plan_applied,
     report,
 )
+from lightning_peft.pruning.estimation import MASKS, Estimation
 from lightning_peft.pruning.surgery import Sites
-from lightning_peft.pruning.verify import SiteVerifier
 from lightning_peft.trainable import agree_seed
 
 __all__ = ["EarlyPruning"]
 
-_MASKS = "early_pruning_masks"
+_ESTIMATION_KEYS = ("taylor", "importance", "adapter_importance")
 _SCORES = ("taylor", "magnitude")
 _MIN_SPREAD = 0.05  # below this coefficient of variation of the mask values, |m| ranks close to random
 
@@ -85,41 +80,34 @@ class EarlyPruning(Callback):
       first-order Taylor importance ``|m * dL/dm|`` of each mask, averaged over the second half of the estimation
       (``"taylor"``, the default), or the paper's mask magnitude ``|m|`` (``"magnitude"``). After a short
       estimation the masks have barely left 1 and ``|m|`` ranks nearly at random; with ``"magnitude"`` a warning
-      says so when the masks' coefficient of variation is below 0.05. After 50 estimation steps on the tweet
-      task (MiniLM + LoRA; masks' coefficient of variation 0.009) cutting 1/3 of the heads and of the neurons cost
-      +1.0 % of validation loss ranked by Taylor, +6.2 % by magnitude
-      (``benchmarks/results/pruning_tweets_scores.md``); on a byte-level Llama, perplexity right after the cut was
-      16.8 against 26.5 (``benchmarks/results/pruning_causal.md``);
+      says so when the masks' coefficient of variation is below 0.05 (measured: ``docs/early_pruning_safety.md``);
     * ``peft_module_ratio`` of the LoRA layers (lowest module score) are removed (replaced by their base Linear) and
       in the others ``peft_rank_ratio`` of the ranks (lowest Taylor score) are sliced out of ``A`` and ``B``; the
       adapters are pruned alike (removed whole; bottleneck units sliced out of ``down`` / ``up``);
     * **the loss check** (``max_loss_increase``, on by default): before anything is cut, the loss is measured on a
       few batches (``check_batches``: the batch of the step at the boundary, which nothing has trained on yet, and
-      the last ``check_batches - 1`` batches of the estimation) with the model as it is and with the chosen heads,
-      neurons and PEFT parts masked out exactly as the cut will remove them (eval mode, no gradients; the loss is
-      the module's ``compute_loss(batch)`` if it has one, else ``training_step`` with logging muted). If the loss
-      grows by more than ``max_loss_increase`` (relative), the kind (heads, neurons or PEFT) whose cut alone costs
-      most has its ratio halved, and the check repeats; after three halvings a kind is spared entirely. The
-      printed summary says what was cut, what was spared and why; ``early_pruning/loss_before``,
-      ``early_pruning/loss_after_cut``, ``early_pruning/loss_increase`` and the ratios used
-      (``early_pruning/<kind>_ratio``) go to the loggers; the plot's title carries the two losses.
-      ``max_loss_increase=None`` cuts at the fixed ratios without a check. Under DDP rank 0 runs the check on its
-      batches and its plan is broadcast. A run resumed during estimation refills the batch buffer from the batches
-      it sees (at least the boundary batch is always there);
+      the last ``check_batches - 1`` batches of the estimation) with the model as it is and under the chosen cut
+      (:func:`lightning_peft.pruning.decision.simulated_cut`; eval mode, no gradients; the loss is the module's
+      ``compute_loss(batch)`` if it has one, else ``training_step`` with logging muted). If the loss grows by more
+      than ``max_loss_increase`` (relative), the kind (heads, neurons or PEFT) whose cut alone costs most has its
+      ratio halved, and the check repeats; after three halvings a kind is spared entirely. The summary says what
+      was cut, what was spared and why; ``early_pruning/loss_before``, ``early_pruning/loss_after_cut``,
+      ``early_pruning/loss_increase`` and the ratios used (``early_pruning/<kind>_ratio``) go to the loggers.
+      ``max_loss_increase=None`` cuts at the fixed ratios. Under DDP rank 0 runs the check on its batches and its
+      plan is broadcast. A run resumed during estimation refills the batch buffer from the batches it sees;
     * the masks leave the model; the optimizer keeps its param groups (LR schedulers continue) with the smaller
       parameters in place of the old ones and their state sliced (Adam's moments of the kept rows/columns);
       under DDP the model is wrapped again; the trainable-set controller (LISA, Half Fine-Tuning, IST) learns the
       new parameters;
     * a per-layer summary (heads, neurons, LoRA ranks kept) is printed and the mask values are saved as
-      ``early_pruning_masks.png`` in the logger's directory.
+      ``early_pruning_masks.png`` in the logger's directory (drawn with a private generator: the plot never
+      changes the run).
 
     All ratios are the fraction *pruned* (0 switches that part off): the paper's values are the defaults -- each layer
     keeps 2/3 of its heads, 2/3 of the neurons remain, and a quarter of the LoRA layers keep half of their ranks
     (12.5 % of equal-size LoRA parameters) -- and they are upper bounds: the loss check lowers them where the model
-    cannot afford them. On the tweet classifier (MiniLM, the paper's kind of task) the check kept the head and
-    neuron ratios and halved the LoRA ones; on a small pretrained decoder LM it spared every attention head and kept
-    the rest (measured cases: ``docs/early_pruning_safety.md``). Counts are rounded and never reach zero (a layer
-    keeps at least one head group, an MLP one neuron, a kept LoRA layer one rank).
+    cannot afford them (measured cases: ``docs/early_pruning_safety.md``). Counts are rounded and never reach zero
+    (a layer keeps at least one head group, an MLP one neuron, a kept LoRA layer one rank).
 
     The checkpoint records the plan (``checkpoint["pruning_plan"]``). Resuming with this callback applies it to the
     fresh model before the weights load; the ready modules do it in ``load_from_checkpoint`` and for ``ckpt_path``,
@@ -243,7 +231,6 @@ class EarlyPruning(Callback):
         self.check_batches = check_batches
         self.check: dict[str, Any] = {}  # what the loss check measured and decided
         self._recent: deque = deque(maxlen=max(check_batches - 1, 0))
-        self._taylor_state: dict | None = None
         self.estimation_steps = estimation_steps
         self.l1 = float(l1)
         self.seed = seed
@@ -252,15 +239,15 @@ class EarlyPruning(Callback):
         self.plan: PruningPlan | None = None
         self.pruned_at: int | None = None
         self.summary: dict[str, Any] = {}
-        self.masks: PruningMasks | None = None
-        self.excluded: dict[str, str] = {}  # sites whose pruned copy did not match the masked one: left whole
-        self._verifier: SiteVerifier | None = None
-        self.importance: LoraImportance | None = None
-        self.adapter_importance: AdapterImportance | None = None
-        self._importance_state: dict | None = None
-        self._adapter_importance_state: dict | None = None
+        self.estimation: Estimation | None = None
+        self._estimation_state: dict[str, Any] = {}  # loaded before `setup` built the estimation
         self._seed_value: int | None = None
         self._module: pl.LightningModule | None = None
+
+    @property
+    def masks(self) -> PruningMasks | None:
+        """The head / neuron masks while they are estimated (``None`` before ``setup`` and after the cut)."""
+        return None if self.estimation is None else self.estimation.masks
 
     @property
     def pruned(self) -> bool:
@@ -302,33 +289,16 @@ class EarlyPruning(Callback):
             sites = Sites(attention=[], mlp=sites.mlp)
         if not self.neuron_ratio:
             sites = Sites(attention=sites.attention, mlp=[])
-        peft_on = self.peft_module_ratio > 0 or self.peft_rank_ratio > 0
-        has_lora = peft_on and bool(find_lora_layers(pl_module))
-        has_adapters = peft_on and bool(adapter_modules(pl_module))
-        if not sites.attention and not sites.mlp and not has_lora and not has_adapters:
+        peft = self.peft_module_ratio > 0 or self.peft_rank_ratio > 0
+        estimation = Estimation(pl_module, sites, peft, self.layers, self._estimation_state)
+        if estimation.empty:
             raise ValueError(
                 f"`EarlyPruning` found nothing to prune in {type(pl_module).__name__}: no attention or MLP site in"
                 " its blocks that the layout registry can prune, and no LoRA layer or adapter (or all ratios are 0)."
                 " HINT: attach LoRA (peft) or adapters, declare your block's layout with"
                 " `lightning_peft.layout.register_layout`, or pass `layers=` with the block container path(s)."
             )
-        if sites.attention or sites.mlp:
-            self.masks = PruningMasks(sites)
-            pl_module.add_module(_MASKS, self.masks)
-            self.masks.install()
-            if self._taylor_state is not None:
-                self.masks.load_taylor_state(self._taylor_state)
-                self._taylor_state = None
-        if has_lora:
-            self.importance = LoraImportance(pl_module)
-            if self._importance_state is not None:
-                self.importance.load_state_dict(self._importance_state)
-            self.importance.install()
-        if has_adapters:
-            self.adapter_importance = AdapterImportance(pl_module)
-            if self._adapter_importance_state is not None:
-                self.adapter_importance.load_state_dict(self._adapter_importance_state)
-            self.adapter_importance.install()
+        self.estimation = estimation
         # A checkpoint written after pruning holds smaller weights: the plan must shape the model before they load.
         # Lightning calls the LightningModule's `on_load_checkpoint` right before loading the weights (callbacks are
         # restored only afterwards), so wrap it for the duration of the fit.
@@ -361,7 +331,7 @@ class EarlyPruning(Callback):
                     "`EarlyPruning`'s masks are in no optimizer, so they cannot learn which heads and neurons matter."
                     " HINT: build the optimizer in `configure_optimizers` over every parameter with"
                     " `requires_grad=True` (e.g. `[p for p in self.parameters() if p.requires_grad]`); the masks are"
-                    f" registered as `{_MASKS}` on the LightningModule before it is called."
+                    f" registered as `{MASKS}` on the LightningModule before it is called."
                 )
 
     # ------------------------------------------------------------------------------------------ estimation
@@ -377,55 +347,31 @@ class EarlyPruning(Callback):
             return
         if self.max_loss_increase is not None and step >= self.estimation_steps - (self._recent.maxlen or 0):
             self._recent.append(batch)  # the most recent estimation batches, for the loss check
-        if self.masks is not None and self._verifier is None and not self.excluded:
-            # record one block of each class in this forward; prove its pruning on a copy after the step
-            stack = find_layers(pl_module, self.layers)
-            sites = Sites(attention=self.masks.attention_sites, mlp=self.masks.mlp_sites)
-            self._verifier = SiteVerifier(stack.names, stack.blocks, sites)
-            self._verifier.start()
-        for importance in self._importances():
-            importance.recording = step >= self.estimation_steps // 2
+        if self.estimation is not None:
+            self.estimation.begin_step(pl_module, score_peft=step >= self.estimation_steps // 2)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for importance in self._importances():
-            importance.recording = False  # validation passes do not count
-        if self._verifier is not None and self._verifier.pending:
-            self._verifier.stop()
-            if self.masks is not None:
-                self.masks.remove()  # the block copies must not carry the masks' hooks
-            self.excluded = self._verifier.verify()
-            if self.masks is not None:
-                self.masks.install()
-            if self.excluded:
-                reasons = sorted(set(self.excluded.values()))
-                rank_zero_warn(
-                    f"EarlyPruning leaves {len(self.excluded)} attention / MLP site(s) whole: {'; '.join(reasons)}"
-                    f" (sites: {list(self.excluded)[:4]}...). HINT: declare the block's layout with"
-                    " `lightning_peft.layout.register_layout` if it was misread; LoRA and the other sites are pruned."
-                )
+        excluded = {} if self.estimation is None else self.estimation.end_step()
+        if excluded:
+            reasons = "; ".join(sorted(set(excluded.values())))
+            rank_zero_warn(
+                f"EarlyPruning leaves {len(excluded)} attention / MLP site(s) whole: {reasons}"
+                f" (sites: {list(excluded)[:4]}...). HINT: declare the block's layout with"
+                " `lightning_peft.layout.register_layout` if it was misread; LoRA and the other sites are pruned."
+            )
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.pruned:
+        if self.pruned or self.estimation is None:
             return
-        if self.masks is not None:
-            if trainer.global_step >= self.estimation_steps // 2:
-                self.masks.record_taylor()  # the loss gradient alone, before the L1 term joins it
-            if self.l1:
-                self.masks.l1_gradient(self.l1)
-            if logger_writes_this_step(trainer):
-                pl_module.log("early_pruning/mask_l1", self.masks.l1(), on_step=True, on_epoch=False)
-        if trainer.global_step >= self.estimation_steps // 2:
-            for importance in self._importances():
-                importance.record_ranks()
-
-    def _importances(self) -> list:
-        return [i for i in (self.importance, self.adapter_importance) if i is not None]
+        self.estimation.before_optimizer_step(trainer.global_step >= self.estimation_steps // 2, self.l1)
+        if self.masks is not None and logger_writes_this_step(trainer):
+            pl_module.log("early_pruning/mask_l1", self.masks.l1(), on_step=True, on_epoch=False)
 
     # --------------------------------------------------------------------------------------------- pruning
     def ratios(self) -> dict[str, float]:
@@ -434,10 +380,8 @@ class EarlyPruning(Callback):
 
     def unit_scores(self) -> tuple[list[Tensor], list[Tensor]]:
         """The head and neuron scores the plan ranks by (``score=``), per attention / MLP site."""
-        assert self.masks is not None
-        if self.score == "taylor" and self.masks.taylor_count:
-            return self.masks.taylor_scores()
-        return self.masks.magnitude_scores()
+        assert self.estimation is not None
+        return self.estimation.unit_scores(self.score)
 
     def make_plan(self, ratios: Mapping[str, float] | None = None) -> PruningPlan:
         """The plan the current masks and scores give (what :meth:`prune` would apply now without the loss check).
@@ -446,13 +390,14 @@ class EarlyPruning(Callback):
             ratios: ``{argument name: ratio}`` overriding some of ``head_ratio``, ``neuron_ratio``,
                 ``peft_module_ratio``, ``peft_rank_ratio``.
         """
+        e = self.estimation
         return decision.make_plan(
             {**self.ratios(), **(ratios or {})},
             self.masks,
             self.unit_scores() if self.masks is not None else None,
-            self.importance,
-            self.adapter_importance,
-            self.excluded,
+            None if e is None else e.lora,
+            None if e is None else e.adapters,
+            {} if e is None else e.excluded,
             self._seed_value or 0,
             self.layers,
         )
@@ -506,7 +451,7 @@ class EarlyPruning(Callback):
         present = {
             "heads": self.masks is not None and bool(self.masks.attention_sites),
             "neurons": self.masks is not None and bool(self.masks.mlp_sites),
-            "peft": bool(self._importances()),
+            "peft": self.estimation is not None and bool(self.estimation.importances()),
         }
         return decision.decide(
             trainer,
@@ -555,17 +500,8 @@ class EarlyPruning(Callback):
 
     def _drop_estimation(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
         """Remove masks and importance hooks from the model; return the mask parameters."""
-        dropped: list[torch.Tensor] = []
-        if self.masks is not None:
-            self.masks.remove()
-            dropped = list(self.masks.parameters())
-            if _MASKS in dict(pl_module.named_children()):
-                delattr(pl_module, _MASKS)
-            self.masks = None
-        for importance in self._importances():
-            importance.remove()
-        self.importance = self.adapter_importance = None
-        self._importance_state = self._adapter_importance_state = None
+        dropped = [] if self.estimation is None else self.estimation.remove(pl_module)
+        self.estimation, self._estimation_state = None, {}
         return dropped
 
     def plot_masks(self, path: str, mask_values: dict[str, list], plan: PruningPlan) -> str:
@@ -583,15 +519,13 @@ class EarlyPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        taylor = self.masks.taylor_state() if self.masks is not None else self._taylor_state
+        estimation = self.estimation.state_dict() if self.estimation is not None else {}
         return {
             "plan": None if self.plan is None else self.plan.to_dict(),
             "pruned_at": self.pruned_at,
             "summary": self.summary,
             "check": self.check,
-            "taylor": taylor,
-            "importance": None if self.importance is None else self.importance.state_dict(),
-            "adapter_importance": None if self.adapter_importance is None else self.adapter_importance.state_dict(),
+            **{key: estimation.get(key, self._estimation_state.get(key)) for key in _ESTIMATION_KEYS},
         }
 
     @override
@@ -601,21 +535,9 @@ class EarlyPruning(Callback):
         self.pruned_at = state_dict.get("pruned_at")
         self.summary = state_dict.get("summary", {})
         self.check = state_dict.get("check", {})
-        taylor = state_dict.get("taylor")
-        if taylor is not None and self.masks is not None and not self.pruned:
-            self.masks.load_taylor_state(taylor)
-        else:
-            self._taylor_state = taylor
-        importance = state_dict.get("importance")
-        if importance is not None and self.importance is not None and not self.pruned:
-            self.importance.load_state_dict(importance)
-        else:
-            self._importance_state = importance
-        adapter_importance = state_dict.get("adapter_importance")
-        if adapter_importance is not None and self.adapter_importance is not None and not self.pruned:
-            self.adapter_importance.load_state_dict(adapter_importance)
-        else:
-            self._adapter_importance_state = adapter_importance
+        self._estimation_state = {key: state_dict.get(key) for key in _ESTIMATION_KEYS}
+        if self.estimation is not None and not self.pruned:
+            self.estimation.load_state_dict(self._estimation_state)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
