@@ -544,6 +544,7 @@ def run_tweets_scores(estimation_steps: int, lr: float, val_batches: int = 16) -
     from lightning_peft.callbacks import EarlyPruning
     from lightning_peft.data import TweetSentiment
     from lightning_peft.modules import TextClassifier
+    from lightning_peft.pruning.decision import evaluation, mean_loss, simulated_cut
 
     pl.seed_everything(42, verbose=False)
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"]}
@@ -575,15 +576,15 @@ def run_tweets_scores(estimation_steps: int, lr: float, val_batches: int = 16) -
                     "peft_rank_ratio": 0.0,
                 },
             }
-            with pruning._evaluation(trainer, pl_module):
-                before = pruning._loss(pl_module, val)
+            with evaluation(trainer, pl_module):
+                before = mean_loss(pl_module, val)
                 out["val_loss_before"] = before
                 out["mask_spread"] = pruning.masks.spread()
                 for score in ("taylor", "magnitude"):
                     pruning.score = score
                     for cut, ratios in cuts.items():
-                        with pruning._simulated(pl_module, pruning.make_plan(ratios)):
-                            out[f"{score}/{cut}"] = (pruning._loss(pl_module, val) - before) / before
+                        with simulated_cut(pl_module, pruning.make_plan(ratios), pruning.masks):
+                            out[f"{score}/{cut}"] = (mean_loss(pl_module, val) - before) / before
                 pruning.score = "taylor"
             print(out, flush=True)
             trainer.should_stop = True

@@ -2,58 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_peft._batch import batch_loss
 from lightning_peft._compat import (
     is_spawning_launcher,
     logger_writes_this_step,
-    rewrap_ddp,
     run_before_weights_load,
     undo_before_weights_load,
 )
 from lightning_peft._validation import check_bool, check_choice, check_int, check_number, check_seed
-from lightning_peft.adapters import adapter_modules
-from lightning_peft.layout import find_layers
 from lightning_peft.pruning import (
-    AdapterImportance,
-    LoraImportance,
     PruningMasks,
     PruningPlan,
     apply_pruning_plan,
-    choose_heads,
-    choose_lora,
-    choose_neurons,
-    find_lora_layers,
+    carry_over,
+    decision,
     find_sites,
     plan_applied,
-    replace_in_optimizer,
+    report,
 )
+from lightning_peft.pruning.estimation import MASKS, Estimation
 from lightning_peft.pruning.surgery import Sites
-from lightning_peft.pruning.verify import SiteVerifier
-from lightning_peft.trainable import TrainableSetController, agree_seed
+from lightning_peft.trainable import agree_seed
 
 __all__ = ["EarlyPruning"]
 
-_MASKS = "early_pruning_masks"
+_ESTIMATION_KEYS = ("taylor", "importance", "adapter_importance")
 _SCORES = ("taylor", "magnitude")
 _MIN_SPREAD = 0.05  # below this coefficient of variation of the mask values, |m| ranks close to random
-_HALVINGS = 3  # the loss check halves a kind's ratio this many times, then spares that kind entirely
-_KINDS = {"heads": ("head_ratio",), "neurons": ("neuron_ratio",), "peft": ("peft_module_ratio", "peft_rank_ratio")}
 
 
 def _check_ratio(name: str, value: float, hint: str) -> float:
@@ -92,41 +80,34 @@ class EarlyPruning(Callback):
       first-order Taylor importance ``|m * dL/dm|`` of each mask, averaged over the second half of the estimation
       (``"taylor"``, the default), or the paper's mask magnitude ``|m|`` (``"magnitude"``). After a short
       estimation the masks have barely left 1 and ``|m|`` ranks nearly at random; with ``"magnitude"`` a warning
-      says so when the masks' coefficient of variation is below 0.05. After 50 estimation steps on the tweet
-      task (MiniLM + LoRA; masks' coefficient of variation 0.009) cutting 1/3 of the heads and of the neurons cost
-      +1.0 % of validation loss ranked by Taylor, +6.2 % by magnitude
-      (``benchmarks/results/pruning_tweets_scores.md``); on a byte-level Llama, perplexity right after the cut was
-      16.8 against 26.5 (``benchmarks/results/pruning_causal.md``);
+      says so when the masks' coefficient of variation is below 0.05 (measured: ``docs/early_pruning_safety.md``);
     * ``peft_module_ratio`` of the LoRA layers (lowest module score) are removed (replaced by their base Linear) and
       in the others ``peft_rank_ratio`` of the ranks (lowest Taylor score) are sliced out of ``A`` and ``B``; the
       adapters are pruned alike (removed whole; bottleneck units sliced out of ``down`` / ``up``);
     * **the loss check** (``max_loss_increase``, on by default): before anything is cut, the loss is measured on a
       few batches (``check_batches``: the batch of the step at the boundary, which nothing has trained on yet, and
-      the last ``check_batches - 1`` batches of the estimation) with the model as it is and with the chosen heads,
-      neurons and PEFT parts masked out exactly as the cut will remove them (eval mode, no gradients; the loss is
-      the module's ``compute_loss(batch)`` if it has one, else ``training_step`` with logging muted). If the loss
-      grows by more than ``max_loss_increase`` (relative), the kind (heads, neurons or PEFT) whose cut alone costs
-      most has its ratio halved, and the check repeats; after three halvings a kind is spared entirely. The
-      printed summary says what was cut, what was spared and why; ``early_pruning/loss_before``,
-      ``early_pruning/loss_after_cut``, ``early_pruning/loss_increase`` and the ratios used
-      (``early_pruning/<kind>_ratio``) go to the loggers; the plot's title carries the two losses.
-      ``max_loss_increase=None`` cuts at the fixed ratios without a check. Under DDP rank 0 runs the check on its
-      batches and its plan is broadcast. A run resumed during estimation refills the batch buffer from the batches
-      it sees (at least the boundary batch is always there);
+      the last ``check_batches - 1`` batches of the estimation) with the model as it is and under the chosen cut
+      (:func:`lightning_peft.pruning.decision.simulated_cut`; eval mode, no gradients; the loss is the module's
+      ``compute_loss(batch)`` if it has one, else ``training_step`` with logging muted). If the loss grows by more
+      than ``max_loss_increase`` (relative), the kind (heads, neurons or PEFT) whose cut alone costs most has its
+      ratio halved, and the check repeats; after three halvings a kind is spared entirely. The summary says what
+      was cut, what was spared and why; ``early_pruning/loss_before``, ``early_pruning/loss_after_cut``,
+      ``early_pruning/loss_increase`` and the ratios used (``early_pruning/<kind>_ratio``) go to the loggers.
+      ``max_loss_increase=None`` cuts at the fixed ratios. Under DDP rank 0 runs the check on its batches and its
+      plan is broadcast. A run resumed during estimation refills the batch buffer from the batches it sees;
     * the masks leave the model; the optimizer keeps its param groups (LR schedulers continue) with the smaller
       parameters in place of the old ones and their state sliced (Adam's moments of the kept rows/columns);
       under DDP the model is wrapped again; the trainable-set controller (LISA, Half Fine-Tuning, IST) learns the
       new parameters;
     * a per-layer summary (heads, neurons, LoRA ranks kept) is printed and the mask values are saved as
-      ``early_pruning_masks.png`` in the logger's directory.
+      ``early_pruning_masks.png`` in the logger's directory (drawn with a private generator: the plot never
+      changes the run).
 
     All ratios are the fraction *pruned* (0 switches that part off): the paper's values are the defaults -- each layer
     keeps 2/3 of its heads, 2/3 of the neurons remain, and a quarter of the LoRA layers keep half of their ranks
     (12.5 % of equal-size LoRA parameters) -- and they are upper bounds: the loss check lowers them where the model
-    cannot afford them. On the tweet classifier (MiniLM, the paper's kind of task) the check kept the head and
-    neuron ratios and halved the LoRA ones; on a small pretrained decoder LM it spared every attention head and kept
-    the rest (measured cases: ``docs/early_pruning_safety.md``). Counts are rounded and never reach zero (a layer
-    keeps at least one head group, an MLP one neuron, a kept LoRA layer one rank).
+    cannot afford them (measured cases: ``docs/early_pruning_safety.md``). Counts are rounded and never reach zero
+    (a layer keeps at least one head group, an MLP one neuron, a kept LoRA layer one rank).
 
     The checkpoint records the plan (``checkpoint["pruning_plan"]``). Resuming with this callback applies it to the
     fresh model before the weights load; the ready modules do it in ``load_from_checkpoint`` and for ``ckpt_path``,
@@ -250,7 +231,6 @@ class EarlyPruning(Callback):
         self.check_batches = check_batches
         self.check: dict[str, Any] = {}  # what the loss check measured and decided
         self._recent: deque = deque(maxlen=max(check_batches - 1, 0))
-        self._taylor_state: dict | None = None
         self.estimation_steps = estimation_steps
         self.l1 = float(l1)
         self.seed = seed
@@ -259,15 +239,15 @@ class EarlyPruning(Callback):
         self.plan: PruningPlan | None = None
         self.pruned_at: int | None = None
         self.summary: dict[str, Any] = {}
-        self.masks: PruningMasks | None = None
-        self.excluded: dict[str, str] = {}  # sites whose pruned copy did not match the masked one: left whole
-        self._verifier: SiteVerifier | None = None
-        self.importance: LoraImportance | None = None
-        self.adapter_importance: AdapterImportance | None = None
-        self._importance_state: dict | None = None
-        self._adapter_importance_state: dict | None = None
+        self.estimation: Estimation | None = None
+        self._estimation_state: dict[str, Any] = {}  # loaded before `setup` built the estimation
         self._seed_value: int | None = None
         self._module: pl.LightningModule | None = None
+
+    @property
+    def masks(self) -> PruningMasks | None:
+        """The head / neuron masks while they are estimated (``None`` before ``setup`` and after the cut)."""
+        return None if self.estimation is None else self.estimation.masks
 
     @property
     def pruned(self) -> bool:
@@ -309,33 +289,16 @@ class EarlyPruning(Callback):
             sites = Sites(attention=[], mlp=sites.mlp)
         if not self.neuron_ratio:
             sites = Sites(attention=sites.attention, mlp=[])
-        peft_on = self.peft_module_ratio > 0 or self.peft_rank_ratio > 0
-        has_lora = peft_on and bool(find_lora_layers(pl_module))
-        has_adapters = peft_on and bool(adapter_modules(pl_module))
-        if not sites.attention and not sites.mlp and not has_lora and not has_adapters:
+        peft = self.peft_module_ratio > 0 or self.peft_rank_ratio > 0
+        estimation = Estimation(pl_module, sites, peft, self.layers, self._estimation_state)
+        if estimation.empty:
             raise ValueError(
                 f"`EarlyPruning` found nothing to prune in {type(pl_module).__name__}: no attention or MLP site in"
                 " its blocks that the layout registry can prune, and no LoRA layer or adapter (or all ratios are 0)."
                 " HINT: attach LoRA (peft) or adapters, declare your block's layout with"
                 " `lightning_peft.layout.register_layout`, or pass `layers=` with the block container path(s)."
             )
-        if sites.attention or sites.mlp:
-            self.masks = PruningMasks(sites)
-            pl_module.add_module(_MASKS, self.masks)
-            self.masks.install()
-            if self._taylor_state is not None:
-                self.masks.load_taylor_state(self._taylor_state)
-                self._taylor_state = None
-        if has_lora:
-            self.importance = LoraImportance(pl_module)
-            if self._importance_state is not None:
-                self.importance.load_state_dict(self._importance_state)
-            self.importance.install()
-        if has_adapters:
-            self.adapter_importance = AdapterImportance(pl_module)
-            if self._adapter_importance_state is not None:
-                self.adapter_importance.load_state_dict(self._adapter_importance_state)
-            self.adapter_importance.install()
+        self.estimation = estimation
         # A checkpoint written after pruning holds smaller weights: the plan must shape the model before they load.
         # Lightning calls the LightningModule's `on_load_checkpoint` right before loading the weights (callbacks are
         # restored only afterwards), so wrap it for the duration of the fit.
@@ -368,7 +331,7 @@ class EarlyPruning(Callback):
                     "`EarlyPruning`'s masks are in no optimizer, so they cannot learn which heads and neurons matter."
                     " HINT: build the optimizer in `configure_optimizers` over every parameter with"
                     " `requires_grad=True` (e.g. `[p for p in self.parameters() if p.requires_grad]`); the masks are"
-                    f" registered as `{_MASKS}` on the LightningModule before it is called."
+                    f" registered as `{MASKS}` on the LightningModule before it is called."
                 )
 
     # ------------------------------------------------------------------------------------------ estimation
@@ -384,67 +347,41 @@ class EarlyPruning(Callback):
             return
         if self.max_loss_increase is not None and step >= self.estimation_steps - (self._recent.maxlen or 0):
             self._recent.append(batch)  # the most recent estimation batches, for the loss check
-        if self.masks is not None and self._verifier is None and not self.excluded:
-            # record one block of each class in this forward; prove its pruning on a copy after the step
-            stack = find_layers(pl_module, self.layers)
-            sites = Sites(attention=self.masks.attention_sites, mlp=self.masks.mlp_sites)
-            self._verifier = SiteVerifier(stack.names, stack.blocks, sites)
-            self._verifier.start()
-        for importance in self._importances():
-            importance.recording = step >= self.estimation_steps // 2
+        if self.estimation is not None:
+            self.estimation.begin_step(pl_module, score_peft=step >= self.estimation_steps // 2)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for importance in self._importances():
-            importance.recording = False  # validation passes do not count
-        if self._verifier is not None and self._verifier.pending:
-            self._verifier.stop()
-            if self.masks is not None:
-                self.masks.remove()  # the block copies must not carry the masks' hooks
-            self.excluded = self._verifier.verify()
-            if self.masks is not None:
-                self.masks.install()
-            if self.excluded:
-                reasons = sorted(set(self.excluded.values()))
-                rank_zero_warn(
-                    f"EarlyPruning leaves {len(self.excluded)} attention / MLP site(s) whole: {'; '.join(reasons)}"
-                    f" (sites: {list(self.excluded)[:4]}...). HINT: declare the block's layout with"
-                    " `lightning_peft.layout.register_layout` if it was misread; LoRA and the other sites are pruned."
-                )
+        excluded = {} if self.estimation is None else self.estimation.end_step()
+        if excluded:
+            reasons = "; ".join(sorted(set(excluded.values())))
+            rank_zero_warn(
+                f"EarlyPruning leaves {len(excluded)} attention / MLP site(s) whole: {reasons}"
+                f" (sites: {list(excluded)[:4]}...). HINT: declare the block's layout with"
+                " `lightning_peft.layout.register_layout` if it was misread; LoRA and the other sites are pruned."
+            )
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.pruned:
+        if self.pruned or self.estimation is None:
             return
-        if self.masks is not None:
-            if trainer.global_step >= self.estimation_steps // 2:
-                self.masks.record_taylor()  # the loss gradient alone, before the L1 term joins it
-            if self.l1:
-                self.masks.l1_gradient(self.l1)
-            if logger_writes_this_step(trainer):
-                pl_module.log("early_pruning/mask_l1", self.masks.l1(), on_step=True, on_epoch=False)
-        if trainer.global_step >= self.estimation_steps // 2:
-            for importance in self._importances():
-                importance.record_ranks()
-
-    def _importances(self) -> list:
-        return [i for i in (self.importance, self.adapter_importance) if i is not None]
+        self.estimation.before_optimizer_step(trainer.global_step >= self.estimation_steps // 2, self.l1)
+        if self.masks is not None and logger_writes_this_step(trainer):
+            pl_module.log("early_pruning/mask_l1", self.masks.l1(), on_step=True, on_epoch=False)
 
     # --------------------------------------------------------------------------------------------- pruning
     def ratios(self) -> dict[str, float]:
         """The ratios asked for at construction, by argument name (the loss check may use lower ones)."""
-        return {name: getattr(self, name) for names in _KINDS.values() for name in names}
+        return {name: getattr(self, name) for names in decision.KINDS.values() for name in names}
 
     def unit_scores(self) -> tuple[list[Tensor], list[Tensor]]:
         """The head and neuron scores the plan ranks by (``score=``), per attention / MLP site."""
-        assert self.masks is not None
-        if self.score == "taylor" and self.masks.taylor_count:
-            return self.masks.taylor_scores()
-        return self.masks.magnitude_scores()
+        assert self.estimation is not None
+        return self.estimation.unit_scores(self.score)
 
     def make_plan(self, ratios: Mapping[str, float] | None = None) -> PruningPlan:
         """The plan the current masks and scores give (what :meth:`prune` would apply now without the loss check).
@@ -453,53 +390,16 @@ class EarlyPruning(Callback):
             ratios: ``{argument name: ratio}`` overriding some of ``head_ratio``, ``neuron_ratio``,
                 ``peft_module_ratio``, ``peft_rank_ratio``.
         """
-        r = {**self.ratios(), **(ratios or {})}
-        generator = torch.Generator().manual_seed(self._seed_value or 0)
-        heads, neurons, removed, ranks = {}, {}, [], {}
-        if self.masks is not None:
-            head_scores, neuron_scores = self.unit_scores()
-            heads = choose_heads(
-                {
-                    s.path: (score, s.group_size)
-                    for s, score in zip(self.masks.attention_sites, head_scores, strict=True)
-                    if s.path not in self.excluded
-                },
-                r["head_ratio"],
-                generator,
-            )
-            neurons = choose_neurons(
-                {
-                    s.path: score
-                    for s, score in zip(self.masks.mlp_sites, neuron_scores, strict=True)
-                    if s.path not in self.excluded
-                },
-                r["neuron_ratio"],
-                generator,
-            )
-        if self.importance is not None:
-            removed, ranks = choose_lora(
-                self.importance.module_scores(),
-                self.importance.rank_scores(),
-                r["peft_module_ratio"],
-                r["peft_rank_ratio"],
-            )
-        adapters_removed, adapter_units = [], {}
-        if self.adapter_importance is not None:
-            adapters_removed, units = choose_lora(
-                self.adapter_importance.module_scores(),
-                self.adapter_importance.rank_scores(),
-                r["peft_module_ratio"],
-                r["peft_rank_ratio"],
-            )
-            adapter_units = {path: kept["adapter"] for path, kept in units.items()}
-        return PruningPlan(
-            heads=heads,
-            neurons=neurons,
-            lora_removed=removed,
-            lora_ranks=ranks,
-            adapters_removed=adapters_removed,
-            adapter_units=adapter_units,
-            layers=self.layers,
+        e = self.estimation
+        return decision.make_plan(
+            {**self.ratios(), **(ratios or {})},
+            self.masks,
+            self.unit_scores() if self.masks is not None else None,
+            None if e is None else e.lora,
+            None if e is None else e.adapters,
+            {} if e is None else e.excluded,
+            self._seed_value or 0,
+            self.layers,
         )
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> PruningPlan:
@@ -519,34 +419,20 @@ class EarlyPruning(Callback):
         decision = trainer.strategy.broadcast(decision, src=0)
         plan, self.check = PruningPlan.from_dict(decision["plan"]), decision["check"]
         self._recent.clear()
-        mask_values = self._mask_values()
-        lora_before = {p: dict(layer.r) for p, layer in find_lora_layers(pl_module).items()}
-        lora_before |= {p: {"adapter": a.down.out_features} for p, a in adapter_modules(pl_module)}
+        values = report.mask_values(self.masks)
+        peft_before = report.peft_sizes(pl_module)
         params_before = sum(p.numel() for p in pl_module.parameters())
         dropped = self._drop_estimation(pl_module)
-        record = apply_pruning_plan(pl_module, plan)
-        for optimizer in trainer.optimizers:
-            replace_in_optimizer(optimizer, record, drop=dropped)
-        for param in pl_module.parameters():
-            param.grad = None
-        self._rewrap_ddp(trainer, pl_module)
-        controller = TrainableSetController.of(trainer)
-        if controller is not None:
-            controller.refresh(trainer, pl_module)
+        carry_over(trainer, pl_module, apply_pruning_plan(pl_module, plan), drop=dropped)
         self.plan = plan
         self.pruned_at = trainer.global_step
         params_after = sum(p.numel() for p in pl_module.parameters())
-        self.summary = self._summarize(pl_module, plan, mask_values, lora_before, params_before, params_after)
-        rank_zero_info(self._format_summary())
+        self.summary = report.summarize(plan, values, peft_before, params_before, params_after)
+        rank_zero_info(report.format_summary(self.summary, self.check, self.pruned_at, self.score))
         self._log_check(trainer)
         log_dir = trainer.log_dir if trainer.logger is not None else None
-        if (
-            self.plot
-            and log_dir is not None
-            and trainer.is_global_zero
-            and mask_values["heads"] + mask_values["neurons"]
-        ):
-            self.plot_masks(os.path.join(log_dir, "early_pruning_masks.png"), mask_values, plan)
+        if self.plot and log_dir is not None and trainer.is_global_zero and values["heads"] + values["neurons"]:
+            self.plot_masks(os.path.join(log_dir, "early_pruning_masks.png"), values, plan)
         return plan
 
     # ------------------------------------------------------------------------------------------- loss check
@@ -562,148 +448,26 @@ class EarlyPruning(Callback):
             ``{"plan": plan as a dict, "check": report}``; the report holds ``loss_before``, ``loss_after_cut``,
             ``increase`` (relative), ``requested`` and ``used`` ratios, every try and what was spared and why.
         """
-        requested = self.ratios()
-        if self.max_loss_increase is None or not batches:
-            reason = "off (`max_loss_increase=None`)" if self.max_loss_increase is None else "no batch to measure"
-            return {"plan": self.make_plan().to_dict(), "check": {"enabled": False, "reason": reason}}
-        tolerance = self.max_loss_increase
         present = {
             "heads": self.masks is not None and bool(self.masks.attention_sites),
             "neurons": self.masks is not None and bool(self.masks.mlp_sites),
-            "peft": bool(self._importances()),
+            "peft": self.estimation is not None and bool(self.estimation.importances()),
         }
-        used = dict(requested)
-        halvings = dict.fromkeys(_KINDS, 0)
-        tries: list[dict[str, Any]] = []
-        alone: dict[tuple, float] = {}
-        spared: list[str] = []
-        with self._evaluation(trainer, pl_module):
-            before = self._loss(pl_module, batches)
-
-            def increase(ratios: dict[str, float]) -> tuple[PruningPlan, float]:
-                plan = self.make_plan(ratios)
-                with self._simulated(pl_module, plan):
-                    loss = self._loss(pl_module, batches)
-                return plan, (loss - before) / max(abs(before), 1e-12)
-
-            while True:
-                plan, rise = increase(used)
-                tries.append({"ratios": dict(used), "increase": rise})
-                active = [k for k in _KINDS if present[k] and any(used[n] > 0 for n in _KINDS[k])]
-                if rise <= tolerance or not active or not math.isfinite(before):
-                    break
-                cost = {}
-                for kind in active:  # what each kind's cut costs alone decides which one gives way
-                    only = {n: (used[n] if n in _KINDS[kind] else 0.0) for n in used}
-                    key = tuple(sorted(only.items()))
-                    if key not in alone:
-                        alone[key] = increase(only)[1]
-                    cost[kind] = alone[key]
-                worst = max(active, key=lambda k: cost[k])
-                old = {n: used[n] for n in _KINDS[worst]}
-                while True:  # halve until the cut of that kind changes (a ratio rounds to whole heads / groups)
-                    halvings[worst] += 1
-                    for name in _KINDS[worst]:
-                        used[name] = 0.0 if halvings[worst] > _HALVINGS else used[name] / 2
-                    if halvings[worst] > _HALVINGS or _cut_of(self.make_plan(used), worst) != _cut_of(plan, worst):
-                        break
-                spared.append(
-                    f"{worst}: {', '.join(f'{n} {old[n]:.3g} -> {used[n]:.3g}' for n in old)} (the whole cut"
-                    f" {rise:+.1%} > {tolerance:.1%}; {worst} alone cost most, {cost[worst]:+.1%})"
-                )
-        after = before * (1 + tries[-1]["increase"])
-        check = {
-            "enabled": True,
-            "tolerance": tolerance,
-            "batches": len(batches),
-            "loss_before": before,
-            "loss_after_cut": after,
-            "increase": tries[-1]["increase"],
-            "requested": requested,
-            "used": used,
-            "tries": tries,
-            "spared": spared,
-        }
-        return {"plan": plan.to_dict(), "check": check}
-
-    @contextlib.contextmanager
-    def _evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-        """Eval mode (no dropout), no gradients, the run's precision; training flags restored afterwards."""
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
-        try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                yield
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        return decision.decide(
+            trainer,
+            pl_module,
+            batches,
+            requested=self.ratios(),
+            tolerance=self.max_loss_increase,
+            plan_at=self.make_plan,
+            masks=self.masks,
+            present=present,
+            loss=self._loss,
+        )
 
     @staticmethod
     def _loss(pl_module: pl.LightningModule, batches: list[Any]) -> float:
-        """Mean loss over ``batches``: ``compute_loss(batch)`` if the module has one, else ``training_step``."""
-        losses = []
-        for index, batch in enumerate(batches):
-            output = batch_loss(
-                pl_module,
-                batch,
-                index,
-                "EarlyPruning's loss check",
-                ", or turn the check off: `max_loss_increase=None`",
-            )
-            losses.append(float(output.detach().float().mean()))
-        return sum(losses) / len(losses)
-
-    @contextlib.contextmanager
-    def _simulated(self, pl_module: pl.LightningModule, plan: PruningPlan) -> Iterator[None]:
-        """The model computes as it will after ``plan`` is applied: pruned units masked out, kept masks at 1.
-
-        Heads and neurons: the masks are set to 1 (kept) or 0 (pruned), as the cut drops the masks. LoRA: a removed
-        layer's scaling is 0, a pruned rank's row of ``A`` is zero. Adapters: a removed adapter's scale is 0, a pruned
-        unit's column of ``up`` is zero. Everything is restored on exit.
-        """
-        saved: list[tuple[Tensor, Tensor]] = []
-        attributes: list[tuple[Any, str, Any]] = []
-
-        def overwrite(tensor: Tensor, keep: list[int] | None, dim: int = 0) -> None:
-            saved.append((tensor, tensor.detach().clone()))
-            if keep is None:  # a mask of a site the plan leaves whole
-                tensor.data.fill_(1.0)
-                return
-            drop = torch.ones(tensor.shape[dim], dtype=torch.bool)
-            drop[keep] = False
-            if tensor.dim() == 1:  # a mask: kept at 1, pruned at 0
-                tensor.data.fill_(1.0)
-            tensor.data.index_fill_(dim, drop.nonzero().flatten().to(tensor.device), 0.0)
-
-        with torch.no_grad():
-            if self.masks is not None:
-                for site, mask in zip(self.masks.attention_sites, self.masks.heads, strict=True):
-                    overwrite(mask, plan.heads.get(site.path))
-                for site, mask in zip(self.masks.mlp_sites, self.masks.neurons, strict=True):
-                    overwrite(mask, plan.neurons.get(site.path))
-            if plan.lora_removed or plan.lora_ranks:
-                lora = find_lora_layers(pl_module)
-                for path in plan.lora_removed:
-                    attributes.append((lora[path], "scaling", dict(lora[path].scaling)))
-                    lora[path].scaling = dict.fromkeys(lora[path].scaling, 0.0)
-                for path, adapters in plan.lora_ranks.items():
-                    for adapter, kept in adapters.items():
-                        overwrite(lora[path].lora_A[adapter].weight, kept)
-            if plan.adapters_removed or plan.adapter_units:
-                adapters = dict(adapter_modules(pl_module))
-                for path in plan.adapters_removed:
-                    attributes.append((adapters[path], "scale", adapters[path].scale))
-                    adapters[path].scale = 0.0
-                for path, kept in plan.adapter_units.items():
-                    overwrite(adapters[path].up.weight, kept, dim=1)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for tensor, value in saved:
-                    tensor.data.copy_(value)
-                for owner, name, value in attributes:
-                    setattr(owner, name, value)
+        return decision.mean_loss(pl_module, batches)
 
     def _warn_if_masks_did_not_separate(self) -> None:
         if self.masks is None or not (self.head_ratio or self.neuron_ratio):
@@ -736,131 +500,14 @@ class EarlyPruning(Callback):
 
     def _drop_estimation(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
         """Remove masks and importance hooks from the model; return the mask parameters."""
-        dropped: list[torch.Tensor] = []
-        if self.masks is not None:
-            self.masks.remove()
-            dropped = list(self.masks.parameters())
-            if _MASKS in dict(pl_module.named_children()):
-                delattr(pl_module, _MASKS)
-            self.masks = None
-        for importance in self._importances():
-            importance.remove()
-        self.importance = self.adapter_importance = None
-        self._importance_state = self._adapter_importance_state = None
+        dropped = [] if self.estimation is None else self.estimation.remove(pl_module)
+        self.estimation, self._estimation_state = None, {}
         return dropped
-
-    @staticmethod
-    def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
-            # DDP's reducer holds the old parameters; a new wrapper registers the new ones (and broadcasts rank 0's
-            # values, which are identical anyway since every rank applied the same plan).
-            rewrap_ddp(strategy, pl_module)
-
-    def _mask_values(self) -> dict[str, list]:
-        if self.masks is None:
-            return {"heads": [], "neurons": []}
-        heads = [
-            (s.path, s.block, m.detach().float().cpu())
-            for s, m in zip(self.masks.attention_sites, self.masks.heads, strict=True)
-        ]
-        neurons = [
-            (s.path, s.block, m.detach().float().cpu())
-            for s, m in zip(self.masks.mlp_sites, self.masks.neurons, strict=True)
-        ]
-        return {"heads": heads, "neurons": neurons}
-
-    @staticmethod
-    def _summarize(pl_module, plan, mask_values, lora_before, params_before, params_after) -> dict[str, Any]:
-        layers = []
-        for path, _, mask in mask_values["heads"]:
-            kept = len(plan.heads.get(path, mask))  # a site left whole (not verified) keeps everything
-            layers.append({"site": path, "kind": "heads", "kept": kept, "total": len(mask)})
-        for path, _, mask in mask_values["neurons"]:
-            kept = len(plan.neurons.get(path, mask))
-            layers.append({"site": path, "kind": "neurons", "kept": kept, "total": len(mask)})
-        lora = []
-        for path, ranks in lora_before.items():
-            for adapter, r in ranks.items():
-                if path in plan.lora_removed or path in plan.adapters_removed:
-                    kept = 0
-                elif adapter == "adapter" and path in plan.adapter_units:
-                    kept = len(plan.adapter_units[path])
-                else:
-                    kept = len(plan.lora_ranks.get(path, {}).get(adapter, range(r)))
-                lora.append({"site": path, "adapter": adapter, "kept": kept, "total": r})
-        return {"layers": layers, "lora": lora, "params_before": params_before, "params_after": params_after}
-
-    def _format_summary(self) -> str:
-        s = self.summary
-        lines = [
-            f"EarlyPruning at step {self.pruned_at}: {s['params_before']:,} -> {s['params_after']:,} parameters"
-            f" ({s['params_after'] / max(s['params_before'], 1):.1%}), heads and neurons ranked by {self.score}"
-        ]
-        lines += self._format_check()
-        lines += [f"  {row['site']}: {row['kind']} {row['kept']}/{row['total']}" for row in s["layers"]]
-        lines += [f"  {row['site']} [{row['adapter']}]: rank {row['kept']}/{row['total']}" for row in s["lora"]]
-        return "\n".join(lines)
-
-    def _format_check(self) -> list[str]:
-        check = self.check
-        if not check.get("enabled"):
-            return [f"  loss check: {check.get('reason', 'off')}"] if check else []
-        used = ", ".join(f"{n} {v:.3g}" for n, v in check["used"].items())
-        lines = [
-            f"  loss check on {check['batches']} batch(es): {check['loss_before']:.4f} before, "
-            f"{check['loss_after_cut']:.4f} after the cut ({check['increase']:+.1%}, tolerance"
-            f" {check['tolerance']:.1%}); ratios used: {used}"
-        ]
-        if check["spared"]:
-            lines += [f"  spared {line}" for line in check["spared"]]
-        if check["increase"] > check["tolerance"]:
-            lines.append("  nothing left to spare: the remaining loss change is the masks returning to 1")
-        return lines
 
     def plot_masks(self, path: str, mask_values: dict[str, list], plan: PruningPlan) -> str:
         """Save the mask values per layer (heads left, neurons right; pruned ones in red) as a PNG at ``path``."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(11, 4.4))
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(1, 2)
-        check = self.check
-        if check.get("enabled"):
-            fig.suptitle(
-                f"loss {check['loss_before']:.4f} before, {check['loss_after_cut']:.4f} after the cut"
-                f" ({check['increase']:+.1%}, tolerance {check['tolerance']:.0%}); ratios "
-                + ", ".join(f"{n} {v:.2g}" for n, v in check["used"].items()),
-                fontsize=9,
-            )
-        for ax, kind, kept_by_site in ((axes[0], "heads", plan.heads), (axes[1], "neurons", plan.neurons)):
-            for position, (site, _, values) in enumerate(mask_values[kind]):
-                kept = torch.zeros(len(values), dtype=torch.bool)
-                kept[kept_by_site.get(site, list(range(len(values))))] = True
-                jitter = (torch.rand(len(values)) - 0.5) * 0.5
-                ax.scatter(
-                    (position + jitter)[kept],
-                    values[kept],
-                    s=6,
-                    color="tab:blue",
-                    label="kept" if not position else None,
-                )
-                ax.scatter(
-                    (position + jitter)[~kept],
-                    values[~kept],
-                    s=6,
-                    color="tab:red",
-                    label="pruned" if not position else None,
-                )
-            ax.set_xlabel("layer")
-            ax.set_ylabel("mask value")
-            ax.set_title(f"{kind} masks at step {self.pruned_at} (ranked by {self.score})", fontsize=9)
-            if mask_values[kind]:
-                ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        return path
+        args = (mask_values, plan, self.check, self.pruned_at, self.score)
+        return report.save_mask_plot(path, *args, seed=self._seed_value or 0)
 
     # ---------------------------------------------------------------------------------------------- state
     @override
@@ -872,15 +519,13 @@ class EarlyPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        taylor = self.masks.taylor_state() if self.masks is not None else self._taylor_state
+        estimation = self.estimation.state_dict() if self.estimation is not None else {}
         return {
             "plan": None if self.plan is None else self.plan.to_dict(),
             "pruned_at": self.pruned_at,
             "summary": self.summary,
             "check": self.check,
-            "taylor": taylor,
-            "importance": None if self.importance is None else self.importance.state_dict(),
-            "adapter_importance": None if self.adapter_importance is None else self.adapter_importance.state_dict(),
+            **{key: estimation.get(key, self._estimation_state.get(key)) for key in _ESTIMATION_KEYS},
         }
 
     @override
@@ -890,32 +535,11 @@ class EarlyPruning(Callback):
         self.pruned_at = state_dict.get("pruned_at")
         self.summary = state_dict.get("summary", {})
         self.check = state_dict.get("check", {})
-        taylor = state_dict.get("taylor")
-        if taylor is not None and self.masks is not None and not self.pruned:
-            self.masks.load_taylor_state(taylor)
-        else:
-            self._taylor_state = taylor
-        importance = state_dict.get("importance")
-        if importance is not None and self.importance is not None and not self.pruned:
-            self.importance.load_state_dict(importance)
-        else:
-            self._importance_state = importance
-        adapter_importance = state_dict.get("adapter_importance")
-        if adapter_importance is not None and self.adapter_importance is not None and not self.pruned:
-            self.adapter_importance.load_state_dict(adapter_importance)
-        else:
-            self._adapter_importance_state = adapter_importance
+        self._estimation_state = {key: state_dict.get(key) for key in _ESTIMATION_KEYS}
+        if self.estimation is not None and not self.pruned:
+            self.estimation.load_state_dict(self._estimation_state)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             undo_before_weights_load(pl_module)
-
-
-def _cut_of(plan: PruningPlan, kind: str) -> Any:
-    """The part of ``plan`` that cuts ``kind`` (``heads``, ``neurons`` or ``peft``), comparable with ``==``."""
-    if kind == "heads":
-        return plan.heads
-    if kind == "neurons":
-        return plan.neurons
-    return plan.lora_removed, plan.lora_ranks, plan.adapters_removed, plan.adapter_units

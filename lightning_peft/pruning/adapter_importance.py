@@ -1,4 +1,4 @@
-"""Importance and pruning of the bottleneck / conformer adapters of :mod:`lightning_peft.adapters`.
+"""Importance of the bottleneck / conformer adapters of :mod:`lightning_peft.adapters`.
 
 The adapters' analogue of Light-PEFT's LoRA scores:
 
@@ -7,23 +7,20 @@ The adapters' analogue of Light-PEFT's LoRA scores:
 * bottleneck-unit score (the adapter's "rank"): first-order Taylor ``|Σ ∂L/∂θ ⊙ θ|`` over the unit's row of
   ``down`` (weight and bias) plus its column of ``up``.
 
-A removed adapter leaves the model with its hooks (the block computes as without it); a kept
-:class:`~lightning_peft.adapters.BottleneckAdapter` keeps its most important bottleneck units (smaller ``down`` /
-``up``). Conformer adapters are scored and removed whole; their bottleneck (GLU halves, depthwise convolution,
-norm) is not sliced.
+The cuts these scores rank are in :mod:`lightning_peft.pruning.surgery`: a removed adapter leaves the model with
+its hooks (:func:`~lightning_peft.pruning.remove_adapter`); a kept :class:`~lightning_peft.adapters.BottleneckAdapter`
+keeps its most important bottleneck units (:func:`~lightning_peft.pruning.prune_adapter_units`). Conformer adapters
+are scored and removed whole; their bottleneck (GLU halves, depthwise convolution, norm) is not sliced.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_peft.adapters import Adapter, BottleneckAdapter, adapter_modules
-from lightning_peft.pruning.surgery import ParameterReplacements, prune_linear
 
-__all__ = ["AdapterImportance", "prune_adapter_units", "remove_adapter"]
+__all__ = ["AdapterImportance"]
 
 
 class AdapterImportance:
@@ -123,34 +120,3 @@ class AdapterImportance:
             p: s.to(self.layers[p].down.weight.device) if p in self.layers else s
             for p, s in state.get("rank_sum", {}).items()
         }
-
-
-def prune_adapter_units(
-    adapter: BottleneckAdapter, kept: Sequence[int], record: ParameterReplacements | None = None
-) -> None:
-    """Keep only the bottleneck units ``kept`` of a bottleneck adapter (rows of ``down``, columns of ``up``)."""
-    if not isinstance(adapter, BottleneckAdapter):
-        raise ValueError(
-            f"only bottleneck adapters have prunable units, got {type(adapter).__name__}."
-            " HINT: set `peft_rank_ratio=0` or use BOTTLENECK adapters."
-        )
-    index = torch.as_tensor(sorted(int(i) for i in kept), dtype=torch.long)
-    width = adapter.down.out_features
-    if len(index) == 0 or index[0] < 0 or index[-1] >= width:
-        raise ValueError(f"`kept` units must be in [0, {width}) and at least one, got {index.tolist()}.")
-    prune_linear(adapter.down, index, "out", record)
-    prune_linear(adapter.up, index, "in", record)
-
-
-def remove_adapter(root: nn.Module, path: str, record: ParameterReplacements | None = None) -> None:
-    """Take the adapter at ``path`` out of ``root``: its hooks are unregistered and the module deleted."""
-    adapter = root.get_submodule(path)
-    for handle in getattr(adapter, "hook_handles", []):
-        handle.remove()
-    adapter.hook_handles = []
-    if record is not None:
-        for param in adapter.parameters():
-            record.remove(param)
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    delattr(parent, child)

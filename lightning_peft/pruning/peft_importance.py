@@ -1,4 +1,4 @@
-"""Importance of PEFT modules and of their ranks, and their pruning (HF peft LoRA).
+"""Importance of HF peft LoRA layers and of their ranks (the cuts are in :mod:`lightning_peft.pruning.surgery`).
 
 Light-PEFT scores a PEFT module by how much it changes its layer's output, ``||ΔW x|| / ||W x||`` (``ΔW x`` the
 adapter's contribution, ``W x`` the frozen layer's, bias excluded), and each rank ``i`` of a LoRA module by the
@@ -8,28 +8,13 @@ B_i|`` (row ``i`` of ``A``, column ``i`` of ``B``). Both are averaged over the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.layout import is_projection
-from lightning_peft.pruning.surgery import ParameterReplacements, _is_lora, _slice_attr
+from lightning_peft.layout.peft_layers import base_layer_of, lora_adapters, lora_scalings
+from lightning_peft.pruning.surgery import find_lora_layers
 
-__all__ = ["LoraImportance", "find_lora_layers", "prune_lora_ranks", "remove_lora"]
-
-
-def find_lora_layers(root: nn.Module) -> dict[str, nn.Module]:
-    """``{path: module}`` of every HF peft LoRA layer under ``root`` that holds at least one adapter.
-
-    Counted: LoRA on ``nn.Linear``, transformers ``Conv1D`` (GPT-2) and ``nn.Conv2d`` (their ``A`` / ``B`` keep the
-    rank in the same dimensions). LoRA on embeddings is neither scored nor pruned.
-    """
-    return {
-        name: m
-        for name, m in root.named_modules()
-        if _is_lora(m) and (is_projection(m.base_layer) or isinstance(m.base_layer, nn.Conv2d)) and len(m.lora_A) > 0
-    }
+__all__ = ["LoraImportance"]
 
 
 class LoraImportance:
@@ -69,8 +54,9 @@ class LoraImportance:
         if self._handles:
             return
         for path, layer in self.layers.items():
-            self._handles.append(layer.base_layer.register_forward_hook(self._base_hook(path, layer.base_layer)))
-            for adapter, lora_b in layer.lora_B.items():
+            base = base_layer_of(layer)
+            self._handles.append(base.register_forward_hook(self._base_hook(path, base)))
+            for adapter, (_, lora_b) in lora_adapters(layer).items():
                 self._handles.append(lora_b.register_forward_hook(self._delta_hook(path, layer, adapter)))
 
     def remove(self) -> None:
@@ -99,9 +85,8 @@ class LoraImportance:
             if not self.recording or base_norm is None or not torch.is_grad_enabled():
                 return
             with torch.no_grad():
-                ratio = (output.detach().float().norm() * abs(float(layer.scaling[adapter]))) / base_norm.clamp_min(
-                    1e-12
-                )
+                scaling = abs(float(lora_scalings(layer)[adapter]))
+                ratio = (output.detach().float().norm() * scaling) / base_norm.clamp_min(1e-12)
             key = f"{path}::{adapter}"
             self._module_sum[key] = self._module_sum.get(key, 0.0) + ratio
             self._module_count[key] = self._module_count.get(key, 0) + 1
@@ -113,8 +98,8 @@ class LoraImportance:
         with torch.no_grad():
             for path, layer in self.layers.items():
                 sums = self._rank_sum.setdefault(path, {})
-                for adapter, lora_a in layer.lora_A.items():
-                    a, b = lora_a.weight, layer.lora_B[adapter].weight
+                for adapter, (lora_a, lora_b) in lora_adapters(layer).items():
+                    a, b = lora_a.weight, lora_b.weight
                     score = torch.zeros(a.shape[0], device=a.device)
                     # rank i: row i of A, column i of B (convolution kernels summed too)
                     if a.grad is not None:
@@ -153,43 +138,6 @@ class LoraImportance:
         self._rank_count = int(state.get("rank_count", 0))
         self._rank_sum = {}
         for path, adapters in state.get("rank_sum", {}).items():
-            device = self.layers[path].lora_A[next(iter(adapters))].weight.device if path in self.layers else "cpu"
+            layer = self.layers.get(path)
+            device = lora_adapters(layer)[next(iter(adapters))][0].weight.device if layer is not None else "cpu"
             self._rank_sum[path] = {a: s.to(device) for a, s in adapters.items()}
-
-
-def prune_lora_ranks(
-    layer: nn.Module, adapter: str, kept: Sequence[int], record: ParameterReplacements | None = None
-) -> None:
-    """Keep only the ranks ``kept`` of ``adapter`` in a peft LoRA layer: rows of ``A``, columns of ``B``.
-
-    The scaling is left as it is (not recomputed from the new rank), so the kept ranks contribute exactly what they
-    did before.
-    """
-    index = torch.as_tensor(sorted(int(i) for i in kept), dtype=torch.long)
-    r = layer.r[adapter]
-    if len(index) == 0 or index[0] < 0 or index[-1] >= r:
-        raise ValueError(f"`kept` ranks must be in [0, {r}) and at least one, got {index.tolist()}.")
-    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    _slice_attr(lora_a, "weight", 0, index, record)
-    _slice_attr(lora_b, "weight", 1, index, record)
-    for module, attr in (
-        (lora_a, "out_features"),
-        (lora_a, "out_channels"),
-        (lora_b, "in_features"),
-        (lora_b, "in_channels"),
-    ):
-        if hasattr(module, attr):
-            setattr(module, attr, len(index))
-    layer.r[adapter] = len(index)
-
-
-def remove_lora(root: nn.Module, path: str, record: ParameterReplacements | None = None) -> None:
-    """Replace the peft LoRA layer at ``path`` by its base Linear (the adapters' parameters leave the model)."""
-    layer = root.get_submodule(path)
-    if record is not None:
-        for name, param in layer.named_parameters():
-            if not name.startswith("base_layer."):
-                record.remove(param)
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, layer.base_layer)

@@ -9,8 +9,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.pruning.peft_importance import find_lora_layers, prune_lora_ranks, remove_lora
-from lightning_peft.pruning.surgery import ParameterReplacements, find_sites, prune_attention, prune_mlp
+from lightning_peft.adapters import adapter_modules
+from lightning_peft.layout.peft_layers import lora_rank, lora_ranks
+from lightning_peft.pruning.surgery import (
+    ParameterReplacements,
+    find_lora_layers,
+    find_sites,
+    prune_adapter_units,
+    prune_attention,
+    prune_lora_ranks,
+    prune_mlp,
+    remove_adapter,
+    remove_lora,
+)
 
 __all__ = [
     "PruningPlan",
@@ -232,14 +243,11 @@ def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> P
         )
     for path, adapters in plan.lora_ranks.items():
         for adapter, kept in adapters.items():
-            if len(kept) < lora[path].r[adapter]:
+            if len(kept) < lora_rank(lora[path], adapter):
                 prune_lora_ranks(lora[path], adapter, kept, record)
     for path in plan.lora_removed:
         remove_lora(root, path, record)
     if plan.adapters_removed or plan.adapter_units:
-        from lightning_peft.adapters import adapter_modules
-        from lightning_peft.pruning.adapter_importance import prune_adapter_units, remove_adapter
-
         adapters = dict(adapter_modules(root))
         missing = [p for p in [*plan.adapter_units, *plan.adapters_removed] if p not in adapters]
         if missing:
@@ -285,11 +293,9 @@ def plan_applied(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> bool:
         return False
     for path, adapters in plan.lora_ranks.items():
         layer = lora.get(path)
-        if layer is None or any(layer.r.get(a) != len(k) for a, k in adapters.items()):
+        if layer is None or any(lora_ranks(layer).get(a) != len(k) for a, k in adapters.items()):
             return False
     if plan.adapters_removed or plan.adapter_units:
-        from lightning_peft.adapters import adapter_modules
-
         present = dict(adapter_modules(root))
         if any(p in present for p in plan.adapters_removed):
             return False

@@ -1,4 +1,4 @@
-"""Physical pruning: slice the attention heads and MLP neurons of a model's blocks.
+"""Physical pruning: every cut of the package -- attention heads, MLP neurons, LoRA ranks and layers, adapters.
 
 A *site* is one place that can shrink: an attention module (its heads) or an MLP (its hidden neurons). The sites
 come from the layout registry (:func:`lightning_peft.layout.block_anatomy`) over every block of every stack that
@@ -9,15 +9,18 @@ separate q/k/v biases; gated, plain or fused ``gate_up`` MLPs).
 
 Every projection may be wrapped by an HF peft LoRA layer: slicing the base weight slices the matching side of each
 adapter (``lora_B`` rows for output features, ``lora_A`` columns for input features), so a LoRA-adapted model
-shrinks exactly like a plain one.
+shrinks exactly like a plain one. The PEFT modules themselves are cut here too: ranks of a LoRA layer
+(:func:`prune_lora_ranks`), a whole LoRA layer (:func:`remove_lora`), bottleneck units of an adapter of
+:mod:`lightning_peft.adapters` (:func:`prune_adapter_units`) and a whole adapter (:func:`remove_adapter`). What peft
+calls its parts is read through :mod:`lightning_peft.layout.peft_layers`.
 
 With grouped-query attention (fewer key/value heads than query heads) the unit that can be removed is a whole
 key/value group: one key/value head and the query heads that share it. Removing groups keeps the number of query
 heads per group unchanged, so the attention kernels need no change. For ordinary multi-head attention a group is
 one head.
 
-Every replaced parameter is recorded in a :class:`ParameterReplacements`, which moves the optimizer's state to the
-smaller parameters (:func:`replace_in_optimizer`).
+Every replaced parameter is recorded in a :class:`ParameterReplacements`, from which the optimizer's state moves to
+the smaller parameters (:func:`lightning_peft.pruning.carry_over.replace_in_optimizer`).
 """
 
 from __future__ import annotations
@@ -28,24 +31,34 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.layout import AttentionSite, MlpSite, block_anatomy, find_layers
-from lightning_peft.layout.anatomy import _base, _is_conv1d
+from lightning_peft.adapters import Adapter, BottleneckAdapter
+from lightning_peft.layout import AttentionSite, MlpSite, block_anatomy, find_layers, is_projection
+from lightning_peft.layout.anatomy import _is_conv1d
+from lightning_peft.layout.peft_layers import (
+    base_layer_of,
+    is_lora_layer,
+    lora_adapters,
+    lora_layers,
+    lora_rank,
+    set_lora_rank,
+    uses_dora,
+)
 
 __all__ = [
     "AttentionSite",
     "MlpSite",
     "ParameterReplacements",
     "Sites",
+    "find_lora_layers",
     "find_sites",
+    "prune_adapter_units",
     "prune_attention",
     "prune_linear",
+    "prune_lora_ranks",
     "prune_mlp",
-    "replace_in_optimizer",
+    "remove_adapter",
+    "remove_lora",
 ]
-
-
-def _is_lora(module: nn.Module) -> bool:
-    return hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
 
 
 @dataclass
@@ -151,7 +164,7 @@ def prune_linear(module: nn.Module, index: Tensor, side: str, record: ParameterR
     if side not in ("out", "in"):
         raise ValueError(f"`side` must be 'out' or 'in', got {side!r}.")
     index = torch.as_tensor(index, dtype=torch.long)
-    base = _base(module)
+    base = base_layer_of(module)
     conv1d = _is_conv1d(base)
     if side == "out":
         _slice_attr(base, "weight", 1 if conv1d else 0, index, record)
@@ -166,21 +179,19 @@ def prune_linear(module: nn.Module, index: Tensor, side: str, record: ParameterR
             base.nx = len(index)
         else:
             base.in_features = len(index)
-    if not _is_lora(module):
+    if not is_lora_layer(module):
         return
-    if any(getattr(module, "use_dora", {}).values()):
+    if uses_dora(module):
         raise ValueError(
             f"cannot prune a DoRA-adapted layer ({type(module).__name__}). HINT: use plain LoRA (`use_dora=False`)"
             " with EarlyPruning."
         )
-    for adapter in module.lora_A:
+    for lora_a, lora_b in lora_adapters(module).values():
         if side == "out":
-            lora_b = module.lora_B[adapter]
             _slice_attr(lora_b, "weight", 0, index, record)
             _slice_attr(lora_b, "bias", 0, index, record)
             lora_b.out_features = len(index)
         else:
-            lora_a = module.lora_A[adapter]
             _slice_attr(lora_a, "weight", 1, index, record)
             lora_a.in_features = len(index)
     if side == "out":
@@ -243,7 +254,7 @@ def prune_attention(
         index = {"heads": torch.as_tensor(kept), "q": q_index, "kv": kv_index}[kind]
         _slice_attr(owner, name, dim, index, record)
     gate = getattr(site.module, "gate", None)  # timm attention gates (one output per head feature)
-    if gate is not None and site.qkv is not None and isinstance(_base(gate), nn.Linear):
+    if gate is not None and site.qkv is not None and isinstance(base_layer_of(gate), nn.Linear):
         prune_linear(gate, q_index, "out", record)
     module = site.module
     for name in _HEAD_COUNTS:
@@ -284,46 +295,94 @@ def prune_mlp(site: MlpSite, kept_neurons: Sequence[int], record: ParameterRepla
             setattr(site.owner, name, len(kept))
 
 
-def _slice_state(state: dict, shape: torch.Size, ops: list[tuple[int, Tensor]]) -> dict | None:
-    new = {}
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == shape and value.dim() > 0:
-            for dim, index in ops:
-                value = value.index_select(dim, index.to(value.device))
-            new[key] = value.clone()
-        elif isinstance(value, Tensor) and value.numel() > 1:
-            return None  # a layout we cannot slice (e.g. block-wise quantized state): start fresh
-        else:
-            new[key] = value
-    return new
+# ------------------------------------------------------------------------------------------------ PEFT modules
 
 
-def replace_in_optimizer(
-    optimizer: torch.optim.Optimizer, record: ParameterReplacements, drop: Sequence[Tensor] = ()
-) -> None:
-    """Point ``optimizer`` at the pruned parameters, keeping the state of the surviving slices.
+def find_lora_layers(root: nn.Module) -> dict[str, nn.Module]:
+    """``{path: module}`` of every HF peft LoRA layer under ``root`` that holds at least one adapter.
 
-    Param groups are edited in place (never added or removed), so LR schedulers holding this optimizer keep working.
-    State tensors shaped like the parameter (Adam's ``exp_avg`` / ``exp_avg_sq``, momentum buffers) are sliced like
-    it; scalar state (``step``) is kept; state of another layout (8-bit block-wise) is dropped, so that parameter
-    restarts with fresh state. Parameters in ``drop`` or recorded as removed leave the groups with their state.
+    Counted: LoRA on ``nn.Linear``, transformers ``Conv1D`` (GPT-2) and ``nn.Conv2d`` (their ``A`` / ``B`` keep the
+    rank in the same dimensions). LoRA on embeddings is neither scored nor pruned.
     """
-    mapping = record.mapping()
-    gone = {id(p) for p in drop} | set(record.removed)
-    for group in optimizer.param_groups:
-        params = []
-        for param in group["params"]:
-            if id(param) in gone:
-                optimizer.state.pop(param, None)
-                continue
-            if id(param) not in mapping:
-                params.append(param)
-                continue
-            new, ops = mapping[id(param)]
-            state = optimizer.state.pop(param, None)
-            if state:
-                sliced = _slice_state(state, param.shape, ops)
-                if sliced is not None:
-                    optimizer.state[new] = sliced
-            params.append(new)
-        group["params"] = params
+    return {
+        path: layer
+        for path, layer in lora_layers(root).items()
+        if is_projection(base_layer_of(layer)) or isinstance(base_layer_of(layer), nn.Conv2d)
+    }
+
+
+def _kept_index(kept: Sequence[int], width: int, what: str) -> Tensor:
+    index = torch.as_tensor(sorted(int(i) for i in kept), dtype=torch.long)
+    if len(index) == 0 or index[0] < 0 or index[-1] >= width:
+        raise ValueError(f"`kept` {what} must be in [0, {width}) and at least one, got {index.tolist()}.")
+    return index
+
+
+def _detach_module(root: nn.Module, path: str, replacement: nn.Module | None) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if replacement is None:
+        delattr(parent, child)
+    else:
+        setattr(parent, child, replacement)
+
+
+def prune_lora_ranks(
+    layer: nn.Module, adapter: str, kept: Sequence[int], record: ParameterReplacements | None = None
+) -> None:
+    """Keep only the ranks ``kept`` of ``adapter`` in a peft LoRA layer: rows of ``A``, columns of ``B``.
+
+    The scaling is left as it is (not recomputed from the new rank), so the kept ranks contribute exactly what they
+    did before.
+    """
+    index = _kept_index(kept, lora_rank(layer, adapter), "ranks")
+    lora_a, lora_b = lora_adapters(layer)[adapter]
+    _slice_attr(lora_a, "weight", 0, index, record)
+    _slice_attr(lora_b, "weight", 1, index, record)
+    for module, attr in (
+        (lora_a, "out_features"),
+        (lora_a, "out_channels"),
+        (lora_b, "in_features"),
+        (lora_b, "in_channels"),
+    ):
+        if hasattr(module, attr):
+            setattr(module, attr, len(index))
+    set_lora_rank(layer, adapter, len(index))
+
+
+def remove_lora(root: nn.Module, path: str, record: ParameterReplacements | None = None) -> None:
+    """Replace the peft LoRA layer at ``path`` by its base Linear (the adapters' parameters leave the model)."""
+    layer = root.get_submodule(path)
+    base = base_layer_of(layer)
+    if record is not None:
+        kept = {id(p) for p in base.parameters()}
+        for param in layer.parameters():
+            if id(param) not in kept:
+                record.remove(param)
+    _detach_module(root, path, base)
+
+
+def prune_adapter_units(
+    adapter: BottleneckAdapter, kept: Sequence[int], record: ParameterReplacements | None = None
+) -> None:
+    """Keep only the bottleneck units ``kept`` of a bottleneck adapter (rows of ``down``, columns of ``up``)."""
+    if not isinstance(adapter, BottleneckAdapter):
+        raise ValueError(
+            f"only bottleneck adapters have prunable units, got {type(adapter).__name__}."
+            " HINT: set `peft_rank_ratio=0` or use BOTTLENECK adapters."
+        )
+    index = _kept_index(kept, adapter.down.out_features, "units")
+    prune_linear(adapter.down, index, "out", record)
+    prune_linear(adapter.up, index, "in", record)
+
+
+def remove_adapter(root: nn.Module, path: str, record: ParameterReplacements | None = None) -> None:
+    """Take the adapter at ``path`` out of ``root``: its hooks are unregistered and the module deleted."""
+    adapter: Adapter = root.get_submodule(path)
+    for handle in getattr(adapter, "hook_handles", []):
+        handle.remove()
+    adapter.hook_handles = []
+    if record is not None:
+        for param in adapter.parameters():
+            record.remove(param)
+    _detach_module(root, path, None)

@@ -272,7 +272,7 @@ def test_removing_an_adapter_removes_exactly_its_hooks_also_on_a_deep_copy():
     import timm
 
     from lightning_peft.adapters import AdapterConfig, adapter_modules, add_adapters
-    from lightning_peft.pruning.adapter_importance import remove_adapter
+    from lightning_peft.pruning import remove_adapter
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()

@@ -7,6 +7,7 @@ from helpers import trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from pruning_helpers import PruneModule, sample_input
+from torch import nn
 
 from lightning_peft.callbacks import LISA, ActivationQuantization, EarlyPruning
 from lightning_peft.pruning import apply_pruning_plan, find_lora_layers, plan_applied
@@ -174,6 +175,7 @@ DDP_SCRIPT = """
 import sys
 import lightning.pytorch as pl
 import torch
+from torch import nn
 sys.path.insert(0, {tests!r})
 from pruning_helpers import PruneModule
 from lightning_peft.callbacks import EarlyPruning
@@ -316,3 +318,64 @@ def test_a_fitted_plan_that_prunes_only_lora_is_applied_to_a_fresh_model(tmp_pat
     # a second setup leaves the pruned model as it is
     callback.setup(pl.Trainer(**trainer_kwargs(tmp_path)), fresh, "fit")
     assert _lora_params(fresh) == _lora_params(module)
+
+
+class NoisyModule(PruneModule):
+    """Dropout on the logits from the global generator: every later step depends on the global random state."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(nn.functional.dropout(self(x), 0.5, training=True), y)
+
+
+def test_the_plot_leaves_the_run_unchanged(tmp_path):
+    """Drawing the mask plot uses its own generator: with and without it the weights are bit-identical."""
+    weights = {}
+    for plotted in (True, False):
+        torch.manual_seed(0)
+        module = NoisyModule("bert")
+        logger = CSVLogger(tmp_path / str(plotted), name="logs")
+        pruning = EarlyPruning(estimation_steps=3, plot=plotted, max_loss_increase=None, seed=1)
+        pl.Trainer(callbacks=[pruning], max_steps=6, **trainer_kwargs(tmp_path, logger=logger)).fit(module)
+        assert (tmp_path / str(plotted) / "logs" / "version_0" / "early_pruning_masks.png").exists() == plotted
+        weights[plotted] = {n: p.detach().clone() for n, p in module.named_parameters()}
+    assert weights[True].keys() == weights[False].keys()
+    for name, weight in weights[True].items():
+        assert torch.equal(weight, weights[False][name]), name
+
+
+def test_the_plot_shows_every_mask_value_kept_or_pruned(tmp_path, monkeypatch):
+    """The saved figure's points are the masks at the cut: kept units in blue, pruned ones in red, one x per layer."""
+    from lightning_peft.pruning import report
+
+    figures, masks = [], {}
+    monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure) or path)
+    pruning = EarlyPruning(estimation_steps=3, l1=1e-2, max_loss_increase=None)
+
+    class Peek(Callback):  # runs before EarlyPruning in this hook: the masks right before the cut
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                masks["heads"] = [m.detach().clone() for m in pruning.masks.heads]
+                masks["neurons"] = [m.detach().clone() for m in pruning.masks.neurons]
+
+    logger = CSVLogger(tmp_path, name="logs")
+    kwargs = trainer_kwargs(tmp_path, logger=logger)
+    pl.Trainer(callbacks=[Peek(), pruning], max_steps=4, **kwargs).fit(PruneModule("timm", lora=False))
+    (figure,) = figures
+    heads_axes, neuron_axes = figure.axes
+    for axes, kind, kept_by_site in (
+        (heads_axes, "heads", pruning.plan.heads),
+        (neuron_axes, "neurons", pruning.plan.neurons),
+    ):
+        assert axes.get_title().startswith(f"{kind} masks at step 3")
+        collections = axes.collections
+        assert len(collections) == 2 * len(masks[kind]) == 4  # kept and pruned, per layer
+        for position, (mask, path) in enumerate(zip(masks[kind], sorted(kept_by_site), strict=True)):
+            kept = torch.zeros(len(mask), dtype=torch.bool)
+            kept[kept_by_site[path]] = True
+            blue, red = collections[2 * position : 2 * position + 2]
+            torch.testing.assert_close(torch.tensor(blue.get_offsets()[:, 1]).float(), mask[kept], rtol=0, atol=0)
+            torch.testing.assert_close(torch.tensor(red.get_offsets()[:, 1]).float(), mask[~kept], rtol=0, atol=0)
+            assert len(red.get_offsets()) > 0
+            xs = torch.tensor([*blue.get_offsets()[:, 0], *red.get_offsets()[:, 0]])
+            assert ((xs - position).abs() <= 0.25).all() and xs.std() > 0  # jittered around the layer's position
