@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lightning_peft.layout.peft_layers import PEFT_COMPONENTS, PEFT_WRAPPERS, base_layer_of
+
 __all__ = [
     "ROLE_CATEGORIES",
     "AttentionSite",
@@ -101,16 +103,9 @@ _NAME_ROLES = {
 _NAME_UP = {"fc1", "up_proj", "c_fc", "lin1", "dense_h_to_4h", "fc_in", "wi", "wi_1", "w1", "w3"}
 _NAME_DOWN = {"fc2", "down_proj", "c_proj", "lin2", "dense_4h_to_h", "fc_out", "wo", "w2"}
 _NAME_O = {"o_proj", "out_proj", "proj", "c_proj", "dense", "out_lin", "wo", "o"}
-_PEFT_COMPONENTS = {"base_layer", "lora_a", "lora_b", "lora_embedding_a", "lora_embedding_b", "lora_magnitude_vector"}
-_PEFT_WRAPPERS = {"modules_to_save", "original_module"}
 
 
 # ------------------------------------------------------------------------------------------------ projections
-
-
-def _base(module: nn.Module) -> nn.Module:
-    """The layer under an HF peft wrapper (or the module itself)."""
-    return getattr(module, "base_layer", module)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -122,19 +117,19 @@ def is_projection(module: nn.Module | None) -> bool:
     """Whether ``module`` is a Linear or transformers ``Conv1D``, possibly wrapped by HF peft."""
     if module is None:
         return False
-    base = _base(module)
+    base = base_layer_of(module)
     return isinstance(base, nn.Linear) or _is_conv1d(base)
 
 
 def in_features(module: nn.Module) -> int:
     """Input width of a projection (Linear or ``Conv1D``, peft-wrapped or not)."""
-    base = _base(module)
+    base = base_layer_of(module)
     return int(base.weight.shape[0]) if _is_conv1d(base) else int(base.in_features)
 
 
 def out_features(module: nn.Module) -> int:
     """Output width of a projection (Linear or ``Conv1D``, peft-wrapped or not)."""
-    base = _base(module)
+    base = base_layer_of(module)
     return int(base.nf) if _is_conv1d(base) else int(base.out_features)
 
 
@@ -629,7 +624,7 @@ def block_anatomy(block: nn.Module, name: str = "", index: int = 0) -> BlockAnat
 
 
 def _is_peft_part(local: str) -> bool:
-    return any(part.lower() in _PEFT_COMPONENTS or part in _PEFT_WRAPPERS for part in local.split("."))
+    return any(part.lower() in PEFT_COMPONENTS or part in PEFT_WRAPPERS for part in local.split("."))
 
 
 def _report_unseen(block: nn.Module, name: str, anatomy: BlockAnatomy, covered: set[int]) -> None:
@@ -690,7 +685,7 @@ def _unit_path(local_param_name: str) -> str:
             skip_next = False
             continue
         lowered = part.lower()
-        if lowered in _PEFT_COMPONENTS or lowered in _PEFT_WRAPPERS:
+        if lowered in PEFT_COMPONENTS or lowered in PEFT_WRAPPERS:
             skip_next = lowered not in ("base_layer", "original_module")
             continue
         kept.append(part)

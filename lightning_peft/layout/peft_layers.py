@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "PEFT_COMPONENTS",
+    "PEFT_WRAPPERS",
     "base_layer_of",
     "is_lora_layer",
     "lora_adapters",
@@ -41,6 +42,8 @@ __all__ = [
 PEFT_COMPONENTS = frozenset(
     {"base_layer", "lora_a", "lora_b", "lora_embedding_a", "lora_embedding_b", "lora_magnitude_vector"}
 )
+# Path components of peft's ``modules_to_save`` wrapper (a trained copy beside the original).
+PEFT_WRAPPERS = frozenset({"modules_to_save", "original_module"})
 
 
 def is_lora_layer(module: nn.Module) -> bool:
