@@ -10,8 +10,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_peft._validation import check_bool, check_int
 from lightning_peft.models.pretrained import check_timm_weights_available
-from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config, checked_model_kwargs
+from lightning_peft.modules._base import ClassifierModule, checked_model_kwargs
+from lightning_peft.modules._peft import apply_peft, build_peft_config
 
 _RESERVED_MODEL_KWARGS = ("num_classes", "pretrained", "checkpoint_path", "model_name")
 
@@ -68,11 +70,14 @@ class ImageClassifier(ClassifierModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"`num_classes` must be an integer of at least 2, got {num_classes!r}."
-                " HINT: pass the number of classes of your data, e.g. `num_classes=10` for digits."
-            )
+        check_int(
+            "num_classes",
+            num_classes,
+            2,
+            "pass the number of classes of your data, e.g. `num_classes=10` for digits.",
+            what="one output per class",
+        )
+        check_bool("pretrained", pretrained)
         if not timm.is_model(model_name):
             close = difflib.get_close_matches(str(model_name), timm.list_models(), n=3)
             raise ValueError(
