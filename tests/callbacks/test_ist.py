@@ -86,6 +86,14 @@ def test_a_ratio_that_selects_no_block_is_refused(tmp_path):
         trainer.fit(AdapterModel(n_blocks=2))
 
 
+def test_n_blocks_counts_every_block_and_the_old_name_warns(tmp_path):
+    ist = IST(update_ratio=0.5, interval=100)
+    pl.Trainer(callbacks=[ist], max_steps=1, **trainer_kwargs(tmp_path)).fit(AdapterModel(n_blocks=4))
+    assert ist.n_blocks == 4 and ist.n_trained == 2  # LISA's `n_layers` is the blocks sampled; IST's total is this
+    with pytest.warns(DeprecationWarning, match="`IST.n_layers` is renamed `IST.n_blocks`"):
+        assert ist.n_layers == 4
+
+
 def test_only_the_peft_parameters_of_sampled_blocks_train(tmp_path):
     model = AdapterModel()
     before = snapshot(model)
