@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_peft._validation import check_bool, check_int
+from lightning_peft.layout import find_head
 
 __all__ = [
     "AudioSpectrogramTransformer",
@@ -187,6 +188,10 @@ class AudioSpectrogramTransformer(nn.Module):
         self.norm = backbone.norm
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
+    def get_classifier(self) -> nn.Module:
+        """The classification head (timm's name for it; :func:`~lightning_peft.layout.find_head` reads it)."""
+        return self.head
+
     def forward_features(self, features: Tensor) -> Tensor:
         """Return the normalised token sequence ``(B, prefix + patches, D)`` of filterbanks ``(B, T, F)``."""
         if features.dim() != 3 or features.shape[1:] != (self.target_length, self.num_mel_bins):
@@ -227,7 +232,8 @@ def _load_backbone_weights(backbone: nn.Module, checkpoint_path: str) -> None:
         )
     backbone.load_state_dict(kept, strict=False)
     missing = [k for k in own if k not in kept]
-    ignored = [k for k in skipped if not k.startswith(("head.", "head_dist.", "fc_norm."))]
+    heads = tuple(f"{name}." for name in (*find_head(backbone), "fc_norm"))  # the image head, not the backbone's
+    ignored = [k for k in skipped if not k.startswith(heads)]
     if missing:
         rank_zero_warn(f"{checkpoint_path!r} has no weights for {len(missing)} backbone keys: {missing}.")
     if ignored:

@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lightning_peft._validation import check_bool, check_choice, check_int
+from lightning_peft.layout import find_head
 from lightning_peft.models.ast import build_hf_ast, build_timm_ast
 from lightning_peft.modules._base import ClassifierModule
 from lightning_peft.modules._peft import apply_peft, build_peft_config
@@ -130,16 +131,13 @@ class AudioClassifier(ClassifierModule):
                 checkpoint_path=checkpoint_path,
                 backbone_kwargs=kwargs,
             )
-            head_names = ["head"]
         elif model is None:
             config = {"num_mel_bins": num_mel_bins, "frequency_stride": fstride, "time_stride": tstride, **kwargs}
             network = build_hf_ast(config=config, num_labels=num_classes, max_length=target_length)
-            head_names = ["classifier"]
         else:
             network = build_hf_ast(model, num_labels=num_classes, max_length=target_length, **kwargs)
-            head_names = ["classifier"]
         if peft_config is not None:
-            network = apply_peft(network, peft_config, head_names=head_names)
+            network = apply_peft(network, peft_config, head_names=find_head(network))
         self.model = network
 
     def forward(self, features: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_peft._validation import check_bool, check_int
+from lightning_peft.layout import find_head
 from lightning_peft.models.pretrained import check_timm_weights_available
 from lightning_peft.modules._base import ClassifierModule, checked_model_kwargs
 from lightning_peft.modules._peft import apply_peft, build_peft_config
@@ -105,7 +106,7 @@ class ImageClassifier(ClassifierModule):
         if checkpoint_path is not None:
             load_matching_state_dict(model, checkpoint_path)
         if peft_config is not None:
-            model = apply_peft(model, peft_config, head_names=classifier_names(model))
+            model = apply_peft(model, peft_config, head_names=find_head(model))
         self.model = model
 
     def forward(self, images: Tensor) -> Tensor:
@@ -116,14 +117,6 @@ class ImageClassifier(ClassifierModule):
         """Return ``(logits, labels)`` of an ``(images, labels)`` batch."""
         images, labels = batch
         return self(images), labels
-
-
-def classifier_names(model: nn.Module) -> list[str]:
-    """Return the module names of a timm model's classification head, e.g. ``["head"]`` or ``["head.fc"]``."""
-    names = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    if names is None:
-        return []
-    return [names] if isinstance(names, str) else list(names)
 
 
 def load_matching_state_dict(model: nn.Module, checkpoint_path: str) -> None:
