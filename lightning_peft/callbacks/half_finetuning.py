@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_peft._sharding import gather_whole, local_part, take_local
 from lightning_peft._validation import check_bool, check_choice, check_int, check_number, check_seed
 from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_head
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
 __all__ = ["HalfFineTuning"]
@@ -42,8 +43,8 @@ class HalfFineTuningPlan:
     """What a draw of :class:`HalfFineTuning` trains, for the tools that inspect it (support matrix, estimate).
 
     Attributes:
-        outside: parameters outside the blocks (embeddings, final norm, head, or a stackless model's last layer);
-            they train.
+        outside: parameters outside the blocks (embeddings, final norm, head; a stackless model's head as
+            :func:`~lightning_peft.layout.find_head` finds it, else its last layer); they train.
         blocks: the parameter-owning units (``name``, ``category``, ``parameters``, ``numel``) of every block; one
             unit per layer when the model has no block stack.
         selected: the block parameters the draw lets train. With ``channels`` every layer is selected and trains on
@@ -260,21 +261,31 @@ class HalfFineTuning(TrainableSetCallback):
                     block.append(_Unit(unit.name, unit.category, unit.parameters, numel))
                 self._blocks.append(block)
             return
-        # No repeated blocks: every parameter-owning module is a layer, the last one is the head.
+        # No repeated blocks: every parameter-owning module is a layer; the head (the layout registry's, else the
+        # last layer) trains whole.
         owners: list[tuple[str, tuple[str, ...]]] = []
         for module_name, module in pl_module.named_modules():
             direct = [n for n, _ in module.named_parameters(recurse=False)]
             if direct:
                 prefix = f"{module_name}." if module_name else ""
                 owners.append((module_name, tuple(prefix + n for n in direct)))
-        if len(owners) < 2:
+        heads = find_head(pl_module)
+        in_head = [any(name == h or name.startswith(f"{h}.") for h in heads) for name, _ in owners]
+        if any(in_head):
+            hidden = [owner for owner, inside in zip(owners, in_head, strict=True) if not inside]
+            head = (
+                ", ".join(heads),
+                tuple(p for owner, inside in zip(owners, in_head, strict=True) if inside for p in owner[1]),
+            )
+        else:
+            *hidden, head = owners or [("", ())]
+        if not hidden:
             raise ValueError(
-                f"HalfFineTuning found no repeated blocks in {type(pl_module).__name__} and fewer than two"
-                " parameter-owning layers, so there is nothing to split. HINT: pass `layers=` with the dotted path"
+                f"HalfFineTuning found no repeated blocks in {type(pl_module).__name__} and no parameter-owning"
+                " layer outside its head, so there is nothing to split. HINT: pass `layers=` with the dotted path"
                 " of the block container."
             )
         self._stackless = True
-        *hidden, head = owners
         self._outside = list(head[1])
         self._block_stacks = []
         self._blocks = [
@@ -282,7 +293,7 @@ class HalfFineTuning(TrainableSetCallback):
         ]
         rank_zero_info(
             f"HalfFineTuning: {type(pl_module).__name__} has no repeated block stack; its {len(hidden)} hidden"
-            f" layers are split ({self.granularity!r} granularity) and the last layer {head[0]!r} trains as the head."
+            f" layers are split ({self.granularity!r} granularity) and {head[0]!r} trains whole as the head."
         )
 
     # ------------------------------------------------------------------------------------------------- stages

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -175,20 +175,26 @@ class IST(TrainableSetCallback):
     # ----------------------------------------------------------------------------------------------- set-up
 
     @property
-    def n_layers(self) -> int:
-        """Number of blocks."""
+    def n_blocks(self) -> int:
+        """Number of blocks ``L`` that IST scores and samples from (all blocks of its stacks)."""
         assert self.stack is not None
         return len(self.stack)
 
     @property
+    def n_layers(self) -> int:
+        """Deprecated name of :attr:`n_blocks` (in LISA, ``n_layers`` is the number of blocks sampled)."""
+        rank_zero_deprecation("`IST.n_layers` is renamed `IST.n_blocks` (the number of all blocks); use `n_blocks`.")
+        return self.n_blocks
+
+    @property
     def n_trained(self) -> int:
         """Blocks whose PEFT modules train at each step: ``int(update_ratio * L)``."""
-        return int(self.update_ratio * self.n_layers)
+        return int(self.update_ratio * self.n_blocks)
 
     @property
     def n_suppressed(self) -> int:
         """Blocks in each candidate set: ``int(candidate_ratio * L)``."""
-        return int(self.candidate_ratio * self.n_layers)
+        return int(self.candidate_ratio * self.n_blocks)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -201,7 +207,7 @@ class IST(TrainableSetCallback):
             " them all), or HalfFineTuning.",
         )
         self._find_peft_modules(pl_module)
-        n_blocks = self.n_layers
+        n_blocks = self.n_blocks
         for name, count, ratio in (
             ("update_ratio", self.n_trained, self.update_ratio),
             ("candidate_ratio", self.n_suppressed, self.candidate_ratio),
@@ -278,9 +284,9 @@ class IST(TrainableSetCallback):
         self._all_params = frozenset(n for n, _ in pl_module.named_parameters())
         self._allowed = None
         assert self.scores is not None
-        if len(self.scores) != self.n_layers:
+        if len(self.scores) != self.n_blocks:
             raise ValueError(
-                f"The checkpoint's IST scores are for {len(self.scores)} blocks, the model has {self.n_layers}."
+                f"The checkpoint's IST scores are for {len(self.scores)} blocks, the model has {self.n_blocks}."
                 " HINT: resume with the model the checkpoint was trained with."
             )
 
@@ -331,7 +337,7 @@ class IST(TrainableSetCallback):
     def candidate_sets(self) -> list[list[int]]:
         """Draw ``n_candidates`` sets of ``int(candidate_ratio * L)`` blocks by ``sigmoid(s)``."""
         probabilities = self._probabilities(1.0)
-        possible = math.comb(self.n_layers, self.n_suppressed)
+        possible = math.comb(self.n_blocks, self.n_suppressed)
         sets: list[list[int]] = []
         for _ in range(self.n_candidates):
             draw = self._draw(probabilities, self.n_suppressed)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_peft._validation import check_int
+from lightning_peft._validation import check_int, check_number
 from lightning_peft.data._split import SplitDataModule
 
 
@@ -65,20 +65,25 @@ def split_class_folders(
     return names, [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
-def check_fraction(val_fraction: float) -> None:
-    """Raise a ValueError unless ``val_fraction`` is in (0, 1)."""
-    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
-        raise ValueError(
-            f"`val_fraction` must be in (0, 1), got {val_fraction!r}. HINT: e.g. 0.1, or give a separate validation"
-            " folder / file."
-        )
+def check_val_fraction(val_fraction: Any) -> float:
+    """The share of each class held out for validation: a number strictly between 0 and 1.
 
+    Example::
 
-def check_positive(**values: Any) -> None:
-    """Raise a ValueError naming the first argument that is not a positive integer."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: e.g. {name}=16.")
+        >>> check_val_fraction(1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `val_fraction` must be a number strictly between 0 and 1, got 1. HINT: e.g. 0.1, or give a \
+separate validation folder / file.
+    """
+    return check_number(
+        "val_fraction",
+        val_fraction,
+        0,
+        1,
+        "e.g. 0.1, or give a separate validation folder / file.",
+        "a number strictly between 0 and 1",
+    )
 
 
 class LabelledDataModule(SplitDataModule):
@@ -130,7 +135,8 @@ class LabelledDataModule(SplitDataModule):
         self, root: str, val_root: str | None, val_fraction: float, batch_size: int, seed: int, num_workers: int
     ) -> None:
         """Check and keep the settings every class-per-folder DataModule shares (root, split, loader)."""
-        check_fraction(val_fraction)
+        check_val_fraction(val_fraction)
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=16; lower it if memory runs out.")
         check_int("num_workers", num_workers, 0, "use 0 on small data.")
         self.root = os.path.expanduser(root)
         self.val_root = None if val_root is None else os.path.expanduser(val_root)

@@ -10,6 +10,7 @@ speech commands a random time roll and additive noise.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from lightning_peft._validation import check_choice, check_int, check_number
 
 __all__ = [
     "AUDIOSET_MEAN",
@@ -93,16 +96,16 @@ class FilterbankFeatures:
         mean: float = AUDIOSET_MEAN,
         std: float = AUDIOSET_STD,
     ) -> None:
-        for name, value in (("num_mel_bins", num_mel_bins), ("target_length", target_length)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: the AST uses 128.")
-        if sampling_rate != 16000:
-            raise ValueError(
-                f"`sampling_rate` must be 16000 (25 ms / 10 ms frames of 400 / 160 samples), got {sampling_rate!r}."
-                " HINT: resample the audio to 16 kHz first."
-            )
-        if not std > 0:
-            raise ValueError(f"`std` must be positive, got {std!r}. HINT: AudioSet's is {AUDIOSET_STD}.")
+        check_int("num_mel_bins", num_mel_bins, 1, "the AST uses 128.")
+        check_int("target_length", target_length, 1, "the AST uses 1024 frames (10 s); 128 for one-second clips.")
+        check_choice(
+            "sampling_rate",
+            sampling_rate,
+            [16000],
+            "25 ms / 10 ms frames are 400 / 160 samples at 16 kHz: resample the audio to 16 kHz first.",
+        )
+        check_number("mean", mean, -math.inf, math.inf, f"AudioSet's is {AUDIOSET_MEAN}.", "a real number")
+        check_number("std", std, 0, math.inf, f"AudioSet's is {AUDIOSET_STD}.", "positive (a number > 0)")
         from transformers import ASTFeatureExtractor
 
         self.num_mel_bins = num_mel_bins
@@ -180,10 +183,17 @@ class SpecAugment:
         fill: float = 0.0,
     ) -> None:
         for name, value in (("freq_mask", freq_mask), ("time_mask", time_mask), ("time_shift", time_shift)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}. HINT: 0 switches it off.")
-        if noise < 0:
-            raise ValueError(f"`noise` must be >= 0, got {noise!r}. HINT: the AST recipe uses 0.1 for speech.")
+            check_int(name, value, 0, "0 switches it off.")
+        check_number(
+            "noise",
+            noise,
+            0,
+            math.inf,
+            "the AST recipe uses 0.1 for speech; 0 switches it off.",
+            "a number >= 0",
+            include_low=True,
+        )
+        check_number("fill", fill, -math.inf, math.inf, "the normalised zero of the features.", "a real number")
         self.freq_mask = freq_mask
         self.time_mask = time_mask
         self.time_shift = time_shift

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_peft.data._labelled import LabelledDataModule, check_positive, split_class_folders
+from lightning_peft._validation import check_bool
+from lightning_peft.data._labelled import LabelledDataModule, split_class_folders
 from lightning_peft.data.audio_features import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
@@ -164,12 +165,13 @@ class AudioFolder(LabelledDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_positive(batch_size=batch_size, num_mel_bins=num_mel_bins, target_length=target_length)
+        check_bool("augment", augment)
         self._class_folder_settings(root, val_root, val_fraction, batch_size, seed, num_workers)
         self.save_hyperparameters()
         self.features = FilterbankFeatures(num_mel_bins=num_mel_bins, target_length=target_length)
         fill = (0.0 - AUDIOSET_MEAN) / (2.0 * AUDIOSET_STD)  # the normalised zero, as in the AST recipe
-        self.augmentation = SpecAugment(freq_mask, time_mask, fill=fill) if augment else None
+        augmentation = SpecAugment(freq_mask, time_mask, fill=fill)  # checks the masks even when unused
+        self.augmentation = augmentation if augment else None
 
     def _clips(self, samples: list[tuple[str, int]], augment: bool) -> FeatureClips:
         paths = [path for path, _ in samples]

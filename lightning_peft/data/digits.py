@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
+from lightning_peft._validation import check_int, check_number
 from lightning_peft.data._split import SplitDataModule
 
 
@@ -61,24 +62,30 @@ class Digits(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("image_size", image_size), ("channels", channels), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: e.g. {name}=32.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
-        fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction or 0.0}
-        for name, value in fractions.items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}. HINT: e.g. {name}=0.2.")
-        if val_fraction <= 0.0 or sum(fractions.values()) >= 0.9:
+        check_int("image_size", image_size, 1, "e.g. image_size=32 (the 8x8 digits are resized to it).")
+        check_int("channels", channels, 1, "3 for ImageNet-style models, 1 for grey-scale ones.")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=32.")
+        check_int("num_workers", num_workers, 0, "use 0 on small data.")
+        check_number("val_fraction", val_fraction, 0, 1, "e.g. val_fraction=0.2.", "a number in (0, 1)")
+        check_number(
+            "test_fraction",
+            test_fraction,
+            0,
+            1,
+            "e.g. test_fraction=0.2, or None to test on the validation split.",
+            "None or a number in [0, 1)",
+            include_low=True,
+            allow_none=True,
+        )
+        if val_fraction + (test_fraction or 0.0) >= 0.9:
             raise ValueError(
-                f"`val_fraction` must be > 0 and `val_fraction` + `test_fraction` below 0.9, got {val_fraction!r} +"
+                f"`val_fraction` + `test_fraction` must be below 0.9, got {val_fraction!r} +"
                 f" {test_fraction!r}. HINT: keep most of the 1,797 images for training, e.g. val_fraction=0.2."
             )
         self.mean = self._per_channel("mean", mean, channels)
         self.std = self._per_channel("std", std, channels)
         if (self.std <= 0).any():
-            raise ValueError(f"`std` must be positive, got {std!r}. HINT: e.g. std=0.5.")
+            raise ValueError(f"`std` must be positive (every channel's > 0), got {std!r}. HINT: e.g. std=0.5.")
         self.save_hyperparameters()
         self.image_size = image_size
         self.channels = channels

@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_peft.data._labelled import LabelledDataModule, check_positive, split_class_folders
+from lightning_peft._validation import check_bool, check_int
+from lightning_peft.data._labelled import LabelledDataModule, split_class_folders
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "timm_data_config"]
 
@@ -130,7 +131,8 @@ class ImageFolder(LabelledDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_positive(batch_size=batch_size, **({} if image_size is None else {"image_size": image_size}))
+        check_int("image_size", image_size, 1, "None takes the model's input size.", allow_none=True)
+        check_bool("augment", augment)
         self._class_folder_settings(root, val_root, val_fraction, batch_size, seed, num_workers)
         self.data_config = timm_data_config(model, image_size)
         self.save_hyperparameters()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
+from lightning_peft._validation import check_bool, check_distinct, check_int
 from lightning_peft.data._split import SplitDataModule
 from lightning_peft.data.audio_features import (
     AUDIOSET_MEAN,
@@ -205,27 +206,21 @@ class SpokenKeywords(SplitDataModule):
         program: str = "espeak-ng",
     ) -> None:
         super().__init__()
-        for name, values in (("words", words), ("voices", voices), ("speeds", speeds), ("pitches", pitches)):
-            if isinstance(values, str) or len(values) == 0 or len(set(values)) != len(values):
-                raise ValueError(
-                    f"`{name}` must be a non-empty list without duplicates, got {values!r}."
-                    " HINT: e.g. words=['yes', 'no'], voices=['en-us', 'en-gb+f2'], speeds=[160], pitches=[50]."
-                )
-        if len(words) < 2:
-            raise ValueError(f"`words` must name at least 2 classes, got {list(words)}. HINT: e.g. ['yes', 'no'].")
-        for name, value in (("val_voices", val_voices), ("test_voices", test_voices)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}. HINT: e.g. {name}=2.")
-        if val_voices < 1 or val_voices + test_voices >= len(voices):
+        check_distinct("words", words, 2, "name the classes, e.g. words=['yes', 'no'].")
+        check_distinct("voices", voices, 1, "e.g. voices=['en-us', 'en-gb+f2'] (`espeak-ng --voices` lists them).")
+        check_distinct("speeds", speeds, 1, "words per minute, e.g. speeds=[160].")
+        check_distinct("pitches", pitches, 1, "0-99, e.g. pitches=[50].")
+        check_int("val_voices", val_voices, 1, "e.g. val_voices=2.")
+        check_int("test_voices", test_voices, 0, "e.g. test_voices=2; 0 tests on the validation voices.")
+        if val_voices + test_voices >= len(voices):
             raise ValueError(
-                f"`val_voices` must be >= 1 and `val_voices` + `test_voices` below the {len(voices)} voices, got"
+                f"`val_voices` + `test_voices` must be below the {len(voices)} voices, got"
                 f" {val_voices} + {test_voices}. HINT: give more `voices` or hold out fewer."
             )
-        for name, value in (("batch_size", batch_size), ("target_length", target_length)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: e.g. {name}=32.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=32.")
+        check_int("target_length", target_length, 1, "128 frames hold a one-second word.")
+        check_int("num_workers", num_workers, 0, "use 0 on small data.")
+        check_bool("augment", augment)
         self.save_hyperparameters()
         self.words = [str(w) for w in words]
         self.voices = [str(v) for v in voices]
@@ -236,9 +231,8 @@ class SpokenKeywords(SplitDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.features = FilterbankFeatures(num_mel_bins=num_mel_bins, target_length=target_length, mean=mean, std=std)
         fill = float(self.features.normalize(np.zeros(1, dtype=np.float32))[0])
-        self.augmentation = (
-            SpecAugment(freq_mask, time_mask, time_shift=time_shift, noise=noise, fill=fill) if augment else None
-        )
+        augmentation = SpecAugment(freq_mask, time_mask, time_shift=time_shift, noise=noise, fill=fill)  # checks them
+        self.augmentation = augmentation if augment else None
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers

@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_peft.data._labelled import LabelledDataModule, check_fraction, check_positive, stratified_split
+from lightning_peft._validation import check_distinct, check_int, check_string
+from lightning_peft.data._labelled import LabelledDataModule, check_val_fraction, stratified_split
 from lightning_peft.data._records import Record, read_records, require_column
 from lightning_peft.models.pretrained import load_pretrained
 
@@ -102,24 +103,15 @@ class TextClassificationFile(LabelledDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_positive(max_length=max_length, batch_size=batch_size)
-        check_fraction(val_fraction)
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
+        check_int("max_length", max_length, 1, "tokens per example, e.g. max_length=128.")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=16; lower it if memory runs out.")
+        check_val_fraction(val_fraction)
+        check_int("num_workers", num_workers, 0, "use 0 on small data.")
         for name, value in (("text_column", text_column), ("label_column", label_column)):
-            if not isinstance(value, str) or not value:
-                raise ValueError(
-                    f"`{name}` must be a column name (a string), got {value!r}. HINT: quote it in YAML, e.g."
-                    f" {name}: 'text'."
-                )
+            check_string(name, value, f"quote it in YAML, e.g. {name}: 'text'.", "a column name (a non-empty string)")
         if label_names is not None:
-            names = [str(name) for name in label_names]
-            if len(names) < 2 or len(set(names)) != len(names):
-                raise ValueError(
-                    f"`label_names` must be at least two different names, got {label_names!r}."
-                    " HINT: list the classes in the order of the model's outputs, or leave it None."
-                )
-            self.label_names = tuple(names)
+            hint = "list the classes in the order of the model's outputs, or leave it None."
+            self.label_names = tuple(check_distinct("label_names", [str(n) for n in label_names], 2, hint))
         self.save_hyperparameters()
         self.train_file = os.path.expanduser(train_file)
         self.val_file = None if val_file is None else os.path.expanduser(val_file)

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_peft._validation import check_int, check_number, check_string
 from lightning_peft.data._records import TABLE_SUFFIXES, Record, read_records, read_text
 from lightning_peft.data._split import SplitDataModule
 from lightning_peft.models.pretrained import load_pretrained
@@ -139,17 +140,13 @@ class TextFiles(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: e.g. {name}=128.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}. HINT: e.g. val_fraction=0.1.")
-        if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 2):
-            raise ValueError(
-                f"`max_documents` must be None or an integer >= 2, got {max_documents!r}. HINT: None keeps all."
-            )
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
+        check_int("block_size", block_size, 1, "tokens per training example, e.g. block_size=128.")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=8; lower it if memory runs out.")
+        check_number("val_fraction", val_fraction, 0, 1, "e.g. val_fraction=0.1.", "a number strictly between 0 and 1")
+        for name, value in (("text_column", text_column), ("messages_column", messages_column)):
+            check_string(name, value, f"quote it in YAML, e.g. {name}: '{value}'.", "a field name (a non-empty string)")
+        check_int("max_documents", max_documents, 2, "None keeps all.", allow_none=True)
+        check_int("num_workers", num_workers, 0, "use 0 on small data.")
         self.save_hyperparameters()
         self.paths = resolve_text_files(files)
         self.tokenizer_name = tokenizer

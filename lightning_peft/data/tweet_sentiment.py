@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_peft._validation import check_int
 from lightning_peft.data._split import SplitDataModule
 from lightning_peft.models.pretrained import load_pretrained
 
@@ -105,19 +106,12 @@ class TweetSentiment(SplitDataModule):
         csv_path: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("max_length", max_length), ("batch_size", batch_size), ("val_size", val_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: e.g. {name}=16.")
-        if not isinstance(test_size, int) or test_size < 0:
-            raise ValueError(
-                f"`test_size` must be an integer >= 0, got {test_size!r}. HINT: 0 reuses the validation split."
-            )
-        if train_size is not None and (not isinstance(train_size, int) or train_size < 1):
-            raise ValueError(
-                f"`train_size` must be None or a positive integer, got {train_size!r}. HINT: None keeps every tweet."
-            )
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}. HINT: use 0 on small data.")
+        check_int("max_length", max_length, 1, "tokens per tweet, e.g. max_length=48.")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=16.")
+        check_int("val_size", val_size, 1, "tweets held out for validation, e.g. val_size=1000.")
+        check_int("test_size", test_size, 0, "0 reuses the validation split.")
+        check_int("train_size", train_size, 1, "None keeps every tweet.", allow_none=True)
+        check_int("num_workers", num_workers, 0, "use 0 on small data.")
         if csv_path is not None and not os.path.isfile(csv_path):
             raise FileNotFoundError(
                 f"`csv_path` must be an existing CSV file, got {csv_path!r}."

@@ -1,4 +1,7 @@
-"""The model layout spine: every stack of blocks (:mod:`.stacks`) and what is inside each block (:mod:`.anatomy`)."""
+"""The model layout spine: the stacks of blocks, what is inside a block, and the output head after them.
+
+:mod:`.stacks` finds every stack of blocks, :mod:`.anatomy` what is inside each block, :mod:`.head` the head.
+"""
 
 from lightning_peft.layout.anatomy import (
     ROLE_CATEGORIES,
@@ -15,9 +18,11 @@ from lightning_peft.layout.anatomy import (
     out_features,
     register_layout,
 )
+from lightning_peft.layout.head import HEAD_NAMES, find_head
 from lightning_peft.layout.stacks import LayerStack, Stack, find_layers, resolve_paths
 
 __all__ = [
+    "HEAD_NAMES",
     "ROLE_CATEGORIES",
     "AttentionSite",
     "AttentionSpec",
@@ -29,6 +34,7 @@ __all__ = [
     "Stack",
     "block_anatomy",
     "block_units",
+    "find_head",
     "find_layers",
     "in_features",
     "is_projection",

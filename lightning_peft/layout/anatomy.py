@@ -88,7 +88,6 @@ _PLAIN = (
     ("linear1", "linear2"),  # nn.TransformerEncoderLayer / DecoderLayer
 )
 _HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim")
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "experts", "moe", "densereludense")

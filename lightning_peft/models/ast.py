@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_peft._validation import check_bool, check_int
+from lightning_peft.layout import find_head
+
 __all__ = [
     "AudioSpectrogramTransformer",
     "adapt_position_embedding",
@@ -53,11 +56,15 @@ def ast_patch_grid(num_mel_bins: int, target_length: int, fstride: int, tstride:
         (12, 101)
     """
     for name, value in (("num_mel_bins", num_mel_bins), ("target_length", target_length)):
-        if value < patch_size:
-            raise ValueError(
-                f"`{name}` must be at least the patch size {patch_size}, got {value}."
-                f" HINT: AST uses 128 mel bins and at least {patch_size} frames."
-            )
+        check_int(
+            name,
+            value,
+            patch_size,
+            f"AST uses 128 mel bins and at least {patch_size} frames.",
+            what=f"at least the patch size {patch_size}",
+        )
+    for name, value in (("fstride", fstride), ("tstride", tstride)):
+        check_int(name, value, 1, "the AST recipe uses 10.")
     return (num_mel_bins - patch_size) // fstride + 1, (target_length - patch_size) // tstride + 1
 
 
@@ -181,6 +188,10 @@ class AudioSpectrogramTransformer(nn.Module):
         self.norm = backbone.norm
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
+    def get_classifier(self) -> nn.Module:
+        """The classification head (timm's name for it; :func:`~lightning_peft.layout.find_head` reads it)."""
+        return self.head
+
     def forward_features(self, features: Tensor) -> Tensor:
         """Return the normalised token sequence ``(B, prefix + patches, D)`` of filterbanks ``(B, T, F)``."""
         if features.dim() != 3 or features.shape[1:] != (self.target_length, self.num_mel_bins):
@@ -221,7 +232,8 @@ def _load_backbone_weights(backbone: nn.Module, checkpoint_path: str) -> None:
         )
     backbone.load_state_dict(kept, strict=False)
     missing = [k for k in own if k not in kept]
-    ignored = [k for k in skipped if not k.startswith(("head.", "head_dist.", "fc_norm."))]
+    heads = tuple(f"{name}." for name in (*find_head(backbone), "fc_norm"))  # the image head, not the backbone's
+    ignored = [k for k in skipped if not k.startswith(heads)]
     if missing:
         rank_zero_warn(f"{checkpoint_path!r} has no weights for {len(missing)} backbone keys: {missing}.")
     if ignored:
@@ -276,11 +288,10 @@ def build_timm_ast(
             f"`backbone` must be a timm ViT/DeiT architecture, got {backbone!r}."
             " HINT: e.g. 'vit_base_patch16_224', 'deit_base_distilled_patch16_384', or 'vit_tiny_patch16_224'."
         )
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}. HINT: e.g. num_classes=10.")
+    check_int("num_classes", num_classes, 1, "e.g. num_classes=10.")
     for name, value in (("fstride", fstride), ("tstride", tstride)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}. HINT: the AST recipe uses 10.")
+        check_int(name, value, 1, "the AST recipe uses 10.")
+    check_bool("pretrained", pretrained)
     if pretrained and checkpoint_path is not None:
         raise ValueError(
             f"`pretrained=True` and `checkpoint_path` exclude each other, got checkpoint_path={checkpoint_path!r}."
@@ -371,6 +382,8 @@ def build_hf_ast(
             f"Give exactly one of `model` (a checkpoint folder) and `config` (ASTConfig fields), got model={model!r}"
             f" and config={config!r}. HINT: e.g. config={{'hidden_size': 192, 'num_hidden_layers': 4}}."
         )
+    check_int("num_labels", num_labels, 1, "None keeps the checkpoint's head; e.g. num_labels=10.", allow_none=True)
+    check_int("max_length", max_length, 1, "frames of the input, e.g. 1024 (10 s) or 128.", allow_none=True)
     if config is not None:
         fields = dict(config)
         if num_labels is not None:

@@ -8,8 +8,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lightning_peft._validation import check_bool, check_choice, check_int
+from lightning_peft.layout import find_head
 from lightning_peft.models.ast import build_hf_ast, build_timm_ast
-from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config
+from lightning_peft.modules._base import ClassifierModule
+from lightning_peft.modules._peft import apply_peft, build_peft_config
 
 _BUILDERS = ("timm", "hf")
 
@@ -86,16 +89,24 @@ class AudioClassifier(ClassifierModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if builder not in _BUILDERS:
-            raise ValueError(
-                f"`builder` must be one of {_BUILDERS}, got {builder!r}."
-                " HINT: 'timm' adapts a timm ViT/DeiT (the AST recipe), 'hf' builds ASTForAudioClassification."
-            )
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"`num_classes` must be an integer of at least 2, got {num_classes!r}."
-                " HINT: pass the number of classes of your data, e.g. `num_classes=10` for SpokenKeywords."
-            )
+        check_choice(
+            "builder",
+            builder,
+            _BUILDERS,
+            "'timm' adapts a timm ViT/DeiT (the AST recipe), 'hf' builds ASTForAudioClassification.",
+        )
+        check_int(
+            "num_classes",
+            num_classes,
+            2,
+            "pass the number of classes of your data, e.g. `num_classes=10` for SpokenKeywords.",
+            what="one output per class",
+        )
+        check_bool("pretrained", pretrained)
+        for name, value in (("num_mel_bins", num_mel_bins), ("target_length", target_length)):
+            check_int(name, value, 1, "the AST uses 128 mel bins and 1024 frames (128 for one-second clips).")
+        for name, value in (("fstride", fstride), ("tstride", tstride)):
+            check_int(name, value, 1, "the AST recipe uses 10 (overlapping patches); 16 gives no overlap.")
         if builder == "hf" and (pretrained or checkpoint_path is not None):
             raise ValueError(
                 "`pretrained` and `checkpoint_path` are arguments of the timm builder, got them with builder='hf'."
@@ -120,16 +131,13 @@ class AudioClassifier(ClassifierModule):
                 checkpoint_path=checkpoint_path,
                 backbone_kwargs=kwargs,
             )
-            head_names = ["head"]
         elif model is None:
             config = {"num_mel_bins": num_mel_bins, "frequency_stride": fstride, "time_stride": tstride, **kwargs}
             network = build_hf_ast(config=config, num_labels=num_classes, max_length=target_length)
-            head_names = ["classifier"]
         else:
             network = build_hf_ast(model, num_labels=num_classes, max_length=target_length, **kwargs)
-            head_names = ["classifier"]
         if peft_config is not None:
-            network = apply_peft(network, peft_config, head_names=head_names)
+            network = apply_peft(network, peft_config, head_names=find_head(network))
         self.model = network
 
     def forward(self, features: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_peft.models.pretrained import load_pretrained
-from lightning_peft.modules._peft import OptimizedModule, apply_peft, build_peft_config, checked_model_kwargs
+from lightning_peft.modules._base import OptimizedModule, checked_model_kwargs
+from lightning_peft.modules._peft import apply_peft, build_peft_config
 
 _RESERVED_MODEL_KWARGS = ("pretrained_model_name_or_path", "config")
 

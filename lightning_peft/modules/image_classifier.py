@@ -10,8 +10,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_peft._validation import check_bool, check_int
+from lightning_peft.layout import find_head
 from lightning_peft.models.pretrained import check_timm_weights_available
-from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config, checked_model_kwargs
+from lightning_peft.modules._base import ClassifierModule, checked_model_kwargs
+from lightning_peft.modules._peft import apply_peft, build_peft_config
 
 _RESERVED_MODEL_KWARGS = ("num_classes", "pretrained", "checkpoint_path", "model_name")
 
@@ -68,11 +71,14 @@ class ImageClassifier(ClassifierModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"`num_classes` must be an integer of at least 2, got {num_classes!r}."
-                " HINT: pass the number of classes of your data, e.g. `num_classes=10` for digits."
-            )
+        check_int(
+            "num_classes",
+            num_classes,
+            2,
+            "pass the number of classes of your data, e.g. `num_classes=10` for digits.",
+            what="one output per class",
+        )
+        check_bool("pretrained", pretrained)
         if not timm.is_model(model_name):
             close = difflib.get_close_matches(str(model_name), timm.list_models(), n=3)
             raise ValueError(
@@ -100,7 +106,7 @@ class ImageClassifier(ClassifierModule):
         if checkpoint_path is not None:
             load_matching_state_dict(model, checkpoint_path)
         if peft_config is not None:
-            model = apply_peft(model, peft_config, head_names=classifier_names(model))
+            model = apply_peft(model, peft_config, head_names=find_head(model))
         self.model = model
 
     def forward(self, images: Tensor) -> Tensor:
@@ -111,14 +117,6 @@ class ImageClassifier(ClassifierModule):
         """Return ``(logits, labels)`` of an ``(images, labels)`` batch."""
         images, labels = batch
         return self(images), labels
-
-
-def classifier_names(model: nn.Module) -> list[str]:
-    """Return the module names of a timm model's classification head, e.g. ``["head"]`` or ``["head.fc"]``."""
-    names = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    if names is None:
-        return []
-    return [names] if isinstance(names, str) else list(names)
 
 
 def load_matching_state_dict(model: nn.Module, checkpoint_path: str) -> None:

@@ -7,8 +7,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
+from lightning_peft._validation import check_int
 from lightning_peft.models.pretrained import load_pretrained
-from lightning_peft.modules._peft import ClassifierModule, apply_peft, build_peft_config, checked_model_kwargs
+from lightning_peft.modules._base import ClassifierModule, checked_model_kwargs
+from lightning_peft.modules._peft import apply_peft, build_peft_config
 
 _RESERVED_MODEL_KWARGS = ("num_labels", "pretrained_model_name_or_path")
 
@@ -57,11 +59,13 @@ class TextClassifier(ClassifierModule):
         scheduler: LRSchedulerCallable | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(num_labels, int) or num_labels < 2:
-            raise ValueError(
-                f"`num_labels` must be an integer of at least 2, got {num_labels!r}."
-                " HINT: pass the number of classes of your data, e.g. `num_labels=3` for TweetSentiment."
-            )
+        check_int(
+            "num_labels",
+            num_labels,
+            2,
+            "pass the number of classes of your data, e.g. `num_labels=3` for TweetSentiment.",
+            what="one output per class",
+        )
         model_kwargs = checked_model_kwargs("TextClassifier", model_kwargs, _RESERVED_MODEL_KWARGS)
         peft_config = build_peft_config(peft, default_task_type="SEQ_CLS")
         super().__init__(num_classes=num_labels, optimizer=optimizer, scheduler=scheduler)

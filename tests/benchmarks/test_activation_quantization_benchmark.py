@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from figures import capture_saved_figures
 
 from benchmarks import activation_quantization as benchmark
 
@@ -14,7 +15,8 @@ def _run(tmp_path, *extra):
     return benchmark.main([*argv, *extra])
 
 
-def test_full_run_measures_bytes_time_and_gradients(tmp_path):
+def test_full_run_measures_bytes_time_and_gradients(tmp_path, monkeypatch):
+    figures = capture_saved_figures(monkeypatch)
     report = _run(tmp_path, "--steps", "1", "--warmup", "0")
     assert set(report["models"]) == {"vit", "llama"}
     for entry in report["models"].values():
@@ -42,6 +44,16 @@ def test_full_run_measures_bytes_time_and_gradients(tmp_path):
     assert "--sizes tiny" in table and "| int8 |" in table and "grad cos min" in table
     chart = tmp_path / "activation_quantization_cpu_tiny.png"
     assert chart.read_bytes().startswith(b"\x89PNG")
+    # per model, one stacked bar per configuration: the activations, then autocast's weight copies on top
+    (figure,) = figures
+    assert [ax.get_title() for ax in figure.axes] == [e["description"] for e in report["models"].values()]
+    for ax, entry in zip(figure.axes, report["models"].values(), strict=True):
+        results = entry["results"]
+        bars = [(patch.get_x(), patch.get_width()) for patch in ax.patches]
+        others = [(r["saved_bytes_after"] - r["saved_weight_copies"]) / 2**30 for r in results]
+        copies = [r["saved_weight_copies"] / 2**30 for r in results]
+        assert bars == pytest.approx([(0.0, w) for w in others] + list(zip(others, copies, strict=True)))
+        assert [label.get_text() for label in ax.get_yticklabels()] == [r["format"] for r in results]
     # --render rebuilds the markdown and the chart from the JSON alone
     chart.unlink()
     (tmp_path / "activation_quantization_cpu_tiny.md").unlink()

@@ -390,6 +390,23 @@ def test_cnn_layer_and_model_granularities_choose_whole_layers(granularity, tmp_
     assert "model.fc_layers.2.weight" in hft.trainable_parameters(None, module, 0)
 
 
+class HeadFirstModule(CNNModule):
+    """A stackless model whose classifier is registered before its feature layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.classifier = nn.Linear(8, 3)
+        self.model.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh())
+
+
+def test_a_stackless_model_keeps_the_head_the_layout_registry_finds(tmp_path):
+    hft = HalfFineTuning(granularity="layer", seed=0)
+    _draw(hft, HeadFirstModule(), tmp_path)
+    assert hft._outside == ["model.classifier.weight", "model.classifier.bias"]  # not the last-registered layer
+    assert {n.rsplit(".", 1)[0] for n in hft.selected} < {"model.features.1", "model.features.3"}
+
+
 class EveryStep(pl.Callback):
     """Records every step: parameters before and after it, LISA's blocks, HFT's masks and the controller's."""
 

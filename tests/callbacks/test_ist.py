@@ -3,6 +3,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from figures import capture_saved_figures
 from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, tiny_transformer, trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
@@ -84,6 +85,14 @@ def test_a_ratio_that_selects_no_block_is_refused(tmp_path):
     trainer = pl.Trainer(callbacks=[IST(update_ratio=0.25)], max_steps=1, **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match=r"`update_ratio`=0.25 selects int\(0.25 \* 2\) = 0 of the 2 blocks"):
         trainer.fit(AdapterModel(n_blocks=2))
+
+
+def test_n_blocks_counts_every_block_and_the_old_name_warns(tmp_path):
+    ist = IST(update_ratio=0.5, interval=100)
+    pl.Trainer(callbacks=[ist], max_steps=1, **trainer_kwargs(tmp_path)).fit(AdapterModel(n_blocks=4))
+    assert ist.n_blocks == 4 and ist.n_trained == 2  # LISA's `n_layers` is the blocks sampled; IST's total is this
+    with pytest.warns(DeprecationWarning, match="`IST.n_layers` is renamed `IST.n_blocks`"):
+        assert ist.n_layers == 4
 
 
 def test_only_the_peft_parameters_of_sampled_blocks_train(tmp_path):
@@ -375,9 +384,10 @@ def test_ddp_ranks_keep_identical_scores_and_weights(tmp_path):
         torch.testing.assert_close(weight, ranks[1]["weights"][name], msg=name)
 
 
-def test_scores_are_logged_and_plotted(tmp_path):
+def test_scores_are_logged_and_plotted(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger
 
+    figures = capture_saved_figures(monkeypatch)
     ist = IST(update_ratio=0.5, interval=2, seed=1)
     kw = trainer_kwargs(tmp_path, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=2)
     trainer = pl.Trainer(callbacks=[ist], max_steps=8, **kw)
@@ -387,6 +397,15 @@ def test_scores_are_logged_and_plotted(tmp_path):
     assert all(f"ist/score_{i}" in header for i in range(4))
     png = tmp_path / "run" / "version_0" / "ist_scores.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    # one step line per block: each score at every update, held until the last step
+    (figure,) = figures
+    (ax,) = figure.axes
+    steps = [step for step, _ in ist.history] + [8]
+    assert [line.get_label() for line in ax.lines] == [f"block {i}" for i in range(4)]
+    for index, line in enumerate(ax.lines):
+        scores = [scores[index] for _, scores in ist.history]
+        assert list(line.get_xdata()) == steps and list(line.get_ydata()) == pytest.approx(scores + scores[-1:])
+    assert any(s != 0 for _, scores in ist.history for s in scores)  # the plotted scores did move
 
 
 class NoLossModel(AdapterModel):

@@ -1,6 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from figures import bar_spans, capture_saved_figures, history_spans
 from helpers import TinyBlockModel, changed, retry_spawn_teardown_abort, snapshot, trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -150,9 +151,10 @@ def test_ddp_ranks_sample_the_same_blocks_and_stay_identical(tmp_path):
         torch.testing.assert_close(weight, ranks[1]["weights"][name], msg=name)
 
 
-def test_plot_of_sampled_blocks_is_saved_in_the_log_dir(tmp_path):
+def test_plot_of_sampled_blocks_is_saved_in_the_log_dir(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger
 
+    figures = capture_saved_figures(monkeypatch)
     lisa = LISA(n_layers=1, interval=2, seed=1)
     kw = trainer_kwargs(tmp_path, logger=CSVLogger(tmp_path, name="run"))
     trainer = pl.Trainer(callbacks=[lisa], max_steps=8, **kw)
@@ -160,6 +162,11 @@ def test_plot_of_sampled_blocks_is_saved_in_the_log_dir(tmp_path):
     assert [step for step, _ in lisa.history] == [0, 2, 4, 6]
     png = tmp_path / "run" / "version_0" / "lisa_blocks.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    # the figure draws, for each period, a bar from its first step to the next draw on the row of each sampled block
+    (figure,) = figures
+    (ax,) = figure.axes
+    assert bar_spans(ax) == history_spans(lisa.history, 8)
+    assert ax.get_xlim() == (0, 8) and ax.get_ylim() == (-0.5, 3.5)  # every step, all 4 blocks
 
 
 DDP_SCRIPT = """
@@ -257,7 +264,7 @@ def test_pool_of_all_stacks_and_per_stack_sampling(tmp_path):
         pl.Trainer(callbacks=[lisa], max_steps=1, **trainer_kwargs(tmp_path)).fit(TwoStackModel())
 
 
-def test_plot_marks_the_stacks_and_leaves_the_matplotlib_backend_alone(tmp_path):
+def test_plot_marks_the_stacks_and_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
     import matplotlib
 
     previous = matplotlib.get_backend()
@@ -265,9 +272,16 @@ def test_plot_marks_the_stacks_and_leaves_the_matplotlib_backend_alone(tmp_path)
     try:
         lisa = LISA(n_layers=1, interval=2, seed=0, layers=["blocks", "decoder"], per_stack=True)
         pl.Trainer(callbacks=[lisa], max_steps=6, **trainer_kwargs(tmp_path)).fit(TwoStackModel())
+        figures = capture_saved_figures(monkeypatch)
         path = lisa.plot_history(str(tmp_path / "plot" / "lisa.png"), end_step=6)
         assert matplotlib.get_backend() == "pdf"
         with open(path, "rb") as file:
             assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+        (ax,) = figures[0].axes
+        # one bar per sampled block and period (one block of each stack), a line where the decoder stack starts
+        drawn = history_spans(lisa.history, 6)
+        assert bar_spans(ax) == drawn and len(drawn) == 2 * len(lisa.history)
+        assert [line.get_ydata()[0] for line in ax.lines] == [3.5]
+        assert sorted(text.get_text().strip() for text in ax.texts) == ["blocks", "decoder"]
     finally:
         matplotlib.use(previous)

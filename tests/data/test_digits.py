@@ -63,9 +63,9 @@ def test_separate_test_split_one_channel_and_per_channel_stats():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"image_size": 0}, "`image_size` must be a positive integer"),
-        ({"batch_size": 0}, "`batch_size` must be a positive integer"),
-        ({"val_fraction": 1.5}, "`val_fraction` must be in"),
+        ({"image_size": 0}, "`image_size` must be an integer >= 1"),
+        ({"batch_size": 0}, "`batch_size` must be an integer >= 1"),
+        ({"val_fraction": 1.5}, "`val_fraction` must be a number in"),
         ({"val_fraction": 0.5, "test_fraction": 0.45}, "below 0.9"),
         ({"mean": [0.5, 0.5]}, "`mean` must be one value or 3 values"),
         ({"std": 0.0}, "`std` must be positive"),

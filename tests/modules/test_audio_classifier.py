@@ -73,7 +73,7 @@ def test_hf_builder_from_a_saved_folder(tmp_path):
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="`builder` must be one of"):
         AudioClassifier(3, "vit_tiny_patch16_224", builder="torchaudio")
-    with pytest.raises(ValueError, match="`num_classes` must be an integer of at least 2"):
+    with pytest.raises(ValueError, match="`num_classes` must be an integer >= 2"):
         AudioClassifier(1, "vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="arguments of the timm builder"):
         AudioClassifier(3, None, builder="hf", pretrained=True)

@@ -176,7 +176,7 @@ def test_lightning_checkpoint_restores_a_lora_module(tmp_path):
     ("kwargs", "error", "match"),
     [
         ({"model_name": "vit_tiny_patch16_2244"}, ValueError, "`model_name` must be a timm architecture"),
-        ({"num_classes": 1}, ValueError, "`num_classes` must be an integer of at least 2"),
+        ({"num_classes": 1}, ValueError, "`num_classes` must be an integer >= 2"),
         ({"pretrained": True, "checkpoint_path": "x.pth"}, ValueError, "exclude each other"),
         ({"checkpoint_path": "/no/such/file.pth"}, FileNotFoundError, "`checkpoint_path` must be an existing file"),
         ({"model_kwargs": {"num_classes": 3}}, ValueError, "`model_kwargs` must not repeat"),

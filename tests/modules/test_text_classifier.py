@@ -115,7 +115,7 @@ def test_offline_minilm_name_loads_from_the_package():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"num_labels": 1}, ValueError, "`num_labels` must be an integer of at least 2"),
+        ({"num_labels": 1}, ValueError, "`num_labels` must be an integer >= 2"),
         ({"model_kwargs": {"num_labels": 5}}, ValueError, "`model_kwargs` must not repeat"),
         ({"peft": {"r": 4}}, ValueError, "`peft_type` key"),
         ({"optimizer": 0.01}, TypeError, "`optimizer` must be a callable"),
