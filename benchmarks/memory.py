@@ -714,8 +714,8 @@ def run(
     unknown = sorted(set(methods or ()) - set(table))
     if unknown:
         raise ValueError(
-            f"`methods` must be among {list(table)}, got {unknown}. HINT: leave it out for all, or register the"
-            " method in lightning_peft.methods."
+            f"unknown method(s) {unknown}: `methods` must be among {list(table)}. HINT: leave it out for all, or"
+            " register the method in lightning_peft.methods."
         )
     wanted = set(methods or table) | {"full"}
     wanted |= {table[m].unquantized for m in wanted if table[m].unquantized is not None}

@@ -66,8 +66,10 @@ class Recipe:
         applied; the built-in ones (full fine-tuning; LoRA, which the benchmark builds with its own configuration)
         and the methods with a callback leave it as built.
         """
-        method = self.entry()
-        return method.apply(model) if method.callback is None and not method.builtin and not self.peft else model
+        method = get_method(self.method)
+        if method.callback is None and not method.builtin and not self.peft:
+            return self.entry().apply(model)
+        return model
 
     def estimator_row(self) -> str | None:
         """The memory estimate's row of this run (``"lisa+int8_act+adamw8bit"``), or None where it models none.

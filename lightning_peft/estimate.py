@@ -565,7 +565,7 @@ def estimate_memory(
     factory: Callable[[], nn.Module],
     batch: Any,
     precision: str = "32-true",
-    methods: Iterable[str | Method] = METHODS,
+    methods: Iterable[str | Method] | None = None,
     variants: Iterable[str] = VARIANTS,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     activations: str | Method = "activation_quantization",
@@ -582,11 +582,12 @@ def estimate_memory(
             dimension is the batch size.
         precision: Lightning precision: ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"bf16-true"``,
             ``"16-true"``.
-        methods: registered methods whose ``estimate`` is ``"trainable"`` (:func:`estimated_methods`), by name
-            (with the registry's settings) or as :class:`~lightning_peft.methods.Method` objects with their own
-            settings (``get_method("lisa").configure(n_layers=4)``, ``get_method("lora").configure(r=8)``). Each
-            is asked what it trains (:meth:`Method.apply <lightning_peft.methods.Method.apply>`) on the model built
-            on the ``meta`` device.
+        methods: methods whose ``estimate`` is ``"trainable"`` (default: every registered one,
+            :func:`estimated_methods`), by name (with the registry's settings) or as
+            :class:`~lightning_peft.methods.Method` objects with their own settings
+            (``get_method("lisa").configure(n_layers=4)``, ``get_method("lora").configure(r=8)``). Each is asked
+            what it trains (:meth:`Method.apply <lightning_peft.methods.Method.apply>`) on the model built on the
+            ``meta`` device.
         variants: among :data:`VARIANTS` (``""`` is the method with AdamW and nothing else).
         loss_fn: ``loss_fn(model, batch)`` returns the loss; default: ``model.compute_loss(batch)`` where it
             exists, else ``model.training_step(batch, 0)``.
@@ -617,9 +618,9 @@ def estimate_memory(
     variants = list(variants)
     known = estimated_methods()
     chosen: list[Method] = []
-    for method in methods:
+    for method in known if methods is None else methods:
         name = method.name if isinstance(method, Method) else method
-        if name not in known:
+        if name not in known and not (isinstance(method, Method) and method.estimate == "trainable"):
             raise ValueError(
                 f"`methods` must be among {', '.join(known)}, got {name!r}. HINT: e.g. methods=['full', 'lisa'], or"
                 " register your own method with lightning_peft.methods.register_method."
