@@ -214,3 +214,19 @@ def test_a_method_that_freezes_through_trains_runs_in_the_benchmarks(tmp_path):
         assert memory.recipes()["head_only"].callbacks() == []
     finally:
         unregister_method("head_only")
+
+
+def test_estimate_trains_the_blocks_lisa_samples():
+    class Uneven(Blocks):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Linear(16, w), nn.GELU(), nn.Linear(w, 16)) for w in (8, 16, 32, 64)
+            )
+
+    net = Uneven()
+    for seed in (0, 1, 2):
+        lisa = get_method("lisa").configure(n_layers=1, seed=seed)
+        report = estimate_memory(Uneven, torch.randn(4, 8), methods=[lisa], variants=[""], loss_fn=_loss)
+        trained = lisa.preview(net)
+        assert report.row("lisa").grads == 4 * sum(p.numel() for n, p in net.named_parameters() if n in trained)
