@@ -73,7 +73,7 @@ from .harness import (
     write_markdown,
     write_results,
 )
-from .peers import PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .peers import CLOSURE_FIRST, PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
 from .recipes import Recipe, with_registered
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -212,7 +212,7 @@ class PeerTextClassifier(TextClassifier):
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        if self.optimizer_kind == "badam":
+        if self.optimizer_kind in CLOSURE_FIRST:
             return optimizer_step(optimizer, optimizer_closure)
         return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 

@@ -61,7 +61,7 @@ from lightning_peft.callbacks import ActivationQuantization
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL
 
 from .harness import RESULTS_DIR, MeasuringCallback, ProcessMemory, environment, write_results
-from .peers import PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .peers import CLOSURE_FIRST, PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
 from .recipes import Recipe, with_registered
 
 QUANT_GROUP_SIZE = 128
@@ -405,7 +405,7 @@ class BenchModule(pl.LightningModule):
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        if self.optimizer_kind == "badam":
+        if self.optimizer_kind in CLOSURE_FIRST:
             return optimizer_step(optimizer, optimizer_closure)
         return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
