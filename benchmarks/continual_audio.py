@@ -16,8 +16,9 @@ Recorded for every method, on voices never heard in training (the 4 held-out voi
   ``benchmarks/memory.py`` (unique bytes of parameters + gradients (max over steps) + optimizer state (max over
   steps) + tensors saved for backward (max over steps)), and the wall time of the fine-tuning.
 
-Methods are entries of ``METHODS`` (a label and the callbacks it adds to the Trainer): full fine-tuning, LISA, and
-Half Fine-Tuning when ``lightning_peft.callbacks.HalfFineTuning`` is available. One more method is one more entry.
+Methods are entries of ``METHODS`` (a :class:`~benchmarks.recipes.Recipe`: the registry's method, its settings
+here and the label): full fine-tuning, LISA and Half Fine-Tuning, each seeded with ``--seed``; every method
+registered in :mod:`lightning_peft.methods` beyond the built-in ones runs too, with its defaults.
 
     python -m benchmarks.continual_audio             # CPU, under a minute on 2 idle cores (+ ~30 s of synthesis once)
     python -m benchmarks.continual_audio --quick     # a few steps of each stage: a smoke test, not a measurement
@@ -31,8 +32,6 @@ import argparse
 import functools
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,40 +41,31 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from lightning_peft.callbacks import LISA
 from lightning_peft.data import SpokenKeywords
 from lightning_peft.data.spoken_keywords import DEFAULT_WORDS
 from lightning_peft.modules import AudioClassifier
 
 from .harness import MeasuringCallback, environment, storage_bytes, write_results
+from .recipes import Recipe, with_registered
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_WORDS = DEFAULT_WORDS[:6]
 NEW_WORDS = DEFAULT_WORDS[6:]
 
 
-def _half_finetuning() -> type[Callback] | None:
-    try:
-        from lightning_peft.callbacks.half_finetuning import HalfFineTuning
-    except ImportError:
-        return None
-    return HalfFineTuning
-
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    callbacks: Callable[[int], list[Callback]]  # seed -> callbacks
-
-
-METHODS: dict[str, Method] = {
-    "full": Method("full fine-tuning", lambda seed: []),
-    "lisa": Method("LISA (2 of 6 blocks, K=10)", lambda seed: [LISA(n_layers=2, interval=10, seed=seed, plot=False)]),
+METHODS: dict[str, Recipe] = {
+    "full": Recipe("full fine-tuning"),
+    "lisa": Recipe(
+        "LISA (2 of 6 blocks, K=10)", "lisa", lambda seed: {"n_layers": 2, "interval": 10, "seed": seed, "plot": False}
+    ),
+    "hft": Recipe("Half Fine-Tuning (half of each category per block)", "hft", lambda seed: {"seed": seed}),
 }
-if _half_finetuning() is not None:
-    METHODS["hft"] = Method(
-        "Half Fine-Tuning (half of each category per block)", lambda seed: [_half_finetuning()(seed=seed)]
-    )
+
+
+def recipes() -> dict[str, Recipe]:
+    """:data:`METHODS` and a run of every method registered beyond the built-in ones (with its defaults)."""
+    return with_registered(METHODS)
+
 
 MODEL = {
     "model": "vit_tiny_patch16_224",
@@ -155,13 +145,14 @@ def run(args: argparse.Namespace) -> dict:
 
     results = {}
     for key in args.methods:
-        method = METHODS[key]
+        method = recipes()[key]
         pl.seed_everything(args.seed)
         optimizer = functools.partial(torch.optim.AdamW, lr=args.finetune_lr, weight_decay=0.05)
         module = AudioClassifier(len(DEFAULT_WORDS), optimizer=optimizer, **MODEL)
         module.load_state_dict(pretrained)
+        module = method.prepare(module)
         counter = MeasuringCallback()
-        trainer = _trainer(args.finetune_epochs, [*method.callbacks(args.seed), counter], limit)
+        trainer = _trainer(args.finetune_epochs, [*method.callbacks(seed=args.seed), counter], limit)
         start = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader(NEW_WORDS))
         seconds = time.perf_counter() - start
@@ -270,7 +261,7 @@ def render_markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(recipes()), choices=list(recipes()))
     parser.add_argument("--pretrain-epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)

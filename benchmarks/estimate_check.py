@@ -25,27 +25,11 @@ from typing import Any
 import torch
 
 from lightning_peft.estimate import estimate_memory
+from lightning_peft.methods import get_method
 
 from . import memory
 from .harness import RESULTS_DIR, write_results
 
-#: memory.py's methods as the estimator's rows
-ROWS = {
-    "full": "full",
-    "lisa": "lisa",
-    "lora": "lora",
-    "full_int8": "full+int8_act",
-    "full_fp8_e4m3": "full+int8_act",  # FP8 stores as many bytes as int8
-    "lisa_int8_adamw8bit": "lisa+int8_act+adamw8bit",
-    "full_checkpointing": "full+checkpointing",
-    "lisa_checkpointing": "lisa+checkpointing",
-    "full_int8_checkpointing": "full+int8_act+checkpointing",
-    # peers the estimator does not model
-    "full_offload": None,
-    "badam": None,
-    "galore": None,
-    "lisa_kept": None,
-}
 COMPONENTS = {
     "param_bytes": "params",
     "grad_bytes": "grads",
@@ -62,6 +46,16 @@ def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None, dev
     specs = {spec.key: spec for spec in memory.SIZES[sizes]}
     thresholds = memory.SMALL_TENSORS[sizes]
     results: dict[str, Any] = {"results": results_name, "sizes": sizes, "tolerance": TOLERANCE, "models": {}}
+    recipes = memory.recipes()
+    schedule = memory.SCHEDULES[sizes]
+    # the methods of memory.py's runs with their settings there, each once (LISA's with its seed and n_layers)
+    estimated = {}
+    for recipe in recipes.values():
+        if recipe.estimator_row() is not None:
+            estimated.setdefault(recipe.method, recipe.entry(schedule=schedule))
+    activations = get_method("activation_quantization").configure(
+        group_size=memory.QUANT_GROUP_SIZE, min_numel=thresholds.min_numel
+    )
     for key, model in measured["models"].items():
         spec = specs[key]
         started = time.perf_counter()
@@ -69,20 +63,16 @@ def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None, dev
             lambda spec=spec: memory.BenchModule(memory.build_model(spec, "full"), spec.family),
             memory.make_batch(spec, torch.device("cpu")),
             precision=measured["precision"],
-            methods=["full", "lisa", "lora"],
+            methods=list(estimated.values()),
             variants=["", "int8_act", "int8_act+adamw8bit", "checkpointing", "int8_act+checkpointing"],
             loss_fn=lambda module, batch: module.loss(batch),
-            lisa_layers=memory.LISA_LAYERS,
-            lora_rank=memory.LORA_RANK,
-            lora_alpha=memory.LORA_ALPHA,
-            activation_group_size=memory.QUANT_GROUP_SIZE,
-            activation_min_numel=thresholds.min_numel,
+            activations=activations,
             min_8bit_size=thresholds.min_8bit_size,
             device=device,
         )
         rows = {}
         for method, summary in model["methods"].items():
-            row_key = ROWS.get(method)
+            row_key = recipes[method].estimator_row() if method in recipes else None
             if row_key is None:
                 rows[method] = {"modelled": False}
                 continue
@@ -137,7 +127,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for method, row in model["rows"].items():
-            label = memory.METHOD_LABELS.get(method, method)
+            label = memory.label(method)
             if not row["modelled"]:
                 lines.append(f"| {label} | not modelled | | | | | | | | |")
                 continue
@@ -151,7 +141,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f" | {row['recomputed'] / 2**20:.1f} |"
             )
     peaks = [
-        f"{memory.METHOD_LABELS.get(method, method)} {row['peak_ratio']:.2f}"
+        f"{memory.label(method)} {row['peak_ratio']:.2f}"
         for model in results["models"].values()
         for method, row in model["rows"].items()
         if row.get("peak_ratio")

@@ -11,7 +11,7 @@ activation checkpointing of every block (transformers' ``gradient_checkpointing_
 kept in CPU memory (``torch.autograd.graph.save_on_cpu``), BAdam and GaLore, with the combinations LISA +
 checkpointing, int8 activations + checkpointing and LISA + int8 activations + bitsandbytes ``AdamW8bit``. Learning
 rate 2e-4 for the methods that train the model's own weights (the quickstart's; BAdam and GaLore too, see
-``PEER_OPTIMIZER``), 1e-3 for the LoRA methods (LoRA's usual range: it trains far fewer, zero-initialised
+``LANGUAGE``), 1e-3 for the LoRA methods (LoRA's usual range: it trains far fewer, zero-initialised
 parameters). Recorded: validation accuracy, trainable parameters (elements that
 received a gradient in a step, max over steps), wall time of ``fit`` (training + the one validation) and the sum of
 the training step times, and memory counted as in ``benchmarks/memory.py``: unique bytes of the parameters, the
@@ -61,7 +61,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft.callbacks import LISA, ActivationQuantization, HalfFineTuning
+from lightning_peft.callbacks import ActivationQuantization
 from lightning_peft.modules import TextClassifier
 
 from .harness import (
@@ -73,53 +73,63 @@ from .harness import (
     write_markdown,
     write_results,
 )
-from .peers import PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .peers import CLOSURE_FIRST, PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .recipes import Recipe, with_registered
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-LANGUAGE_METHODS = (
-    "full",
-    "lisa",
-    "hft",
-    "lora",
-    "ist_lora",
-    "full_int8",
-    *PEERS,  # what users pick instead, and combinations
-    "lisa_int8_adamw8bit",
-)
-PEER_METHODS = LANGUAGE_METHODS[LANGUAGE_METHODS.index("full_checkpointing") :]
-LANGUAGE_LABELS = {
-    "full": "Full fine-tuning",
-    "lisa": "LISA (2 of 6 blocks, K=25)",
-    "hft": "Half Fine-Tuning (category)",
-    "lora": "LoRA r=8 (peft)",
-    "ist_lora": "IST + LoRA r=8",
-    "full_int8": "Full FT + int8 activations (ours)",
-    "full_checkpointing": "*Full FT + activation checkpointing*",
-    "full_offload": "*Full FT + saved activations on CPU (`save_on_cpu`)*",
-    "badam": "*BAdam (1 of 6 blocks, K=25)*",
-    "galore": "*GaLore AdamW (rank 8, scale 4)*",
-    "lisa_checkpointing": "LISA + checkpointing",
-    "full_int8_checkpointing": "Full FT + int8 activations + checkpointing",
-    "lisa_int8_adamw8bit": "LISA + int8 activations + AdamW8bit",
-}
 LANGUAGE_STEPS = 150
 LANGUAGE_SEED = 42
 FULL_LR = 2e-4
 LORA_LR = 1e-3
-LISA_SETTINGS = {"n_layers": 2, "interval": 25}
+LISA_SETTINGS = {"n_layers": 2, "interval": 25, "plot": False}
 # Activation checkpointing of every encoder block (transformers' gradient_checkpointing_enable, non-reentrant).
-CHECKPOINTING_METHODS = frozenset({"full_checkpointing", "lisa_checkpointing", "full_int8_checkpointing"})
 # ActivationQuantization with the package's defaults (group 128, min_numel 65536: MiniLM's activations at 16 x 48
 # tokens are larger); no compilation on CPU (its default).
-INT8_METHODS = frozenset({"full_int8", "full_int8_checkpointing", "lisa_int8_adamw8bit"})
-LISA_METHODS = frozenset({"lisa", "lisa_checkpointing", "lisa_int8_adamw8bit"})
 # The optimizer of the methods that do not use torch's AdamW (benchmarks.peers), all at full fine-tuning's lr:
 # BAdam is block coordinate descent over the same weights with Adam's step (one encoder block at a time, switched
 # every 25 steps in random order, as LISA's K; the new head -- pooler and classifier -- always trains, through BAdam's
 # `active_modules`; embeddings frozen, its default). GaLore's GLUE recipes (RoBERTa) use rank 4-8, scale 2-4, a
 # new projection every 500 steps and full fine-tuning's learning rates: here rank 8, scale 4, a new projection every
 # 50 of the 150 steps.
-PEER_OPTIMIZER = {"badam": "badam", "galore": "galore", "lisa_int8_adamw8bit": "adamw8bit"}
+IST_SETTINGS = {
+    "update_ratio": 0.25,
+    "interval": 10,
+    "n_candidates": 3,
+    "candidate_ratio": 0.5,
+    "suppression": 0.25,
+    "reward_lr": 10.0,
+    "seed": None,
+}
+# Every language run, keyed as the results name it: the registry's method (with its settings here) and what it is
+# combined with; peers (benchmarks.peers.PEERS) in italics.
+LANGUAGE: dict[str, Recipe] = {
+    "full": Recipe("Full fine-tuning"),
+    "lisa": Recipe("LISA (2 of 6 blocks, K=25)", "lisa", LISA_SETTINGS),
+    "hft": Recipe("Half Fine-Tuning (category)", "hft", {"ratio": 0.5, "granularity": "category"}),
+    "lora": Recipe("LoRA r=8 (peft)", "lora", peft=True),
+    "ist_lora": Recipe("IST + LoRA r=8", "ist", IST_SETTINGS, peft=True),
+    "full_int8": Recipe("Full FT + int8 activations (ours)", activations="int8"),
+    "full_checkpointing": Recipe("*Full FT + activation checkpointing*", checkpointing=True),
+    "full_offload": Recipe("*Full FT + saved activations on CPU (`save_on_cpu`)*", offload=True),
+    "badam": Recipe("*BAdam (1 of 6 blocks, K=25)*", optimizer="badam"),
+    "galore": Recipe("*GaLore AdamW (rank 8, scale 4)*", optimizer="galore"),
+    "lisa_checkpointing": Recipe("LISA + checkpointing", "lisa", LISA_SETTINGS, checkpointing=True),
+    "full_int8_checkpointing": Recipe(
+        "Full FT + int8 activations + checkpointing", activations="int8", checkpointing=True
+    ),
+    "lisa_int8_adamw8bit": Recipe(
+        "LISA + int8 activations + AdamW8bit", "lisa", LISA_SETTINGS, activations="int8", optimizer="adamw8bit"
+    ),
+}
+LANGUAGE_METHODS = tuple(LANGUAGE)
+PEER_METHODS = PEERS
+
+
+def language_recipes() -> dict[str, Recipe]:
+    """:data:`LANGUAGE` and a run of every method registered beyond the built-in ones (with its defaults)."""
+    return with_registered(LANGUAGE)
+
+
 BADAM_ACTIVE_MODULES = ("pooler", "classifier")
 GALORE = GaLoreSettings(rank=8, update_proj_gap=50, scale=4.0)
 LORA_CONFIG = {
@@ -130,13 +140,20 @@ LORA_CONFIG = {
     # every Linear of the six encoder blocks (the pooler and the new head stay as they are / train fully)
     "target_modules": r".*encoder\.layer\.\d+\..*(query|key|value|dense)",
 }
-FORGETTING_METHODS = ("full", "hft", "hft_reselect", "half_reset")
-FORGETTING_LABELS = {
-    "full": "Full fine-tuning",
-    "hft": "Half Fine-Tuning",
-    "hft_reselect": "Half Fine-Tuning, new half every epoch",
-    "half_reset": "Half-Reset (new half every epoch, frozen half reset at the end)",
+# The forgetting runs: Half Fine-Tuning's variants (the draw seeded with the run's seed) against full fine-tuning.
+FORGETTING: dict[str, Recipe] = {
+    "full": Recipe("Full fine-tuning"),
+    "hft": Recipe("Half Fine-Tuning", "hft", lambda seed: {"seed": seed}),
+    "hft_reselect": Recipe(
+        "Half Fine-Tuning, new half every epoch", "hft", lambda seed: {"reselect_every_n_epochs": 1, "seed": seed}
+    ),
+    "half_reset": Recipe(
+        "Half-Reset (new half every epoch, frozen half reset at the end)",
+        "hft",
+        lambda seed: {"reselect_every_n_epochs": 1, "reset": "on_train_end", "seed": seed},
+    ),
 }
+FORGETTING_METHODS = tuple(FORGETTING)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # What a language row keeps of the measuring callback's results (the rows' JSON keys)
 PROBE_KEYS = (
@@ -147,14 +164,6 @@ PROBE_KEYS = (
     "param_bytes",
     "total_params",
 )
-
-
-def _ist_class() -> type[Callback] | None:
-    try:
-        from lightning_peft.callbacks.ist import IST
-    except ImportError:
-        return None
-    return IST
 
 
 # ------------------------------------------------------------------------------------------------------- language
@@ -203,51 +212,35 @@ class PeerTextClassifier(TextClassifier):
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        if self.optimizer_kind == "badam":
+        if self.optimizer_kind in CLOSURE_FIRST:
             return optimizer_step(optimizer, optimizer_closure)
         return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
 
 def text_classifier(method: str, num_labels: int, lr: float) -> TextClassifier:
     """The tweet classifier of ``method``: LoRA, a peer's optimizer and checkpointing where the method has them."""
-    lora = method in ("lora", "ist_lora")
+    recipe = language_recipes()[method]
+    lora = recipe.peft
     kwargs: dict[str, Any] = {
         "num_labels": num_labels,
         "peft": dict(LORA_CONFIG) if lora else None,
         "optimizer": functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
     }
-    if method in PEER_OPTIMIZER:
-        module = PeerTextClassifier(MODEL, optimizer_kind=PEER_OPTIMIZER[method], lr=lr, **kwargs)
+    if recipe.optimizer != "adamw":
+        module = PeerTextClassifier(MODEL, optimizer_kind=recipe.optimizer, lr=lr, **kwargs)
     else:
         module = TextClassifier(MODEL, **kwargs)
-    if method in CHECKPOINTING_METHODS:
+    if recipe.checkpointing:
         enable_checkpointing(module.model)
-    return module
+    return recipe.prepare(module)
 
 
 def language_callbacks(method: str) -> tuple[MeasuringCallback, list[Callback]]:
     """The measuring callback of a language run of ``method`` and every callback the run trains with (it first)."""
-    quantization = ActivationQuantization(format="int8") if method in INT8_METHODS else None
-    probe = MeasuringCallback(quantization=quantization, offload=method == "full_offload")
-    callbacks: list[Callback] = [probe]
-    if method in LISA_METHODS:
-        callbacks.append(LISA(**LISA_SETTINGS, plot=False))
-    elif method == "hft":
-        callbacks.append(HalfFineTuning(ratio=0.5, granularity="category"))
-    elif method == "ist_lora":
-        ist = _ist_class()
-        assert ist is not None
-        callbacks.append(
-            ist(
-                update_ratio=0.25,
-                interval=10,
-                n_candidates=3,
-                candidate_ratio=0.5,
-                suppression=0.25,
-                reward_lr=10.0,
-                seed=None,
-            )
-        )
+    recipe = language_recipes()[method]
+    quantization = ActivationQuantization(format=recipe.activations) if recipe.activations is not None else None
+    probe = MeasuringCallback(quantization=quantization, offload=recipe.offload)
+    callbacks: list[Callback] = [probe, *recipe.callbacks()]
     if quantization is not None:
         callbacks.append(quantization)
     return probe, callbacks
@@ -258,13 +251,13 @@ def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, An
     process = ProcessMemory()
     process.reset()
     pl.seed_everything(LANGUAGE_SEED, verbose=False)
-    lr = LORA_LR if method in ("lora", "ist_lora") else FULL_LR
+    lr = LORA_LR if language_recipes()[method].peft else FULL_LR
     module = text_classifier(method, data.num_labels, lr)
     probe, callbacks = language_callbacks(method)
     trainer = quiet_cpu_trainer(root, callbacks, max_epochs=1, limit_train_batches=steps, num_sanity_val_steps=0)
     result: dict[str, Any] = {
         "method": method,
-        "label": LANGUAGE_LABELS[method],
+        "label": language_recipes()[method].label,
         "lr": lr,
         **fit_and_record(trainer, module, data, probe),
         **{key: probe.results[key] for key in PROBE_KEYS},
@@ -283,9 +276,6 @@ def _language_run(method: str, data: Any, root: str, steps: int) -> dict[str, An
 def run_language(methods: list[str], root: str, steps: int = LANGUAGE_STEPS) -> dict[str, Any]:
     from lightning_peft.data import TweetSentiment
 
-    if "ist_lora" in methods and _ist_class() is None:
-        print("lightning_peft.callbacks.ist is not available: the IST + LoRA row is skipped", flush=True)
-        methods = [m for m in methods if m != "ist_lora"]
     data = TweetSentiment(tokenizer=MODEL, max_length=48, batch_size=16, val_size=1000, seed=LANGUAGE_SEED)
     data.setup("fit")
     runs = []
@@ -304,7 +294,7 @@ def _merge_language(new: dict[str, Any]) -> dict[str, Any]:
     for run in new["runs"]:
         run["date"] = new["env"]["date"]
         by_method[run["method"]] = run
-    new["runs"] = [by_method[m] for m in LANGUAGE_METHODS if m in by_method]
+    new["runs"] = [by_method[m] for m in language_recipes() if m in by_method]
     return new
 
 
@@ -327,7 +317,7 @@ def render_language(results: dict[str, Any]) -> str:
         " optimizer state | saved activations | peak RSS delta |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method in LANGUAGE_METHODS:
+    for method in language_recipes():
         if method not in runs:
             continue
         r = runs[method]
@@ -340,7 +330,7 @@ def render_language(results: dict[str, Any]) -> str:
             f" | {_mib(r['optimizer_state_bytes'])} | {_mib(r['saved_activation_bytes'])}"
             f" | {_mib(r['rss_peak_delta_bytes'])} |"
         )
-    missing = [LANGUAGE_LABELS[m] for m in LANGUAGE_METHODS if m not in runs]
+    missing = [r.label for m, r in language_recipes().items() if m not in runs]
     lines += [
         "",
         "Memory (counted) = parameters + gradients + optimizer state + tensors saved for backward (unique storage"
@@ -435,13 +425,7 @@ def _forgetting_run(method: str, seed: int, epochs: int, lr: float, data: dict[s
     pl.seed_everything(seed, verbose=False)
     model = mnist_cnn()
     module = DigitsFineTuning(model, lr)
-    callbacks: list[Callback] = []
-    if method == "hft":
-        callbacks.append(HalfFineTuning(seed=seed))
-    elif method == "hft_reselect":
-        callbacks.append(HalfFineTuning(reselect_every_n_epochs=1, seed=seed))
-    elif method == "half_reset":
-        callbacks.append(HalfFineTuning(reselect_every_n_epochs=1, reset="on_train_end", seed=seed))
+    callbacks = FORGETTING[method].callbacks(seed=seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         TensorDataset(data["train_x"], data["train_y"]), batch_size=32, shuffle=True, generator=generator
@@ -529,7 +513,7 @@ def render_forgetting(results: dict[str, Any]) -> str:
         paired = "-" if method == "full" else f"{k['mean']:+.3f} ± {k['std']:.3f}"
         wins = "-" if method == "full" else f"{m['seeds_forgetting_less_than_full']} of {s['seeds']}"
         lines.append(
-            f"| {FORGETTING_LABELS[method]} | {d['mean']:.3f} ± {d['std']:.3f} | {n['mean']:.3f} ± {n['std']:.3f}"
+            f"| {FORGETTING[method].label} | {d['mean']:.3f} ± {d['std']:.3f} | {n['mean']:.3f} ± {n['std']:.3f}"
             f" | {before['mnist_acc'] - n['mean']:.3f} | {paired} | {wins} |"
         )
     lines += [
@@ -545,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--experiments", nargs="+", choices=("language", "forgetting"), default=["language", "forgetting"]
     )
-    parser.add_argument("--methods", nargs="+", choices=LANGUAGE_METHODS, default=list(LANGUAGE_METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(language_recipes()), default=list(language_recipes()))
     parser.add_argument("--steps", type=int, default=LANGUAGE_STEPS, help="language: optimizer steps per method")
     parser.add_argument("--seeds", type=int, default=5, help="forgetting: seeds per method")
     parser.add_argument("--epochs", type=int, default=5, help="forgetting: epochs over the digits")

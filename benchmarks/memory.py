@@ -57,67 +57,81 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_peft.callbacks import LISA, ActivationQuantization
+from lightning_peft.callbacks import ActivationQuantization
 from lightning_peft.quantization import DEFAULT_MIN_NUMEL
 
 from .harness import RESULTS_DIR, MeasuringCallback, ProcessMemory, environment, write_results
-from .peers import PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .peers import CLOSURE_FIRST, PEERS, GaLoreSettings, build_optimizer, enable_checkpointing, optimizer_step
+from .recipes import Recipe, with_registered
 
-METHODS = (
-    "full",
-    "lisa",
-    "lisa_kept",
-    "lora",
-    "full_int8",
-    "full_fp8_e4m3",
-    "lisa_int8_adamw8bit",
-    *PEERS,  # what users pick instead, and combinations with them
-)
-METHOD_LABELS = {
-    "full": "Full FT (AdamW)",
-    "lisa": "LISA, state released (ours)",
-    "lisa_kept": "LISA, state kept",
-    "lora": "LoRA r=16 (peft)",
-    "full_int8": "Full FT + int8 activations",
-    "full_fp8_e4m3": "Full FT + fp8_e4m3 activations",
-    "lisa_int8_adamw8bit": "LISA + int8 activations + AdamW8bit",
-    "full_checkpointing": "Full FT + activation checkpointing",
-    "full_offload": "Full FT + saved activations offloaded to CPU",
-    "badam": "BAdam (badam, 1 block)",
-    "galore": "GaLore AdamW (galore-torch)",
-    "lisa_checkpointing": "LISA + activation checkpointing",
-    "full_int8_checkpointing": "Full FT + int8 activations + checkpointing",
+QUANT_GROUP_SIZE = 128
+LISA_LAYERS = 2
+LORA_RANK = 16
+LORA_ALPHA = 32
+
+
+def _lisa(schedule: Schedule) -> dict[str, Any]:
+    return {"n_layers": LISA_LAYERS, "interval": schedule.lisa_interval, "seed": 0}
+
+
+def _lisa_kept(schedule: Schedule) -> dict[str, Any]:
+    return {**_lisa(schedule), "interval": schedule.kept_interval, "release_optimizer_state": False}
+
+
+# Every run, keyed as the results name it: the registry's method that chooses what trains (with its settings here)
+# and what it is combined with. What users would pick instead, and combinations with them (benchmarks.peers.PEERS),
+# are in memory_cpu_peers.* (BAdam and GaLore need the `bench` extra: pip install badam galore-torch). Activation
+# checkpointing of every block: timm `set_grad_checkpointing()`, transformers `activation_checkpointing_enable()`
+# (`gradient_checkpointing_enable()` before 5.24), non-reentrant.
+RECIPES: dict[str, Recipe] = {
+    "full": Recipe("Full FT (AdamW)"),
+    "lisa": Recipe("LISA, state released (ours)", "lisa", _lisa),
+    "lisa_kept": Recipe("LISA, state kept", "lisa", _lisa_kept, cover_blocks=True, estimated=False),
+    "lora": Recipe("LoRA r=16 (peft)", "lora", {"r": LORA_RANK, "alpha": LORA_ALPHA}, peft=True),
+    "full_int8": Recipe("Full FT + int8 activations", activations="int8", unquantized="full"),
+    "full_fp8_e4m3": Recipe("Full FT + fp8_e4m3 activations", activations="fp8_e4m3", unquantized="full"),
+    "lisa_int8_adamw8bit": Recipe(
+        "LISA + int8 activations + AdamW8bit",
+        "lisa",
+        _lisa,
+        activations="int8",
+        optimizer="adamw8bit",
+        unquantized="lisa",
+    ),
+    "full_checkpointing": Recipe("Full FT + activation checkpointing", checkpointing=True),
+    "full_offload": Recipe("Full FT + saved activations offloaded to CPU", offload=True),
+    "badam": Recipe("BAdam (badam, 1 block)", optimizer="badam"),
+    "galore": Recipe("GaLore AdamW (galore-torch)", optimizer="galore"),
+    "lisa_checkpointing": Recipe("LISA + activation checkpointing", "lisa", _lisa, checkpointing=True),
+    "full_int8_checkpointing": Recipe(
+        "Full FT + int8 activations + checkpointing",
+        activations="int8",
+        checkpointing=True,
+        unquantized="full_checkpointing",
+    ),
 }
-# Methods with activation quantization: the storage format, and the method that is the same run without it.
-ACTIVATION_FORMATS = {
-    "full_int8": "int8",
-    "full_fp8_e4m3": "fp8_e4m3",
-    "lisa_int8_adamw8bit": "int8",
-    "full_int8_checkpointing": "int8",
-}
-UNQUANTIZED = {
-    "full_int8": "full",
-    "full_fp8_e4m3": "full",
-    "lisa_int8_adamw8bit": "lisa",
-    "full_int8_checkpointing": "full_checkpointing",
-}
-# What users would pick instead, and combinations with them: memory_cpu_peers.* (BAdam and GaLore need the
-# `bench` extra: pip install badam galore-torch)
+METHODS = tuple(RECIPES)
 PEER_METHODS = PEERS
-# Activation checkpointing of every block: timm `set_grad_checkpointing()`, transformers
-# `activation_checkpointing_enable()` (`gradient_checkpointing_enable()` before 5.24), non-reentrant.
-CHECKPOINTING_METHODS = frozenset({"full_checkpointing", "lisa_checkpointing", "full_int8_checkpointing"})
+# Methods with activation quantization: the method that is the same run without it.
+UNQUANTIZED = {key: recipe.unquantized for key, recipe in RECIPES.items() if recipe.unquantized is not None}
+
+
+def recipes() -> dict[str, Recipe]:
+    """:data:`RECIPES` and a run of every method registered beyond the built-in ones (with its defaults)."""
+    return with_registered(RECIPES)
+
+
+def label(method: str) -> str:
+    """The label of the run ``method`` (its key, for a run of a method not registered here)."""
+    recipe = recipes().get(method)
+    return method if recipe is None else recipe.label
+
+
 # BAdam: one block trains at a time (embeddings and head frozen, its defaults), switching every LISA interval;
 # GaLore: AdamW with the gradients of 2-D block weights projected to rank GALORE_RANK.
 GALORE_RANK = {"vit": 64, "llama": 64}
 GALORE_UPDATE_GAP = 200
 GALORE_SCALE = 0.25
-# The optimizer of each method that does not use torch's AdamW.
-OPTIMIZER = {"lisa_int8_adamw8bit": "adamw8bit", "badam": "badam", "galore": "galore"}
-QUANT_GROUP_SIZE = 128
-LISA_LAYERS = 2
-LORA_RANK = 16
-LORA_ALPHA = 32
 LORA_TARGETS = {
     "vit": ["qkv", "proj", "fc1", "fc2"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -288,7 +302,9 @@ SMALL_TENSORS = {
 
 
 def build_model(spec: ModelSpec, method: str) -> nn.Module:
-    """Build ``spec`` with random weights (on the current default device), wrapped in LoRA for ``lora``."""
+    """Build ``spec`` with random weights (on the current default device) for the run ``method`` (a key of
+    :func:`recipes`): wrapped in LoRA, checkpointed, or with only what the method trains trainable, as it says."""
+    recipe = recipes()[method]
     from peft import LoraConfig, get_peft_model
 
     if spec.family == "vit":
@@ -313,9 +329,9 @@ def build_model(spec: ModelSpec, method: str) -> nn.Module:
         lora = LoraConfig(
             task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS["llama"]
         )
-    if method in CHECKPOINTING_METHODS:
+    if recipe.checkpointing:
         enable_checkpointing(model)
-    return get_peft_model(model, lora) if method == "lora" else model
+    return get_peft_model(model, lora) if recipe.peft else recipe.prepare(model)
 
 
 def make_batch(spec: ModelSpec, device: torch.device) -> tuple[Tensor, ...]:
@@ -389,7 +405,7 @@ class BenchModule(pl.LightningModule):
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        if self.optimizer_kind == "badam":
+        if self.optimizer_kind in CLOSURE_FIRST:
             return optimizer_step(optimizer, optimizer_closure)
         return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
@@ -413,6 +429,7 @@ def measure(
     """
     cuda = device.type == "cuda"
     compile = cuda if compile is None else compile
+    recipe = recipes()[method]
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -426,15 +443,15 @@ def measure(
     module = BenchModule(
         model,
         spec.family,
-        optimizer=OPTIMIZER.get(method, "adamw"),
+        optimizer=recipe.optimizer,
         min_8bit_size=small_tensors.min_8bit_size,
         switch_every=schedule.lisa_interval,
     )
     batch = make_batch(spec, device)
     quantization = None
-    if method in ACTIVATION_FORMATS:
+    if recipe.activations is not None:
         quantization = ActivationQuantization(
-            format=ACTIVATION_FORMATS[method],
+            format=recipe.activations,
             group_size=QUANT_GROUP_SIZE,
             min_numel=small_tensors.min_numel,
             compile=compile,
@@ -443,18 +460,12 @@ def measure(
     probe = MeasuringCallback(
         warmup=schedule.warmup,
         timed=schedule.timed,
-        cover_blocks=method == "lisa_kept",
+        cover_blocks=recipe.cover_blocks,
         max_coverage_steps=schedule.max_coverage_steps,
         quantization=quantization,
-        offload=method == "full_offload",
+        offload=recipe.offload,
     )
-    callbacks: list[Callback] = [probe]
-    if method in ("lisa", "lisa_int8_adamw8bit", "lisa_checkpointing"):
-        callbacks.append(LISA(n_layers=LISA_LAYERS, interval=schedule.lisa_interval, seed=0))
-    elif method == "lisa_kept":
-        callbacks.append(
-            LISA(n_layers=LISA_LAYERS, interval=schedule.kept_interval, release_optimizer_state=False, seed=0)
-        )
+    callbacks: list[Callback] = [probe, *recipe.callbacks(schedule=schedule)]
     if quantization is not None:
         callbacks.append(quantization)
     steps = schedule.warmup + schedule.max_coverage_steps + schedule.timed
@@ -624,10 +635,10 @@ def _targets(spec: ModelSpec, methods: dict[str, dict[str, Any]], gpu: bool) -> 
         m = methods.get(method)
         if m is None or "saved_bytes_ratio" not in m:
             continue
-        base = METHOD_LABELS[m["unquantized_method"]]
+        base = label(m["unquantized_method"])
         targets.append(
             {
-                "target": f"{METHOD_LABELS[method]}: saved-for-backward bytes <= {SAVED_BYTES_TARGET}x {base}",
+                "target": f"{label(method)}: saved-for-backward bytes <= {SAVED_BYTES_TARGET}x {base}",
                 "value": m["saved_bytes_ratio"],
                 "threshold": SAVED_BYTES_TARGET,
             }
@@ -635,19 +646,19 @@ def _targets(spec: ModelSpec, methods: dict[str, dict[str, Any]], gpu: bool) -> 
     if spec.combination_target is not None and "lisa_int8_adamw8bit" in methods:
         targets.append(
             {
-                "target": f"{METHOD_LABELS['lisa_int8_adamw8bit']} memory <= {spec.combination_target}x full FT",
+                "target": f"{label('lisa_int8_adamw8bit')} memory <= {spec.combination_target}x full FT",
                 "value": methods["lisa_int8_adamw8bit"]["memory_ratio"],
                 "threshold": spec.combination_target,
             }
         )
-    for method in ("full_int8", "full_fp8_e4m3"):
+    for method in [k for k, r in recipes().items() if r.activations is not None and r.unquantized == "full"]:
         m = methods.get(method)
         if m is None or "step_time_ratio_unquantized" not in m:
             continue
         targets.append(
             {
-                "target": f"{METHOD_LABELS[method]}: step time <= {QUANT_STEP_TIME_TARGET}x"
-                f" {METHOD_LABELS[m['unquantized_method']]} (GPU target)",
+                "target": f"{label(method)}: step time <= {QUANT_STEP_TIME_TARGET}x"
+                f" {label(m['unquantized_method'])} (GPU target)",
                 "value": m["step_time_ratio_unquantized"],
                 "threshold": QUANT_STEP_TIME_TARGET,
                 "applies": gpu,
@@ -681,7 +692,7 @@ def run(
         models: keys of the models to run (default: all of ``sizes``).
         threads: torch intra-op threads; ``None`` keeps torch's default on GPU and uses 1 on CPU, where other jobs
             on a shared machine deschedule threads and make multi-threaded step times erratic.
-        methods: keys of the methods to run (default: all of :data:`METHODS`); ``full``, which the ratios are
+        methods: keys of the methods to run (default: all of :func:`recipes`); ``full``, which the ratios are
             against, always runs, and so does the unquantized run of each activation-quantized method.
         compile: fuse the activation quantization with ``torch.compile`` (as the GPU runs must: the eager kernels'
             extra passes over memory are what costs there). ``None`` (default): on, except for ``sizes="tiny"``
@@ -699,12 +710,16 @@ def run(
     specs = [s for s in SIZES[sizes] if models is None or s.key in models]
     if not specs:
         raise ValueError(f"no model of sizes {sizes!r} matches {models}; known: {[s.key for s in SIZES[sizes]]}")
-    unknown = sorted(set(methods or ()) - set(METHODS))
+    table = recipes()
+    unknown = sorted(set(methods or ()) - set(table))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
-    wanted = set(methods or METHODS) | {"full"}
-    wanted |= {UNQUANTIZED[m] for m in wanted if m in UNQUANTIZED}
-    selected = tuple(m for m in METHODS if m in wanted)
+        raise ValueError(
+            f"unknown method(s) {unknown}: `methods` must be among {list(table)}. HINT: leave it out for all, or"
+            " register the method in lightning_peft.methods."
+        )
+    wanted = set(methods or table) | {"full"}
+    wanted |= {table[m].unquantized for m in wanted if table[m].unquantized is not None}
+    selected = tuple(m for m in table if m in wanted)
     schedule = SCHEDULES[sizes]
     if repeats is not None:
         schedule = Schedule(**{**asdict(schedule), "repeats": repeats})
@@ -751,7 +766,7 @@ def _run(
         "lisa": {"n_layers": LISA_LAYERS, "interval": schedule.lisa_interval, "kept_interval": schedule.kept_interval},
         "lora": {"r": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": LORA_TARGETS},
         "activation_quantization": {
-            "formats": {m: ACTIVATION_FORMATS[m] for m in selected if m in ACTIVATION_FORMATS},
+            "formats": {m: recipes()[m].activations for m in selected if recipes()[m].activations is not None},
             "group_size": QUANT_GROUP_SIZE,
             "compile": compile,
             **asdict(SMALL_TENSORS[sizes]),
@@ -858,7 +873,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         for method, m in model["methods"].items():
             c = m["components"]
             lines.append(
-                f"| {METHOD_LABELS[method]} | {_format_bytes(m['memory_bytes'], unit)} | {m['memory_ratio']:.2f}"
+                f"| {label(method)} | {_format_bytes(m['memory_bytes'], unit)} | {m['memory_ratio']:.2f}"
                 f" | {m['step_time_ms']:.1f} | {m['step_time_ratio']:.2f} | {m['step_time_min_ms']:.1f}"
                 f" | {_format_count(m['trainable_params'])} of {_format_count(m['total_params'])}"
                 f" | {_format_bytes(c['param_bytes'], unit)} | {_format_bytes(c['grad_bytes'], unit)}"
@@ -881,8 +896,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 q = m["quantization"]
                 ratio = q["bytes_after"] / q["bytes_before"] if q["bytes_before"] else float("nan")
                 lines.append(
-                    f"| {METHOD_LABELS[method]} | {ACTIVATION_FORMATS[method]}"
-                    f" | {METHOD_LABELS[m['unquantized_method']]} | {_format_bytes(q['bytes_before'], unit)}"
+                    f"| {label(method)} | {results['activation_quantization']['formats'][method]}"
+                    f" | {label(m['unquantized_method'])} | {_format_bytes(q['bytes_before'], unit)}"
                     f" | {_format_bytes(q['bytes_after'], unit)} | {ratio:.3f} | {m['saved_bytes_ratio']:.3f}"
                     f" | {m['counter_agreement']:.3f} | {q['num_quantized']} of {q['num_saved']}"
                     f" ({q['num_deduplicated']}) | {m['memory_ratio_unquantized']:.2f}"
@@ -890,8 +905,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 )
         if not gpu:
             rss = "; ".join(
-                f"{METHOD_LABELS[k]} {_format_bytes(m.get('rss_peak_delta_bytes'), unit)}"
-                for k, m in model["methods"].items()
+                f"{label(k)} {_format_bytes(m.get('rss_peak_delta_bytes'), unit)}" for k, m in model["methods"].items()
             )
             lines += ["", f"Peak RSS delta per method ({unit}, indicative: allocator reuse blurs it): {rss}."]
         where = "" if gpu else "; checked here on the small CPU models, as a proxy"
@@ -928,7 +942,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                     continue
                 c = model["methods"][method]["controller"]
                 lines.append(
-                    f"| {key} | {METHOD_LABELS[method]} | {c['steps']} ({c['steps_with_change']})"
+                    f"| {key} | {label(method)} | {c['steps']} ({c['steps_with_change']})"
                     f" | {_format_us(c['mean_us'])} | {_format_us(c['mean_us_after_first'])}"
                     f" | {_format_us(c['first_us'])} | {_format_us(c['change_us'])}"
                     f" | {_format_us(c['change_logging_us'])} | {_format_us(c['unchanged_us'])} |"
@@ -957,7 +971,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=METHODS,
+        choices=list(recipes()),
         default=None,
         help="run only these methods (full FT and the unquantized runs they compare with are always added)",
     )

@@ -26,6 +26,8 @@ from torch import nn
 from lightning_peft.layers import find_layers
 
 OPTIMIZERS = ("adamw", "adamw8bit", "badam", "galore")
+#: The optimizers a LightningModule steps with :func:`optimizer_step` (closure first) instead of Lightning's own.
+CLOSURE_FIRST = frozenset({"badam"})
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@
     python -m benchmarks.support_matrix --render         # rewrite the markdown and README from the JSON
 
 Each cell is :func:`lightning_peft.support.check_support` on a tiny random model of ``tests/zoo_models.py``: it
-checks what the method promises (see that module), not only that nothing crashed. Results:
+checks what the method promises (see that module), not only that nothing crashed. The columns are the methods of the
+registry (:mod:`lightning_peft.methods`) that the support check knows, headed by their labels: a method registered
+before this runs gets its own column. Results:
 ``benchmarks/results/support_matrix.json`` and ``.md``; the markdown table replaces the part of README.md between
 the ``support-matrix`` markers.
 """
@@ -24,13 +26,26 @@ from pathlib import Path
 
 import torch
 
-from lightning_peft.support import METHODS, check_support
+from lightning_peft.methods import get_method
+from lightning_peft.support import check_support, supported_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 SYMBOL = {"ok": "OK", "partial": "OK*", "refused": "refused", "fail": "FAIL"}
-SHORT = {"HalfFineTuning": "Half FT", "EarlyPruning": "Early pruning", "ActivationQuantization": "8-bit act."}
+
+
+def label(method: str) -> str:
+    """The registry's label of ``method`` (its name, for a result whose method is not registered here)."""
+    try:
+        return get_method(method).label
+    except KeyError:
+        return method
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """The methods of the rows' cells, in the order they were checked (the registry's)."""
+    return list(rows[0]["cells"]) if rows else list(supported_methods())
 
 
 def load_zoo() -> dict:
@@ -47,6 +62,7 @@ def run(names: list[str]) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown zoo entries {unknown}; known: {sorted(zoo)}")
     rows = []
+    methods = supported_methods()
     for name in names or sorted(zoo, key=lambda n: (zoo[n].family, zoo[n].kind, n)):
         entry = zoo[name]
         with warnings.catch_warnings():
@@ -54,8 +70,8 @@ def run(names: list[str]) -> list[dict]:
             results = check_support(entry.build, entry.inputs(2), entry.output, entry.causal_lm)
         cells = {r.method: {"status": r.status, "detail": r.detail, "seconds": round(r.seconds, 2)} for r in results}
         rows.append({"model": name, "family": entry.family, "kind": entry.kind, "cells": cells})
-        print(f"{name:22s} " + "  ".join(f"{SHORT.get(m, m)}={cells[m]['status']}" for m in METHODS), flush=True)
-        for method in METHODS:
+        print(f"{name:22s} " + "  ".join(f"{label(m)}={cells[m]['status']}" for m in methods), flush=True)
+        for method in methods:
             if cells[method]["status"] in ("fail", "refused", "partial"):
                 print(f"    {method}: {cells[method]['detail'][:240]}", flush=True)
     return rows
@@ -72,27 +88,28 @@ def _reason(method: str, cell: dict) -> str:
             reason = re.sub(r" \((RuntimeError|ValueError|IndexError): .*", "", reason)
             if reason not in reasons:
                 reasons.append(reason)
-        return f"{SHORT.get(method, method)} leaves out: " + "; ".join(reasons)
+        return f"{label(method)} leaves out: " + "; ".join(reasons)
     if cell["status"] == "refused":
         detail = re.sub(r" \(at '[^']*'\)", "", detail.split(" HINT:", 1)[0])
-    return f"{SHORT.get(method, method)}: {detail}"
+    return f"{label(method)}: {detail}"
 
 
 def markdown(rows: list[dict]) -> str:
-    clean = [r for r in rows if all(r["cells"][m]["status"] == "ok" for m in METHODS)]
-    header = "| model | family | layout | " + " | ".join(SHORT.get(m, m) for m in METHODS) + " |"
+    methods = columns(rows)
+    clean = [r for r in rows if all(r["cells"][m]["status"] == "ok" for m in methods)]
+    header = "| model | family | layout | " + " | ".join(label(m) for m in methods) + " |"
     lines = [
-        f"OK for all {len(METHODS)} methods ({len(clean)} models): " + ", ".join(f"`{r['model']}`" for r in clean),
+        f"OK for all {len(methods)} methods ({len(clean)} models): " + ", ".join(f"`{r['model']}`" for r in clean),
         "",
         header,
-        "|" + "---|" * (3 + len(METHODS)),
+        "|" + "---|" * (3 + len(methods)),
     ]
     notes: dict[str, int] = {}
     for row in rows:
         if row in clean:
             continue
         cells = []
-        for method in METHODS:
+        for method in methods:
             cell = row["cells"][method]
             text = SYMBOL[cell["status"]]
             if cell["status"] in ("partial", "refused", "fail"):
@@ -100,10 +117,10 @@ def markdown(rows: list[dict]) -> str:
                 text += f" [{number}]"
             cells.append(text)
         lines.append(f"| `{row['model']}` | {row['family']} | {row['kind']} | " + " | ".join(cells) + " |")
-    counts = {s: sum(r["cells"][m]["status"] == s for r in rows for m in METHODS) for s in SYMBOL}
+    counts = {s: sum(r["cells"][m]["status"] == s for r in rows for m in methods) for s in SYMBOL}
     lines += [
         "",
-        f"{len(rows)} models x {len(METHODS)} methods: {counts['ok']} OK, {counts['partial']} OK with parts left out"
+        f"{len(rows)} models x {len(methods)} methods: {counts['ok']} OK, {counts['partial']} OK with parts left out"
         f" (OK*), {counts['refused']} refused with a reason, {counts['fail']} failures.",
         "",
     ]

@@ -3,9 +3,10 @@
 :func:`estimate_memory` builds the model on the ``meta`` device (no weights are allocated or read), runs one
 forward of the loss under ``FakeTensorMode`` (shapes, dtypes and the autograd graph, no arithmetic) and counts what
 autograd saves for backward through ``torch.autograd.graph.saved_tensors_hooks``, as
-``benchmarks/memory.py`` counts it in a real step. For each method -- full fine-tuning, LoRA, LISA, Half
-Fine-Tuning -- and each with 8-bit activations, an 8-bit optimizer (bitsandbytes ``AdamW8bit``) or activation
-checkpointing, it reports:
+``benchmarks/memory.py`` counts it in a real step. For each method of the registry (:mod:`lightning_peft.methods`) that
+chooses what trains -- full fine-tuning, LoRA, LISA, Half Fine-Tuning, and any method registered with
+:func:`~lightning_peft.methods.register_method` -- and each with 8-bit activations, an 8-bit optimizer (bitsandbytes
+``AdamW8bit``) or activation checkpointing, it reports:
 
 - *params*: unique bytes of every parameter;
 - *grads*: bytes of the trainable parameters' gradients (same dtype as the parameters);
@@ -48,7 +49,8 @@ from lightning_peft._compat import (
     view_base,
 )
 from lightning_peft.layers import LayerStack, find_layers
-from lightning_peft.quantization.saved_tensors import DEFAULT_MIN_NUMEL, _derives_from_leaf
+from lightning_peft.methods import Method, get_method, method_of, methods
+from lightning_peft.quantization.saved_tensors import _derives_from_leaf
 
 __all__ = [
     "METHODS",
@@ -60,8 +62,9 @@ __all__ = [
     "parse_bytes",
 ]
 
-#: Trainable sets the estimator knows.
-METHODS: tuple[str, ...] = ("full", "lora", "lisa", "hft")
+#: The built-in methods the estimator makes rows for (the registry's methods whose ``estimate`` is ``"trainable"``;
+#: :func:`estimated_methods` adds those registered later).
+METHODS: tuple[str, ...] = tuple(m.name for m in methods() if m.estimate == "trainable")
 #: What each method is estimated with, besides plain AdamW: 8-bit activations, AdamW8bit, checkpointing.
 VARIANTS: tuple[str, ...] = (
     "",
@@ -71,7 +74,6 @@ VARIANTS: tuple[str, ...] = (
     "int8_act+adamw8bit",
     "int8_act+checkpointing",
 )
-METHOD_LABELS = {"full": "Full FT", "lora": "LoRA", "lisa": "LISA", "hft": "Half FT", "configured": "As configured"}
 VARIANT_LABELS = {
     "int8_act": "8-bit activations",
     "adamw8bit": "AdamW8bit",
@@ -81,6 +83,27 @@ VARIANT_LABELS = {
 }
 _PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 _BNB_BLOCK = 256  # bitsandbytes' block size of the 8-bit optimizer state
+_CONFIGURED = "configured"  # the row of the model's trainable set as built
+
+
+def estimated_methods() -> tuple[str, ...]:
+    """The names of the registered methods the estimator makes rows for (``estimate`` is ``"trainable"``).
+
+    Example::
+
+        >>> estimated_methods()[:4]
+        ('full', 'lora', 'lisa', 'hft')
+    """
+    return tuple(m.name for m in methods() if m.estimate == "trainable")
+
+
+def _method_label(name: str) -> str:
+    if name == _CONFIGURED:
+        return "As configured"
+    try:
+        return get_method(name).label
+    except KeyError:
+        return name
 
 
 @dataclass(frozen=True)
@@ -88,8 +111,8 @@ class MemoryEstimate:
     """The estimated memory of one method, in bytes.
 
     Attributes:
-        method: ``"full"``, ``"lora"``, ``"lisa"``, ``"hft"`` or ``"configured"``, with ``+variant`` suffixes
-            (``"lisa+int8_act+adamw8bit"``).
+        method: the name of a registered method (``"full"``, ``"lora"``, ``"lisa"``, ``"hft"``, ...) or
+            ``"configured"``, with ``+variant`` suffixes (``"lisa+int8_act+adamw8bit"``).
         params: unique bytes of all parameters.
         grads: bytes of the gradients of the trainable parameters.
         optimizer_state: bytes of the optimizer state.
@@ -145,7 +168,7 @@ class MemoryEstimate:
     def label(self) -> str:
         """Readable name, e.g. ``"LISA + 8-bit activations"``."""
         base, *variants = self.method.split("+", 1)
-        label = METHOD_LABELS.get(base, base)
+        label = _method_label(base)
         return label + (f" + {VARIANT_LABELS.get(variants[0], variants[0])}" if variants else "")
 
 
@@ -338,60 +361,6 @@ def _batch_size_of(batch: Any) -> int:
         if size:
             return size
     return 0
-
-
-# ----------------------------------------------------------------------------------------------- trainable sets
-
-
-def _block_linears(module: nn.Module, stack: LayerStack) -> list[str]:
-    names = []
-    for block_name in stack.names:
-        block = module.get_submodule(block_name)
-        names += [f"{block_name}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    return names
-
-
-def _apply_lora(module: nn.Module, stack: LayerStack, rank: int, alpha: int) -> None:
-    """LoRA on every Linear of the blocks (meta device).
-
-    The adapters train, and the parameters outside the blocks that are neither embeddings nor norms (a classifier
-    head, as peft's ``modules_to_save`` would keep it trainable).
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    targets = _block_linears(module, stack)
-    if not targets:
-        raise ValueError("no nn.Linear inside the blocks to put LoRA on")
-    outside = set(stack.outside_parameter_names())
-    with torch.device("meta"):
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), module)
-    embeddings = {
-        f"{name}.{p}"
-        for name, m in module.named_modules()
-        if isinstance(m, nn.Embedding)
-        for p, _ in m.named_parameters()
-    }
-    heads = {n for n in outside if n not in embeddings and not re.search(r"(embed|wte|wpe|lm_head|norm)", n)}
-    for name, param in module.named_parameters():
-        param.requires_grad_("lora_" in name or name in heads)
-
-
-def _apply_lisa(module: nn.Module, stack: LayerStack, n_layers: int) -> None:
-    trained = set(stack.outside_parameter_names())
-    first = max(0, (len(stack) - n_layers) // 2)  # any n blocks: they are alike
-    for index in range(first, min(len(stack), first + n_layers)):
-        trained.update(stack.block_parameter_names(index))
-    for name, param in module.named_parameters():
-        param.requires_grad_(name in trained)
-
-
-def _apply_hft(module: nn.Module, seed: int) -> None:
-    from lightning_peft.callbacks import HalfFineTuning
-
-    plan = HalfFineTuning(seed=seed).preview(module)
-    trained = set(plan.outside) | set(plan.selected)
-    for name, param in module.named_parameters():
-        param.requires_grad_(name in trained)
 
 
 # ----------------------------------------------------------------------------------------------- counting
@@ -596,18 +565,13 @@ def estimate_memory(
     factory: Callable[[], nn.Module],
     batch: Any,
     precision: str = "32-true",
-    methods: Iterable[str] = METHODS,
+    methods: Iterable[str | Method] | None = None,
     variants: Iterable[str] = VARIANTS,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
-    lisa_layers: int = 2,
-    lora_rank: int = 16,
-    lora_alpha: int = 32,
-    activation_group_size: int = 128,
-    activation_min_numel: int = DEFAULT_MIN_NUMEL,
+    activations: str | Method = "activation_quantization",
     min_8bit_size: int = 4096,
     configured: bool = False,
     device: str = "cpu",
-    seed: int = 0,
 ) -> MemoryReport:
     """Estimate the training memory of every method for the model ``factory`` builds, without its weights.
 
@@ -618,26 +582,29 @@ def estimate_memory(
             dimension is the batch size.
         precision: Lightning precision: ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"bf16-true"``,
             ``"16-true"``.
-        methods: among :data:`METHODS`.
+        methods: methods whose ``estimate`` is ``"trainable"`` (default: every registered one,
+            :func:`estimated_methods`), by name (with the registry's settings) or as
+            :class:`~lightning_peft.methods.Method` objects with their own settings
+            (``get_method("lisa").configure(n_layers=4)``, ``get_method("lora").configure(r=8)``). Each is asked
+            what it trains (:meth:`Method.apply <lightning_peft.methods.Method.apply>`) on the model built on the
+            ``meta`` device.
         variants: among :data:`VARIANTS` (``""`` is the method with AdamW and nothing else).
         loss_fn: ``loss_fn(model, batch)`` returns the loss; default: ``model.compute_loss(batch)`` where it
             exists, else ``model.training_step(batch, 0)``.
-        lisa_layers: blocks LISA trains at a time.
-        lora_rank: LoRA rank (on every Linear of the blocks).
-        lora_alpha: LoRA alpha.
-        activation_group_size: group size of the 8-bit activations.
-        activation_min_numel: tensors with fewer elements stay unquantized.
+        activations: the method of the ``int8_act`` variants (its ``estimate`` is ``"activations"``): its
+            ``group_size`` and ``min_numel`` settings (tensors with fewer elements stay unquantized) are used, e.g.
+            ``get_method("activation_quantization").configure(min_numel=512)``.
         min_8bit_size: AdamW8bit keeps 32-bit state for parameters with fewer elements.
         configured: add a row for the model's trainable set as built (e.g. a module that applies LoRA itself).
         device: the device the fake tensors claim (``"cpu"`` or ``"cuda"``; autocast follows it). Nothing runs
             there.
-        seed: seed of Half Fine-Tuning's draw.
 
     Returns:
         The :class:`MemoryReport`.
 
     Raises:
-        ValueError: for an unknown method, variant or precision, or a batch without a batch dimension.
+        ValueError: for a method that is not registered or not estimated, an unknown variant or precision, or a
+            batch without a batch dimension.
 
     Example::
 
@@ -648,12 +615,25 @@ def estimate_memory(
         >>> report.row("full").params
         76840
     """
-    methods, variants = list(methods), list(variants)
-    for method in methods:
-        if method not in METHODS:
+    variants = list(variants)
+    known = estimated_methods()
+    chosen: list[Method] = []
+    for method in known if methods is None else methods:
+        name = method.name if isinstance(method, Method) else method
+        if name not in known and not (isinstance(method, Method) and method.estimate == "trainable"):
             raise ValueError(
-                f"`methods` must be among {', '.join(METHODS)}, got {method!r}. HINT: e.g. methods=['full', 'lisa']."
+                f"`methods` must be among {', '.join(known)}, got {name!r}. HINT: e.g. methods=['full', 'lisa'], or"
+                " register your own method with lightning_peft.methods.register_method."
             )
+        chosen.append(get_method(method))
+    activation_method = get_method(activations)
+    if activation_method.estimate != "activations":
+        raise ValueError(
+            f"`activations` must be a method whose `estimate` is 'activations', got {activation_method.name!r}."
+            " HINT: leave it as 'activation_quantization', configured with its group_size and min_numel."
+        )
+    activation_group_size = int(activation_method.settings["group_size"])
+    activation_min_numel = int(activation_method.settings["min_numel"])
     for variant in variants:
         if variant not in VARIANTS:
             raise ValueError(
@@ -681,8 +661,9 @@ def estimate_memory(
     autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     rows: list[MemoryEstimate] = []
     model_name = "model"
-    plan = [("configured", v) for v in variants] if configured else []
-    plan += [(m, v) for m in methods for v in variants]
+    by_name = {m.name: m for m in chosen}
+    plan = [(_CONFIGURED, v) for v in variants] if configured else []
+    plan += [(m, v) for m in by_name for v in variants]
     records: dict[str, tuple[nn.Module, _Forward, _Forward]] = {}
     for method in dict.fromkeys(m for m, _ in plan):
         module = build_on_meta(factory)
@@ -694,18 +675,10 @@ def estimate_memory(
         except ValueError:
             stack = None
         try:
-            if method == "full":
-                module.requires_grad_(True)
-            elif method != "configured" and stack is None:
-                raise ValueError(f"no block stack found in {model_name}")
-            elif method == "lora":
-                _apply_lora(module, stack, lora_rank, lora_alpha)
-            elif method == "lisa":
-                _apply_lisa(module, stack, lisa_layers)
-            elif method == "hft":
-                _apply_hft(module, seed)
+            if method != _CONFIGURED:
+                by_name[method].apply(module)  # the method itself says what trains (and LoRA adds its adapters)
         except Exception as error:  # noqa: BLE001 - a method that does not apply is reported, not fatal
-            notes.append(f"{METHOD_LABELS[method]} left out: {type(error).__name__}: {error}")
+            notes.append(f"{_method_label(method)} left out: {type(error).__name__}: {error}")
             continue
         module.train()
         forwards = []
@@ -787,13 +760,18 @@ def with_batch_size(report: MemoryReport, batch_size: int) -> MemoryReport:
 
 
 def estimate_from_config(
-    config: str, batch_size: int | None = None, device: str = "cpu", methods: Iterable[str] = METHODS
+    config: str,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    methods: Iterable[str | Method] | None = None,
 ) -> MemoryReport:
     """:func:`estimate_memory` for the model, data and trainer of a ``lightning-peft`` YAML config.
 
     The model is built on the ``meta`` device (Hugging Face checkpoints: their config only), the DataModule
-    gives one real batch for the shapes, and the config's callbacks set the methods' arguments: ``LISA``'s
-    ``n_layers``, ``ActivationQuantization``'s ``group_size`` and ``min_numel``; bitsandbytes ``AdamW8bit`` as the
+    gives one real batch for the shapes, and the config's callbacks set the methods' arguments: a callback of a
+    registered method (``LISA``, ``HalfFineTuning``, a user's) configures that method's row with its own arguments
+    (:meth:`Method.from_callback <lightning_peft.methods.Method.from_callback>`), ``ActivationQuantization`` the
+    8-bit activations' ``group_size`` and ``min_numel``; bitsandbytes ``AdamW8bit`` as the
     config's optimizer makes every row use it. A model that already freezes part of itself (e.g. ``peft:``) gets
     an ``As configured`` row.
 
@@ -801,7 +779,7 @@ def estimate_from_config(
         config: path of the YAML file (as ``lightning-peft fit --config``).
         batch_size: the batch size to report (default: the DataModule's).
         device: ``"cpu"`` or ``"cuda"``: what the fake tensors claim (autocast and attention kernels follow).
-        methods: among :data:`METHODS`.
+        methods: registered methods the estimator makes rows for (default: all, :func:`estimated_methods`).
 
     Returns:
         The :class:`MemoryReport`.
@@ -815,7 +793,6 @@ def estimate_from_config(
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
-    from lightning_peft.callbacks import LISA, ActivationQuantization
     from lightning_peft.cli.main import PeftCLI
 
     class ModelOnMetaCLI(PeftCLI):
@@ -845,12 +822,15 @@ def estimate_from_config(
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     kwargs: dict[str, Any] = {}
+    configured_methods: dict[str, Method] = {}
     for callback in trainer.callbacks:
-        if isinstance(callback, LISA):
-            kwargs["lisa_layers"] = callback.n_layers
-        if isinstance(callback, ActivationQuantization):
-            kwargs["activation_group_size"] = callback.quantizer.group_size
-            kwargs["activation_min_numel"] = callback.quantizer.min_numel
+        method = method_of(callback)
+        if method is not None and method.estimate == "trainable":
+            configured_methods[method.name] = method.from_callback(callback)
+        elif method is not None and method.estimate == "activations":
+            kwargs["activations"] = method.from_callback(callback)
+    asked = estimated_methods() if methods is None else methods
+    chosen = [m if isinstance(m, Method) else configured_methods.get(m, m) for m in asked]
     variants = list(VARIANTS)
     optimizer = getattr(template, "optimizer", None)
     if "8bit" in repr(optimizer).lower():
@@ -860,7 +840,7 @@ def estimate_from_config(
         lambda: copy.deepcopy(template),
         batch,
         precision=str(trainer.precision),
-        methods=methods,
+        methods=chosen,
         variants=variants,
         configured=configured,
         device=device,

@@ -1,7 +1,9 @@
 """Check which methods work on a model, and how: the cells of the support matrix.
 
-``check_support(build, inputs)`` runs every method on a freshly built model for one or two optimizer steps (or, for
-early pruning, the surgery itself) and checks what the method promises, not just that nothing crashed:
+``check_support(build, inputs)`` runs every method of the registry (:mod:`lightning_peft.methods`) that has
+something to check on a freshly built model for one or two optimizer steps (or, for early pruning, the surgery
+itself) and checks what the method promises, not just that nothing crashed. Each method's probe is part of its
+registry entry; the built-in ones are here:
 
 * **LISA** — the parameters that get gradients are exactly the non-block parameters and the sampled block;
 * **Half Fine-Tuning** — in every block, each category of two or more layers (attention, MLP, norms) trains part of
@@ -13,7 +15,9 @@ early pruning, the surgery itself) and checks what the method promises, not just
   computes, is smaller, and still trains (and generates, for causal LMs);
 * **8-bit activations** — the bytes saved for backward fall and the gradient keeps a cosine of at least 0.99 to the
   unquantized one (tensors of 1,024 elements or more quantized, as tiny models have few above the default
-  threshold; the lowest per-tensor cosine is reported).
+  threshold; the lowest per-tensor cosine is reported);
+* **a registered method without a probe of its own** (:func:`check_trainable_set`) — one step with its callback:
+  every parameter that gets a gradient is one its ``preview(model)`` names, and some do.
 
 A method that refuses the model (a ``ValueError`` with a ``HINT``) is a *refusal*, a clear answer; anything else
 that goes wrong is a *failure*. ``benchmarks/support_matrix.py`` runs this over the model zoo and writes the
@@ -35,10 +39,30 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_peft.layout import block_anatomy, find_layers
+from lightning_peft.methods import Method, get_method, methods
 
-__all__ = ["METHODS", "CellResult", "check_support"]
+__all__ = [
+    "CellResult",
+    "check_hft",
+    "check_ist",
+    "check_lisa",
+    "check_pruning",
+    "check_quantization",
+    "check_support",
+    "check_trainable_set",
+    "supported_methods",
+]
 
-METHODS = ("LISA", "HalfFineTuning", "IST", "EarlyPruning", "ActivationQuantization")
+
+def supported_methods() -> tuple[str, ...]:
+    """The names of the registered methods the support check has something to check for, in registry order.
+
+    Example::
+
+        >>> supported_methods()[:5]
+        ('lisa', 'hft', 'ist', 'early_pruning', 'activation_quantization')
+    """
+    return tuple(m.name for m in methods() if m.supported)
 
 
 @dataclass
@@ -46,7 +70,7 @@ class CellResult:
     """The outcome of one method on one model.
 
     Attributes:
-        method: one of :data:`METHODS`.
+        method: the name of a registered method (:func:`supported_methods`).
         status: ``"ok"``, ``"partial"`` (works, leaves something out: ``detail`` says what), ``"refused"`` (a clear
             error with a hint) or ``"fail"`` (anything else: a bug).
         detail: what was checked, left out, or the error message.
@@ -124,7 +148,8 @@ def _strip(name: str) -> str:
     return name[len("net.") :] if name.startswith("net.") else name
 
 
-def _check_lisa(build, inputs, output) -> tuple[str, str]:
+def check_lisa(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]:
+    """LISA's probe: the parameters that get gradients are the non-block ones and those of the sampled block."""
     from lightning_peft.callbacks import LISA
 
     module = _Probe(build(), inputs, output)
@@ -144,7 +169,8 @@ def _check_lisa(build, inputs, output) -> tuple[str, str]:
     return "ok", f"{len(stack)} blocks in {len(stack.stacks)} stack(s) ({stack.source})"
 
 
-def _check_hft(build, inputs, output) -> tuple[str, str]:
+def check_hft(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]:
+    """Half Fine-Tuning's probe: each category of a block trains part of its layers, about half of all in all."""
     from lightning_peft.callbacks import HalfFineTuning
 
     module = _Probe(build(), inputs, output)
@@ -219,7 +245,8 @@ def _with_lora(build) -> tuple[nn.Module, int]:
     return get_peft_model(net, config), len(targets)
 
 
-def _check_ist(build, inputs, output) -> tuple[str, str]:
+def check_ist(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]:
+    """IST's probe: with LoRA on the blocks, only the LoRA modules of the sampled blocks get gradients."""
     from lightning_peft.callbacks import IST
 
     net, n_targets = _with_lora(build)
@@ -245,7 +272,8 @@ def _kept_heads(site) -> list[int]:
     return list(range(site.num_heads)) if site.num_heads == 1 else list(range(1, site.num_heads))
 
 
-def _check_pruning(build, inputs, output, causal_lm: bool) -> tuple[str, str]:
+def check_pruning(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]:
+    """Early pruning's probe: the pruned model computes what the masked one does, is smaller, and still trains."""
     from lightning_peft.pruning import PruningMasks, find_lora_layers, find_sites
     from lightning_peft.pruning.plan import PruningPlan, apply_pruning_plan
     from lightning_peft.pruning.verify import SiteVerifier
@@ -322,7 +350,8 @@ def _check_pruning(build, inputs, output, causal_lm: bool) -> tuple[str, str]:
     return "ok", detail
 
 
-def _check_quantization(build, inputs, output) -> tuple[str, str]:
+def check_quantization(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]:
+    """8-bit activations' probe: fewer bytes saved for backward, the gradient's cosine to the exact one >= 0.99."""
     from lightning_peft.quantization import ActivationQuantizer
 
     def grads_of(quantize: bool) -> tuple[dict[str, Tensor], Any]:
@@ -371,12 +400,33 @@ def _check_quantization(build, inputs, output) -> tuple[str, str]:
     )
 
 
+def check_trainable_set(method: Method, build, inputs, output) -> tuple[str, str]:
+    """The probe of a registered method without one of its own: one step with its callback.
+
+    Every parameter that gets a gradient must be one that ``method.preview(model)`` names, and some must.
+    """
+    net = build()
+    expected = {f"net.{n}" for n in method.preview(net)}
+    module = _Probe(net, inputs, output)
+    grads = _Gradients()
+    callback = method.build_callback()
+    _fit(module, [callback, grads], steps=1)
+    trained = grads.steps[0]
+    stray = sorted(trained - expected)
+    if stray:
+        return "fail", f"parameters {method.label} does not preview got gradients: {[_strip(n) for n in stray[:3]]}"
+    if not trained:
+        return "fail", "no parameter got a gradient"
+    total = sum(1 for _ in module.parameters())
+    return "ok", f"{len(trained)} of {total} parameter tensors trained, as previewed"
+
+
 def check_support(
     build: Callable[[], nn.Module],
     inputs: Mapping[str, Tensor],
     output: Callable[[Any], Tensor] = lambda out: out,
     causal_lm: bool = False,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] | None = None,
 ) -> list[CellResult]:
     """Run each method on fresh models from ``build`` and check what it promises (see the module docstring).
 
@@ -385,7 +435,8 @@ def check_support(
         inputs: keyword inputs of the model's forward.
         output: picks the tensor to build a loss from (``lambda out: out.logits``).
         causal_lm: the model generates (``generate``): checked after pruning.
-        methods: which of :data:`METHODS` to check.
+        methods: the names of the registered methods to check (default: every one with something to check,
+            :func:`supported_methods`).
 
     Returns:
         One :class:`CellResult` per method.
@@ -394,25 +445,23 @@ def check_support(
 
         >>> import timm, torch
         >>> build = lambda: timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=4, img_size=32)
-        >>> results = check_support(build, {"x": torch.randn(2, 3, 32, 32)}, methods=("LISA",))
+        >>> results = check_support(build, {"x": torch.randn(2, 3, 32, 32)}, methods=("lisa",))
         >>> results[0].status, results[0].detail
         ('ok', '2 blocks in 1 stack(s) (timm group_matcher)')
     """
-    unknown = [m for m in methods if m not in METHODS]
+    known = supported_methods()
+    methods = known if methods is None else tuple(methods)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"`methods` must be among {list(METHODS)}, got {unknown}. HINT: leave it out for all.")
-    checks = {
-        "LISA": lambda: _check_lisa(build, inputs, output),
-        "HalfFineTuning": lambda: _check_hft(build, inputs, output),
-        "IST": lambda: _check_ist(build, inputs, output),
-        "EarlyPruning": lambda: _check_pruning(build, inputs, output, causal_lm),
-        "ActivationQuantization": lambda: _check_quantization(build, inputs, output),
-    }
+        raise ValueError(
+            f"`methods` must be among {list(known)}, got {unknown}. HINT: leave it out for all, or register the"
+            " method (with a callback or a probe) in lightning_peft.methods."
+        )
     results = []
     for method in methods:
         start = time.perf_counter()
         try:
-            status, detail = checks[method]()
+            status, detail = get_method(method).check(build, inputs, output, causal_lm)
         except ValueError as error:
             message = str(error).strip().splitlines()[0]
             status, detail = ("refused" if "HINT" in message else "fail"), message

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft.callbacks import LISA, ActivationQuantization, MemoryBreakdown
 from lightning_peft.estimate import MemoryEstimate, MemoryReport, estimate_memory, parse_bytes
+from lightning_peft.methods import get_method
 
 
 class TinyViT(pl.LightningModule):
@@ -71,7 +72,7 @@ def report():
         _batch(),
         methods=["full", "lisa"],
         variants=["", "int8_act", "int8_act+adamw8bit", "checkpointing", "int8_act+checkpointing"],
-        activation_min_numel=512,
+        activations=get_method("activation_quantization").configure(min_numel=512),
         min_8bit_size=256,
     )
 

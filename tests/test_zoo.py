@@ -7,26 +7,26 @@ silent error. ``benchmarks/support_matrix.py`` writes the same cells into the RE
 import pytest
 from zoo_models import ZOO
 
-from lightning_peft.support import METHODS, check_support
+from lightning_peft.support import check_support, supported_methods
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
 # What must hold on the architectures named in the issue this matrix answers (not just "no crash").
 EXPECTED = {
-    ("timm_resnet", "LISA"): "ok",
-    ("hf_t5", "LISA"): "ok",
-    ("hf_bart", "LISA"): "ok",
-    ("hf_albert", "LISA"): "refused",
-    ("hf_albert", "IST"): "refused",
-    ("hf_albert", "HalfFineTuning"): "ok",
-    **{(name, "EarlyPruning"): "ok" for name in ("timm_swin", "hf_swin", "hf_gpt2", "hf_whisper")},
-    ("hf_t5", "EarlyPruning"): "partial",  # MLPs of both stacks pruned; heads share the first layer's position bias
+    ("timm_resnet", "lisa"): "ok",
+    ("hf_t5", "lisa"): "ok",
+    ("hf_bart", "lisa"): "ok",
+    ("hf_albert", "lisa"): "refused",
+    ("hf_albert", "ist"): "refused",
+    ("hf_albert", "hft"): "ok",
+    **{(name, "early_pruning"): "ok" for name in ("timm_swin", "hf_swin", "hf_gpt2", "hf_whisper")},
+    ("hf_t5", "early_pruning"): "partial",  # MLPs of both stacks pruned; heads share the first layer's position bias
     # heads left whole with the reason (their forward reshapes to the input width), MLP neurons and LoRA pruned
-    ("timm_beit", "EarlyPruning"): "partial",
-    ("timm_eva02", "EarlyPruning"): "partial",
-    ("hf_bart", "EarlyPruning"): "ok",
-    ("hf_phi3", "EarlyPruning"): "ok",
-    ("torch_user", "EarlyPruning"): "ok",  # a user's block with its layout declared once
+    ("timm_beit", "early_pruning"): "partial",
+    ("timm_eva02", "early_pruning"): "partial",
+    ("hf_bart", "early_pruning"): "ok",
+    ("hf_phi3", "early_pruning"): "ok",
+    ("torch_user", "early_pruning"): "ok",  # a user's block with its layout declared once
 }
 
 
@@ -42,7 +42,7 @@ def test_zoo_is_large_enough():
 def test_every_method_is_ok_or_refuses_clearly(name):
     entry = ZOO[name]
     results = check_support(entry.build, entry.inputs(2), entry.output, entry.causal_lm)
-    assert [r.method for r in results] == list(METHODS)
+    assert [r.method for r in results] == list(supported_methods())
     failures = [f"{r.method}: {r.detail}" for r in results if r.status == "fail"]
     assert not failures, failures
     for result in results:

@@ -60,6 +60,11 @@ class HalfFineTuningPlan:
     masks: Mapping[str, Tensor]
     channels: bool
 
+    @property
+    def trainable(self) -> frozenset[str]:
+        """Every parameter that trains, in whole or in part: those outside the blocks and the selected ones."""
+        return frozenset(self.outside) | frozenset(self.selected)
+
 
 class HalfFineTuning(TrainableSetCallback):
     """Half Fine-Tuning (HFT): in every block, train half of each parameter category and freeze the rest.

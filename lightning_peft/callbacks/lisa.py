@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Set
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
 from lightning_peft._plotting import new_figure, save_figure
@@ -16,7 +18,22 @@ from lightning_peft._validation import check_bool, check_int, check_seed
 from lightning_peft.layers import LayerStack, find_layers
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
-__all__ = ["LISA"]
+__all__ = ["LISA", "LISAPlan"]
+
+
+@dataclass(frozen=True)
+class LISAPlan:
+    """What a sampling of :class:`LISA` trains, for the tools that inspect it (estimate, support, the registry).
+
+    Attributes:
+        sampled: indices of the sampled blocks, in depth order.
+        n_blocks: the number of blocks of the model.
+        trainable: every parameter that trains: those outside the blocks and those of the sampled blocks.
+    """
+
+    sampled: tuple[int, ...]
+    n_blocks: int
+    trainable: frozenset[str]
 
 
 class LISA(TrainableSetCallback):
@@ -136,15 +153,23 @@ class LISA(TrainableSetCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.stack = find_layers(pl_module, self.layers)
-        self.stack.refuse_shared(
+        self.stack = self._checked_stack(pl_module)
+        if self._generator is None:  # not restored from a checkpoint
+            self._generator = torch.Generator().manual_seed(agree_seed(trainer, self.seed))
+        self._allowed = None
+        super().setup(trainer, pl_module, stage)
+
+    def _checked_stack(self, module: nn.Module) -> LayerStack:
+        """The blocks of ``module``, checked against ``n_layers``, ``layer_weights`` and shared blocks."""
+        stack = find_layers(module, self.layers)
+        stack.refuse_shared(
             "LISA",
             "sampling among shared blocks trains all of them or none; use HalfFineTuning (it halves the shared"
             " block while embeddings and head train), LoRA, or full fine-tuning.",
         )
-        n_blocks = len(self.stack)
+        n_blocks = len(stack)
         if self.per_stack:
-            smallest = min(self.stack.stacks, key=len)
+            smallest = min(stack.stacks, key=len)
             if self.n_layers > len(smallest):
                 raise ValueError(
                     f"`n_layers` must be between 1 and {len(smallest)} with `per_stack=True` (stack"
@@ -154,22 +179,53 @@ class LISA(TrainableSetCallback):
         elif self.n_layers > n_blocks:
             raise ValueError(
                 f"`n_layers` must be between 1 and {n_blocks} (the model has {n_blocks} blocks at"
-                f" {self.stack.path!r}), got {self.n_layers}. HINT: lower `n_layers`, or pass `layers=` if other"
+                f" {stack.path!r}), got {self.n_layers}. HINT: lower `n_layers`, or pass `layers=` if other"
                 " containers hold the blocks."
             )
         if self.layer_weights is not None and len(self.layer_weights) != n_blocks:
             raise ValueError(
-                f"`layer_weights` must have one weight per block ({n_blocks} at {self.stack.path!r}), got"
+                f"`layer_weights` must have one weight per block ({n_blocks} at {stack.path!r}), got"
                 f" {len(self.layer_weights)}. HINT: list {n_blocks} weights in depth order."
             )
         if self.n_layers == n_blocks and not self.per_stack:
             rank_zero_warn(
                 f"LISA samples all {n_blocks} blocks (`n_layers={self.n_layers}`): this is full fine-tuning."
             )
-        if self._generator is None:  # not restored from a checkpoint
-            self._generator = torch.Generator().manual_seed(agree_seed(trainer, self.seed))
-        self._allowed = None
-        super().setup(trainer, pl_module, stage)
+        return stack
+
+    def preview(self, module: nn.Module) -> LISAPlan:
+        """The first sampling a ``fit`` of ``module`` would make with these arguments, without a Trainer.
+
+        ``seed`` seeds it (0 when ``seed`` is None); this callback's own state is left untouched, so it can still be
+        used for training. The memory estimate and the methods registry use it.
+
+        Raises:
+            ValueError: as :meth:`setup` does, for a model the arguments do not fit.
+
+        Example::
+
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(4, 4), nn.ModuleList(nn.Linear(4, 4) for _ in range(4)))
+            >>> LISA(n_layers=1, seed=0, layers="1").preview(net).sampled
+            (0,)
+        """
+        probe = LISA(
+            n_layers=self.n_layers,
+            interval=self.interval,
+            layers=self.layers,
+            layer_weights=self.layer_weights,
+            seed=self.seed,
+            plot=False,
+            per_stack=self.per_stack,
+        )
+        probe.stack = probe._checked_stack(module)
+        probe._generator = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
+        probe._sample(0)
+        assert probe.sampled is not None
+        sampled = set(probe.sampled)
+        frozen = {n for i in range(len(probe.stack)) if i not in sampled for n in probe.stack.block_parameter_names(i)}
+        trainable = frozenset(n for n, _ in module.named_parameters() if n not in frozen)
+        return LISAPlan(tuple(probe.sampled), len(probe.stack), trainable)
 
     @override
     def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:
