@@ -115,7 +115,7 @@ def run_one(
         "trainable_params_per_step": probe.results["trainable_params"],
         "lora_params": lora_params,
         "total_params": probe.results["total_params"],
-        "layers": 6 if ist is None else ist.n_layers,
+        "layers": 6 if ist is None else ist.n_blocks,
         "layers_trained_per_step": 6 if ist is None else ist.n_trained,
         "ist_final_scores": None if ist is None else [round(s, 4) for s in ist.scores.tolist()],
     }
