@@ -60,10 +60,11 @@ class OptimizerInBackward(pl.Callback):
     ``gradient_clip_algorithm="value"`` (applied per parameter before its step).
 
     Refused when training starts, because it cannot be correct there: clipping by global norm (needs every
-    gradient before any step), ``LBFGS`` and other optimizers that re-evaluate a closure, manual optimization,
-    a gradient scaler (``precision="16-mixed"`` on GPU), :class:`~lightning_peft.callbacks.EarlyPruning` (it edits
-    the gradients before the step) and every multi-device strategy (DDP averages gradients after the hooks have
-    run; FSDP and DeepSpeed manage gradients themselves). A LightningModule or callback that reads gradients in
+    gradient before any step), ``LBFGS`` (re-evaluates the closure), bitsandbytes' per-parameter config overrides
+    (looked up by position in the groups), manual optimization, a gradient scaler (``precision="16-mixed"`` on
+    GPU), :class:`~lightning_peft.callbacks.EarlyPruning` (it edits the gradients before the step) and every
+    multi-device strategy (DDP averages gradients after the hooks have run; FSDP and DeepSpeed manage gradients
+    themselves). A LightningModule or callback that reads gradients in
     ``on_after_backward`` / ``on_before_optimizer_step`` gets a warning: there are none left at that point.
 
     Attributes:
@@ -266,6 +267,16 @@ def _the_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
             f"OptimizerInBackward cannot step `{type(optimizer).__name__}` per parameter: it re-evaluates the closure"
             " and searches along the direction of all gradients together. HINT: use a per-parameter optimizer such"
             " as `torch.optim.AdamW`, or train without OptimizerInBackward."
+        )
+    manager = getattr(optimizer, "mng", None)  # bitsandbytes' GlobalOptimManager
+    if manager is not None and any(
+        getattr(manager, name, None) for name in ("pid2config", "index2config", "module_weight_config_triple")
+    ):
+        raise ValueError(
+            f"OptimizerInBackward cannot step `{type(optimizer).__name__}` per parameter with bitsandbytes'"
+            " per-parameter overrides (`GlobalOptimManager.override_config` / `register_module_override`): they are"
+            " looked up by the parameter's position in the optimizer's groups, which a one-parameter view changes."
+            " HINT: give the overridden parameters their own param group with those hyperparameters instead."
         )
     return optimizer
 

@@ -1,11 +1,15 @@
+import csv
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import ConvStack, TinyBlockModel, snapshot, trainer_kwargs
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -176,21 +180,30 @@ def test_channel_halves_keep_frozen_rows_exactly(tmp_path):
         torch.testing.assert_close(final[name], param, msg=name)
 
 
-def test_the_lr_scheduler_drives_every_per_parameter_step(tmp_path):
+def test_the_lr_scheduler_drives_every_per_parameter_step_and_loss_and_lr_are_logged(tmp_path):
     def run(path, in_backward):
         torch.manual_seed(0)
         module = TinyBlockModel(scheduler=True)  # StepLR halving the learning rate every step
-        callbacks = [OptimizerInBackward()] if in_backward else []
-        trainer = pl.Trainer(callbacks=callbacks, max_steps=5, **trainer_kwargs(path))
+        callbacks = [LearningRateMonitor(logging_interval="step")]
+        callbacks += [OptimizerInBackward()] if in_backward else []
+        logger = CSVLogger(path, name="run")
+        trainer = pl.Trainer(
+            callbacks=callbacks, max_steps=5, log_every_n_steps=1, **trainer_kwargs(path, logger=logger)
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(module)
-        return module, trainer, [str(w.message) for w in caught]
+        with open(Path(logger.log_dir) / "metrics.csv") as f:
+            rows = [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+        return module, trainer, [str(w.message) for w in caught], rows
 
-    reference, _, _ = run(tmp_path / "a", False)
-    module, trainer, caught = run(tmp_path / "b", True)
+    reference, _, _, reference_rows = run(tmp_path / "a", False)
+    module, trainer, caught, rows = run(tmp_path / "b", True)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**5)
     assert not [m for m in caught if "lr_scheduler" in m and "optimizer.step()" in m], caught
+    assert rows == reference_rows
+    assert [float(r["lr-AdamW"]) for r in rows if "lr-AdamW" in r] == pytest.approx([0.05 * 0.5**i for i in range(5)])
+    assert len([r for r in rows if "train_loss" in r]) == 5
     final = dict(module.named_parameters())
     for name, param in reference.named_parameters():
         torch.testing.assert_close(final[name], param, msg=name)
@@ -262,6 +275,15 @@ class LBFGSModel(TinyBlockModel):
         return torch.optim.LBFGS(self.parameters())
 
 
+class OverriddenAdamW8bit(TinyBlockModel):
+    def configure_optimizers(self):
+        import bitsandbytes as bnb
+
+        manager = bnb.optim.GlobalOptimManager.get_instance()
+        manager.override_config(self.head.weight, "optim_bits", 32)
+        return bnb.optim.AdamW8bit(self.parameters(), lr=0.05, min_8bit_size=16)
+
+
 class ClippingModel(TinyBlockModel):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         nn.utils.clip_grad_norm_(self.parameters(), 1.0)
@@ -274,6 +296,7 @@ class ClippingModel(TinyBlockModel):
         (LBFGSModel, {}, (), r"cannot step `LBFGS` per parameter.*HINT: use a per-parameter optimizer"),
         (ManualModel, {}, (), r"needs automatic optimization.*`automatic_optimization=False`.*HINT"),
         (ClippingModel, {}, (), r"overrides `configure_gradient_clipping`.*HINT"),
+        (OverriddenAdamW8bit, {}, (), r"cannot step `AdamW8bit` per parameter with bitsandbytes' per-parameter"),
         (TinyBlockModel, {}, (EarlyPruning,), r"cannot run with EarlyPruning.*HINT"),
         (
             TinyBlockModel,
@@ -288,17 +311,44 @@ def test_what_cannot_be_correct_is_refused_when_training_starts(model, trainer_a
     trainer = pl.Trainer(
         callbacks=[OptimizerInBackward(), *extra], max_steps=1, **trainer_kwargs(tmp_path, **trainer_args)
     )
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(model())
+    try:
+        with pytest.raises(ValueError, match=match):
+            trainer.fit(model())
+    finally:
+        import bitsandbytes as bnb
+
+        manager = bnb.optim.GlobalOptimManager.get_instance()  # a process-wide singleton: leave it empty
+        manager.pid2config.clear()
+        manager.index2config.clear()
 
 
-@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp"])
-def test_multi_device_strategies_are_refused(strategy, tmp_path):
-    trainer = pl.Trainer(callbacks=[OptimizerInBackward()], **trainer_kwargs(tmp_path, strategy=strategy, devices=2))
-    with pytest.raises(
-        ValueError, match=r"runs on one device; got `strategy=DDPStrategy`.*averaged.*HINT: train on one"
-    ):
+@pytest.mark.parametrize(
+    ("strategy", "name"),
+    [
+        ("ddp_spawn", "DDPStrategy"),
+        ("ddp", "DDPStrategy"),
+        (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "ModelParallelStrategy"),
+    ],
+)
+def test_multi_device_strategies_are_refused(strategy, name, tmp_path):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, strategy=strategy, devices=2))
+    with pytest.raises(ValueError, match=rf"runs on one device; got `strategy={name}`.*averaged.*HINT: train on one"):
         OptimizerInBackward().setup(trainer, TinyBlockModel(), "fit")
+
+
+def test_the_same_callback_serves_consecutive_fits(tmp_path):
+    torch.manual_seed(0)
+    reference = TinyBlockModel()
+    module = TinyBlockModel()
+    module.load_state_dict(reference.state_dict())
+    callback = OptimizerInBackward()
+    for run in range(2):
+        pl.Trainer(max_steps=3, **trainer_kwargs(tmp_path / f"a{run}")).fit(reference)
+        pl.Trainer(callbacks=[callback], max_steps=3, **trainer_kwargs(tmp_path / f"b{run}")).fit(module)
+        assert callback.last_step.in_backward == len(list(module.parameters()))
+    final = dict(module.named_parameters())
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(final[name], param, msg=name)
 
 
 def test_code_that_reads_gradients_after_backward_is_warned(tmp_path):
