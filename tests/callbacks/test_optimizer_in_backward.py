@@ -30,10 +30,11 @@ class Counts(Callback):
     """Records, after every optimizer step, how OptimizerInBackward stepped the parameters."""
 
     def __init__(self, in_backward: OptimizerInBackward) -> None:
-        self.in_backward, self.counts = in_backward, []
+        self.in_backward, self.counts, self.sets = in_backward, [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.counts.append(self.in_backward.last_step)
+        self.sets.append(frozenset(n for n, p in pl_module.named_parameters() if p.requires_grad))
         self.trainer = trainer
 
 
@@ -116,7 +117,17 @@ def test_weights_after_n_steps_equal_a_normal_run(optimizer, methods, accumulate
 def test_ist_sets_change_and_weights_equal_a_normal_run(tmp_path):
     reference, _ = _train(tmp_path / "a", False, ("ist",), model=AdapterModel)
     module, counts = _train(tmp_path / "b", True, ("ist",), model=AdapterModel)
-    assert len({c.in_backward for c in counts.counts}) >= 1 and all(c.in_backward > 0 for c in counts.counts)
+    assert len(set(counts.sets)) > 1  # IST drew other layers
+    assert all(c.in_backward > 0 and c.after_backward == 0 for c in counts.counts)
+    final = dict(module.named_parameters())
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(final[name], param, msg=name)
+
+
+def test_bf16_mixed_precision_gives_the_weights_of_a_normal_run(tmp_path):
+    reference, _ = _train(tmp_path / "a", False, ("lisa",), precision="bf16-mixed")
+    module, counts = _train(tmp_path / "b", True, ("lisa",), precision="bf16-mixed")
+    assert all(c.in_backward > 0 and c.after_backward == 0 for c in counts.counts)
     final = dict(module.named_parameters())
     for name, param in reference.named_parameters():
         torch.testing.assert_close(final[name], param, msg=name)
