@@ -386,3 +386,21 @@ def test_a_gradient_completed_twice_in_one_backward_is_refused(tmp_path):
     trainer = pl.Trainer(callbacks=[OptimizerInBackward()], max_steps=1, **trainer_kwargs(tmp_path))
     with pytest.raises(RuntimeError, match=r"gradient of 'blocks.0.*completed twice.*HINT: use.*use_reentrant=False"):
         trainer.fit(SharedInSegments())
+
+
+def test_the_order_of_the_callbacks_does_not_matter(tmp_path):
+    def run(path, reverse):
+        torch.manual_seed(0)
+        module = ConvStack()  # blocks of one convolution each: Half Fine-Tuning's channel halves
+        callbacks = [
+            OptimizerInBackward(),
+            LISA(n_layers=2, interval=2, seed=1, plot=False),
+            HalfFineTuning(reselect_every_n_epochs=1, seed=2),
+            ActivationQuantization(min_numel=64),
+        ]
+        trainer = pl.Trainer(callbacks=callbacks[::-1] if reverse else callbacks, max_epochs=2, **trainer_kwargs(path))
+        trainer.fit(module)
+        return snapshot(module)
+
+    first, second = run(tmp_path / "a", False), run(tmp_path / "b", True)
+    assert all(torch.equal(first[name], second[name]) for name in first)
