@@ -31,7 +31,9 @@ does the rest itself, at the same boundaries and after the sets:
   combined mask with no row left freezes the parameter whole, one with every row is no restriction;
 * every row-masked parameter gets one gradient hook that zeroes the gradient of its frozen rows, and every optimizer
   one step post-hook that writes the frozen rows back to the values held when the mask began applying, so weight
-  decay and momentum cannot move them (only the frozen rows are held, on the parameter's device). The values are
+  decay and momentum cannot move them (only the frozen rows are held, on the parameter's device; a step over a view
+  of the optimizer's groups, as OptimizerInBackward's per-parameter steps, writes back the parameters of that view
+  only). The values are
   held again when a method returns a new mask mapping (it may have written into the parameters, as Half
   Fine-Tuning's reset does), when the parameter trains again after being frozen whole, and after :meth:`refresh`;
 * a row-masked parameter keeps its optimizer state (its trained rows need it; the state of the frozen rows is
@@ -469,8 +471,13 @@ class TrainableSetController(Callback):
 
     @torch.no_grad()
     def _write_back_frozen_rows(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # only the parameters this step could change: a step over part of the optimizer's groups (OptimizerInBackward
+        # steps one parameter at a time, inside the backward pass) must not write into the others, which the rest of
+        # the backward pass may still read
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for restriction in self._rows.values():
-            restriction.param.index_copy_(0, restriction.frozen, restriction.held)
+            if id(restriction.param) in stepped:
+                restriction.param.index_copy_(0, restriction.frozen, restriction.held)
 
     def _remove_row_hooks(self) -> None:
         for restriction in self._rows.values():

@@ -7,6 +7,7 @@ from helpers import TinyBlockModel, changed, snapshot, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
+from lightning_peft._compat import tensor_version
 from lightning_peft.trainable import TrainableSetCallback, TrainableSetController
 
 
@@ -320,6 +321,42 @@ def test_frozen_rows_never_move_under_weight_decay_and_momentum_and_trained_rows
     assert torch.equal(final[FC1[0]][always_frozen], start[FC1[0]][always_frozen])
     assert trainer.optimizers[0].state[final[FC1[0]]]  # a row-masked parameter keeps its optimizer state
     assert _same(steps.masks[0], first) and _same(steps.masks[3], second)
+
+
+def test_a_step_over_a_view_of_the_groups_writes_back_only_the_parameters_in_the_view(tmp_path):
+    """A per-parameter step (OptimizerInBackward's, inside backward) must not write into the other parameters."""
+
+    class StepWeightAlone(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            weight, bias = (dict(pl_module.named_parameters())[n] for n in FC1)
+            with torch.no_grad():  # the frozen rows drift (as weight decay would move them)
+                weight[~mask] += 1.0
+                bias[~mask] += 1.0
+            self.bias_version = tensor_version(bias)
+            group, params, groups = (
+                optimizer.param_groups[0],
+                optimizer.param_groups[0]["params"],
+                optimizer.param_groups,
+            )
+            group["params"], optimizer.param_groups = [weight], [group]
+            try:
+                type(optimizer).step(optimizer)
+            finally:
+                group["params"], optimizer.param_groups = params, groups
+            self.weight_rows_back = torch.equal(weight[~mask], start[FC1[0]][~mask])
+            self.bias_untouched = tensor_version(bias) == self.bias_version and bool(
+                (bias[~mask] != start[FC1[1]][~mask]).all()
+            )
+            with torch.no_grad():
+                bias[~mask] -= 1.0
+
+    mask = _rows(16, range(0, 16, 2))
+    model = TinyBlockModel()
+    start = snapshot(model)
+    probe = StepWeightAlone()
+    _fit(tmp_path, [Rows([{n: mask for n in FC1}]), probe], model=model, max_steps=1)
+    assert probe.weight_rows_back  # the parameter of the view: frozen rows written back
+    assert probe.bias_untouched  # the other one: not written (its version unchanged)
 
 
 def test_row_masks_combine_by_and_and_a_set_freezes_whole_with_state_released(tmp_path):

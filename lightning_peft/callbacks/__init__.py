@@ -6,5 +6,14 @@ from lightning_peft.callbacks.half_finetuning import HalfFineTuning
 from lightning_peft.callbacks.ist import IST
 from lightning_peft.callbacks.lisa import LISA
 from lightning_peft.callbacks.memory_breakdown import MemoryBreakdown
+from lightning_peft.callbacks.optimizer_in_backward import OptimizerInBackward
 
-__all__ = ["ActivationQuantization", "EarlyPruning", "HalfFineTuning", "IST", "LISA", "MemoryBreakdown"]
+__all__ = [
+    "ActivationQuantization",
+    "EarlyPruning",
+    "HalfFineTuning",
+    "IST",
+    "LISA",
+    "MemoryBreakdown",
+    "OptimizerInBackward",
+]
