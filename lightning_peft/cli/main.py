@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,9 +27,10 @@ from lightning_peft.cli.errors import (
     debug_requested,
     explain_parse_error,
     our_message,
+    suggest,
 )
 
-__all__ = ["PeftCLI", "RunConfigSaver", "cli_main"]
+__all__ = ["COMMANDS", "PeftCLI", "RunConfigSaver", "cli_main"]
 
 # First line of every config file the CLI writes: a file without it was not written by us and is never replaced.
 _WRITTEN_BY_US = "# lightning-peft: the resolved config of this run, written by the CLI (any later edit is replaced)"
@@ -118,9 +120,25 @@ class PeftCLI(LightningCLI):
         >>> cli_main(["fit", "--help"])  # doctest: +SKIP
     """
 
+    #: Options of a command built on this CLI that its parser does not know (for "did you mean" suggestions).
+    extra_option_names: tuple[str, ...] = ()
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         super().__init__(*args, **kwargs)
+
+    @override
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `export` and `estimate` run before this parser is built (see `cli_main`); listed here for `--help`.
+        from jsonargparse import ArgumentParser
+
+        action = getattr(parser, "_subcommands_action", None)
+        if action is None:
+            return
+        for name in ("export", "estimate"):
+            if name not in action.choices:
+                action.add_subcommand(name, ArgumentParser(description=COMMANDS[name]), help=COMMANDS[name])
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         """Parse as LightningCLI does, after checking the YAML files, and explain a failed parse in one message.
@@ -140,7 +158,8 @@ class PeftCLI(LightningCLI):
                 super().parse_arguments(parser, args)
         except SystemExit as exit_:
             text = report.getvalue()
-            explained = explain_parse_error(text, _option_names(parser)) if exit_.code else None
+            names = [*_option_names(parser), *self.extra_option_names]
+            explained = explain_parse_error(text, names) if exit_.code else None
             sys.stderr.write(f"error: {explained}\n" if explained else text)
             raise
         sys.stderr.write(report.getvalue())
@@ -154,36 +173,65 @@ class PeftCLI(LightningCLI):
                 print(f"Final validation metrics after {self.trainer.global_step} steps: {shown}", flush=True)
 
 
+#: The commands of ``lightning-peft``: LightningCLI's four and this package's two, with their one-line help.
+COMMANDS: dict[str, str] = {
+    "fit": "Train (and validate) the model of a config.",
+    "validate": "One evaluation epoch over the validation set.",
+    "test": "One evaluation epoch over the test set.",
+    "predict": "Run inference on the data.",
+    "export": "Write a checkpoint's model as a transformers / timm folder (see `lightning-peft export --help`).",
+    "estimate": "Training memory per method of a config, without weights or a step (`lightning-peft estimate --help`).",
+}
+
+
 def cli_main(args: ArgsType = None) -> None:
     """Run the command line (``lightning-peft``); ``args`` replaces ``sys.argv[1:]`` when given.
 
     ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (:class:`PeftCLI`); ``export`` writes a
-    checkpoint's model as a transformers / timm folder (:func:`lightning_peft.cli.export.export_main`).
+    checkpoint's model as a transformers / timm folder (:func:`lightning_peft.cli.export.export_main`);
+    ``estimate`` prints the memory estimate of a config, read as ``fit`` reads it
+    (:func:`lightning_peft.cli.estimate.estimate_main`). A misspelled command gets a suggestion.
     Returns nothing, so the console script exits with status 0 (use :class:`PeftCLI` to keep the objects). Errors
     of the user's making (our messages with a ``HINT:``, YAML syntax errors, unknown names) are printed as one
     message and exit with status 1 or 2; ``--debug`` or ``LIGHTNING_PEFT_DEBUG=1`` shows the full traceback.
-    ``estimate --config FILE [--memory 24GiB]`` prints the memory estimate of :mod:`lightning_peft.estimate`.
 
     Example::
 
         >>> cli_main(["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "export":
+    command = argv[0] if argv else None
+    if command is not None and not command.startswith("-") and command not in COMMANDS:
+        suggestion = suggest(command, COMMANDS)
+        sys.stderr.write(
+            f"error: Unknown command `{command}`{'; ' + suggestion if suggestion else '.'} HINT: the commands are"
+            f" {', '.join(COMMANDS)}; `lightning-peft --help` describes them.\n"
+        )
+        sys.exit(2)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
+    if command == "export":
         from lightning_peft.cli.export import export_main
 
         export_main(argv[1:])
         return
-    if argv and argv[0] == "estimate":  # memory estimate from a config: no Trainer run
-        from lightning_peft.estimate import main as estimate_main
+    if command == "estimate":  # memory estimate from a config: no Trainer run
+        from lightning_peft.cli.estimate import estimate_main
 
-        estimate_main(argv[1:])
+        _run_reporting_errors(lambda: estimate_main(argv[1:]), debug)
         return
-    if debug_requested(argv):
-        PeftCLI(args=[arg for arg in argv if arg != "--debug"])
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both): only `--debug` is dropped
+        sys.argv[1:] = argv
+    _run_reporting_errors(lambda: PeftCLI(args=None if args is None else argv), debug)
+
+
+def _run_reporting_errors(run: Callable[[], object], debug: bool) -> None:
+    """Run a command; a mistake of the user's is printed as one message (exit 2 or 1), unless ``debug``."""
+    if debug:
+        run()
         return
     try:
-        PeftCLI(args=None if args is None else argv)
+        run()
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
