@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import lightning_peft.callbacks
 import lightning_peft.data
 import lightning_peft.modules
 import lightning_peft.plugins  # noqa: F401
+from lightning_peft.cli.config_callbacks import combine_config_callbacks
 from lightning_peft.cli.errors import (
     TRACEBACK_HINT,
     UserError,
@@ -152,9 +154,17 @@ class PeftCLI(LightningCLI):
                 check_config_file(argv[index + 1])
             elif arg.startswith("--config="):
                 check_config_file(arg.split("=", 1)[1])
+        combined, notices = combine_config_callbacks(argv)
+        for notice in notices:
+            rank_zero_info(notice)
+        from_command_line = args is None
+        if combined != argv:
+            args = combined
         report = io.StringIO()
         try:
-            with contextlib.redirect_stderr(report):
+            with contextlib.redirect_stderr(report), warnings.catch_warnings():
+                if from_command_line:  # the command line's own arguments, with the configs' callbacks combined
+                    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
                 super().parse_arguments(parser, args)
         except SystemExit as exit_:
             text = report.getvalue()
