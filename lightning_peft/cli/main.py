@@ -174,6 +174,30 @@ class PeftCLI(LightningCLI):
             raise
         sys.stderr.write(report.getvalue())
 
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a checkpoint whose model arguments differ from the config's, naming them.
+
+        LightningCLI would replace the config's model arguments by the checkpoint's hyper-parameters without a word.
+
+        Raises:
+            UserError: If ``--ckpt_path`` holds hyper-parameters that differ from the config's model arguments.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            differences = _model_differences(ckpt_path, self.config[subcommand].get("model"))
+            if differences:
+                raise UserError(
+                    f"`--ckpt_path` {ckpt_path} was written with other model arguments than the config's:"
+                    f" {'; '.join(differences)}. Resuming would replace the config's values by the checkpoint's"
+                    " (and the weights may not fit the model the config describes). HINT: resume with the config of"
+                    " the run that wrote the checkpoint (its `config.yaml` is in that run's log folder, or next to"
+                    " its checkpoints without a logger), or leave out `--ckpt_path` to start a new run with this"
+                    " config."
+                )
+        super()._parse_ckpt_path()
+
     def after_fit(self) -> None:
         """Print the final validation metrics of the run."""
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val")}
@@ -251,6 +275,38 @@ def _run_reporting_errors(run: Callable[[], object], debug: bool) -> None:
             raise
         sys.stderr.write(f"error: {message}\n{TRACEBACK_HINT}\n")
         sys.exit(1)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain data (jsonargparse Namespaces as dicts, tuples as lists), for comparison."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _model_differences(ckpt_path: str, model: Any) -> list[str]:
+    """``"name (checkpoint: A; config: B)"`` for each model argument in which the checkpoint and config differ."""
+    import torch
+
+    checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    class_path = hparams.pop("_class_path", None)
+    configured = _plain(model) if model is not None else None
+    if not hparams or not isinstance(configured, dict):
+        return []
+    differences = []
+    if class_path and configured.get("class_path") and class_path != configured["class_path"]:
+        differences.append(f"the class (checkpoint: {class_path}; config: {configured['class_path']})")
+    arguments = configured.get("init_args") or {}
+    for name, value in hparams.items():
+        if name in arguments and _plain(value) != arguments[name]:
+            differences.append(f"`{name}` (checkpoint: {_plain(value)!r}; config: {arguments[name]!r})")
+    return differences
 
 
 def _option_names(parser: Any) -> list[str]:
