@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import warnings
@@ -96,6 +97,27 @@ class RunConfigSaver(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(True)
 
 
+# Lines Lightning prints on every run that ask nothing of the user: an advertisement, and a deprecation inside
+# Lightning itself (its own use of torch's `LeafSpec`).
+_LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+_LIGHTNING_INTERNAL_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+class _WithoutAdvertisement(logging.Filter):
+    """Drop Lightning's cloud-logging tip from its rank-zero log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LITLOGGER_TIP)
+
+
+def _quiet_first_screen() -> None:
+    """Leave out of a CLI run's output the lines that are neither ours nor a normal Lightning notice (once)."""
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(existing, _WithoutAdvertisement) for existing in rank_zero_log.filters):
+        rank_zero_log.addFilter(_WithoutAdvertisement())
+    warnings.filterwarnings("ignore", message=_LIGHTNING_INTERNAL_DEPRECATION)
+
+
 def _written_by_someone_else(path: str) -> bool:
     """Whether ``path`` exists and does not start with the marker line of the files the CLI writes."""
     if not os.path.exists(path):
@@ -127,6 +149,7 @@ class PeftCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
+        _quiet_first_screen()
         super().__init__(*args, **kwargs)
 
     @override

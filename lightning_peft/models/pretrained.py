@@ -245,7 +245,7 @@ def load_pretrained(loader: Any, name_or_path: str, what: str = "model", **kwarg
     path = resolve_pretrained(name_or_path)
     if os.path.isdir(path):
         try:
-            return loader.from_pretrained(path, **kwargs)
+            return _from_pretrained(loader, path, name_or_path, what, **kwargs)
         except OSError as err:
             raise OSError(
                 f"`{what}` {name_or_path!r}: the folder {path!r} could not be loaded: {err}"
@@ -265,7 +265,7 @@ def load_pretrained(loader: Any, name_or_path: str, what: str = "model", **kwarg
         # Cache only; in offline mode, since `local_files_only` alone still lets transformers retry hub requests.
         try:
             with _offline_mode():
-                return loader.from_pretrained(path, local_files_only=True, **kwargs)
+                return _from_pretrained(loader, path, name_or_path, what, local_files_only=True, **kwargs)
         except OSError as cache_miss:
             reason = "HF_HUB_OFFLINE is set" if offline else _unreachable_reason()
             raise OSError(
@@ -274,11 +274,88 @@ def load_pretrained(loader: Any, name_or_path: str, what: str = "model", **kwarg
                 f" cache {constants.HF_HUB_CACHE} (not there). " + _PROVIDE_HINT.format(name=name_or_path)
             ) from cache_miss
     try:
-        return loader.from_pretrained(path, **kwargs)
+        return _from_pretrained(loader, path, name_or_path, what, **kwargs)
     except OSError as err:
         raise OSError(
             f"`{what}` {name_or_path!r} could not be loaded from the hub: {err} " + _PROVIDE_HINT.format(name=path)
         ) from err
+
+
+def _is_model_loader(loader: Any) -> bool:
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    return isinstance(loader, type) and issubclass(loader, (PreTrainedModel, _BaseAutoModelClass))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Without transformers' warnings (its multi-line LOAD REPORT) and progress bars, then restore both."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(loader: Any, path: str, name: str, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` without transformers' report table; what a model load left out is one line."""
+    if not _is_model_loader(loader) or "output_loading_info" in kwargs:
+        with _quiet_transformers():
+            return loader.from_pretrained(path, **kwargs)
+    with _quiet_transformers():
+        model, info = loader.from_pretrained(path, output_loading_info=True, **kwargs)
+    notice = loading_notice(model, info, name, what)
+    if notice:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(notice)
+    return model
+
+
+def _listed(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def loading_notice(model: Any, info: dict, name: str, what: str = "model") -> str | None:
+    """One line on what ``from_pretrained`` did not load from the checkpoint (transformers prints a table).
+
+    Weights outside the base model (``model.base_model_prefix``) that the checkpoint lacks are the new task head
+    that this run trains, said as such; weights of the base model that it lacks, weights it has that the model does
+    not use, and resized weights are named as what they are.
+
+    Example::
+
+        >>> class Model:
+        ...     base_model_prefix = "bert"
+        >>> loading_notice(Model(), {"missing_keys": ["classifier.weight", "classifier.bias"]}, "org/bert")
+        "`model` 'org/bert': new task head classifier.bias, classifier.weight (not in the checkpoint: starts random, trained by this run)."
+    """  # noqa: E501
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    missing = sorted(info.get("missing_keys") or [])
+    head = [key for key in missing if prefix and not key.startswith(f"{prefix}.")]
+    base = [key for key in missing if key not in head]
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = [
+        str(item[0]) if isinstance(item, (tuple, list)) else str(item) for item in info.get("mismatched_keys") or []
+    ]
+    parts = []
+    if head:
+        parts.append(f"new task head {_listed(head)} (not in the checkpoint: starts random, trained by this run)")
+    if base:
+        parts.append(f"{len(base)} weights of the model are not in the checkpoint and start random: {_listed(base)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weights of the checkpoint are not used: {_listed(unexpected)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weights were resized and start random: {_listed(mismatched)}")
+    return f"`{what}` {name!r}: {'; '.join(parts)}." if parts else None
 
 
 @contextlib.contextmanager

