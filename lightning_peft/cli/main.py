@@ -136,7 +136,9 @@ class PeftCLI(LightningCLI):
     Before parsing it checks every ``--config`` file (a YAML syntax error names the file, line and column; a bare
     ``no`` among names is explained), and a failed parse is reported as one message with a suggestion for a
     misspelled class, option or argument instead of jsonargparse's union report (see
-    :mod:`lightning_peft.cli.errors`).
+    :mod:`lightning_peft.cli.errors`). The ``trainer.callbacks`` of several ``--config`` files are added to each
+    other, never merged by position (:mod:`lightning_peft.cli.config_callbacks`); a ``--ckpt_path`` whose model
+    arguments differ from the config's is refused, naming them. Lightning's cloud-logging tip is left out.
 
     Example::
 
@@ -169,7 +171,8 @@ class PeftCLI(LightningCLI):
         """Parse as LightningCLI does, after checking the YAML files, and explain a failed parse in one message.
 
         Raises:
-            UserError: If a config file has a YAML syntax error (naming file and line) or a bare boolean among names.
+            UserError: If a config file has a YAML syntax error (naming file and line) or a bare boolean among names,
+                or ``--ckpt_path`` was written with other model arguments (:meth:`check_checkpoint_matches_config`).
         """
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         for index, arg in enumerate(argv):
@@ -196,30 +199,31 @@ class PeftCLI(LightningCLI):
             sys.stderr.write(f"error: {explained}\n" if explained else text)
             raise
         sys.stderr.write(report.getvalue())
+        self.check_checkpoint_matches_config()
 
-    @override
-    def _parse_ckpt_path(self) -> None:
-        """Refuse a checkpoint whose model arguments differ from the config's, naming them.
+    def check_checkpoint_matches_config(self) -> None:
+        """Refuse a ``--ckpt_path`` whose model arguments differ from the config's, naming them.
 
-        LightningCLI would replace the config's model arguments by the checkpoint's hyper-parameters without a word.
+        LightningCLI replaces the config's model arguments by the checkpoint's hyper-parameters without a word, and
+        the run then fails on missing keys or on a method's hint; this check runs first (after parsing).
 
         Raises:
-            UserError: If ``--ckpt_path`` holds hyper-parameters that differ from the config's model arguments.
+            UserError: If the checkpoint's hyper-parameters differ from the config's model arguments.
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and os.path.isfile(ckpt_path):
-            differences = _model_differences(ckpt_path, self.config[subcommand].get("model"))
-            if differences:
-                raise UserError(
-                    f"`--ckpt_path` {ckpt_path} was written with other model arguments than the config's:"
-                    f" {'; '.join(differences)}. Resuming would replace the config's values by the checkpoint's"
-                    " (and the weights may not fit the model the config describes). HINT: resume with the config of"
-                    " the run that wrote the checkpoint (its `config.yaml` is in that run's log folder, or next to"
-                    " its checkpoints without a logger), or leave out `--ckpt_path` to start a new run with this"
-                    " config."
-                )
-        super()._parse_ckpt_path()
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            return
+        differences = _model_differences(ckpt_path, self.config[subcommand].get("model"))
+        if differences:
+            raise UserError(
+                f"`--ckpt_path` {ckpt_path} was written with other model arguments than the config's:"
+                f" {'; '.join(differences)}. Resuming would replace the config's values by the checkpoint's"
+                " (and the weights may not fit the model the config describes). HINT: resume with the config of"
+                " the run that wrote the checkpoint (its `config.yaml` is in that run's log folder, or next to"
+                " its checkpoints without a logger), or leave out `--ckpt_path` to start a new run with this"
+                " config."
+            )
 
     def after_fit(self) -> None:
         """Print the final validation metrics of the run."""
@@ -315,7 +319,10 @@ def _model_differences(ckpt_path: str, model: Any) -> list[str]:
     """``"name (checkpoint: A; config: B)"`` for each model argument in which the checkpoint and config differ."""
     import torch
 
-    checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    try:
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)  # tensors not read
+    except RuntimeError:  # not torch.save's zip format: read whole
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     class_path = hparams.pop("_class_path", None)
