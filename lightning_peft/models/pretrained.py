@@ -282,10 +282,14 @@ def load_pretrained(loader: Any, name_or_path: str, what: str = "model", **kwarg
 
 
 def _is_model_loader(loader: Any) -> bool:
+    """A model class or an ``AutoModel...`` class (whose ``from_pretrained`` can report what it loaded)."""
     from transformers import PreTrainedModel
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-    return isinstance(loader, type) and issubclass(loader, (PreTrainedModel, _BaseAutoModelClass))
+    if not isinstance(loader, type):
+        return False
+    return issubclass(loader, PreTrainedModel) or (
+        loader.__name__.startswith("AutoModel") and hasattr(loader, "from_config")
+    )
 
 
 @contextlib.contextmanager
