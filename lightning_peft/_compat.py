@@ -413,9 +413,12 @@ def hf_auto_models_from_config() -> Generator[None, None, None]:
     if not owners:
         raise CompatibilityError("`_BaseAutoModelClass.from_pretrained`")
 
-    def from_config(cls: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    def from_config(cls: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        output_loading_info = kwargs.pop("output_loading_info", False)  # as `from_pretrained`: (model, info)
         config, unused = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **kwargs)
-        return cls.from_config(config, **unused)
+        model = cls.from_config(config, **unused)
+        nothing_loaded = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return (model, nothing_loaded) if output_loading_info else model
 
     for cls, _ in owners:
         cls.from_pretrained = classmethod(from_config)

@@ -17,7 +17,7 @@ import copy
 import importlib
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ def export_model(
     model_args: Mapping[str, Any] | None = None,
     verify: bool = True,
     loader_hint: str | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> Path:
     """Write ``source``'s network to the new folder ``output`` as transformers or timm would save it (safetensors).
 
@@ -61,6 +62,9 @@ def export_model(
             module's ``model_kwargs`` hyper-parameter, as :class:`~lightning_peft.modules.ImageClassifier` keeps).
         verify: load the written folder back the plain way and compare every tensor (doubles peak memory briefly).
         loader_hint: how to load the model instead when it is refused (default: ``<Module>.load_from_checkpoint``).
+        label_names: the name of each class, in output order (a labelled DataModule's ``label_names``): the
+            transformers config's ``id2label`` / ``label2id``, the timm config's ``label_names``. None keeps the
+            format's default (``LABEL_0``, ...).
 
     Returns:
         The output folder.
@@ -100,12 +104,16 @@ def export_model(
         )
     _refuse_package_adapters(network, hint)
     network = copy.deepcopy(network).cpu().eval()
+    names = _checked_label_names(label_names, network)
     if _is_peft(network):
         if not merge_lora:
             return _export_peft_adapter(network, output, hint, verify)
         network = network.merge_and_unload()
     if _is_transformers(network):
         _make_config_true(network)
+        if names is not None:
+            network.config.id2label = dict(enumerate(names))
+            network.config.label2id = {name: index for index, name in enumerate(names)}
         _check_shapes(network, _empty_like_config(network), "config.json", hint)
 
         def save() -> None:
@@ -117,7 +125,7 @@ def export_model(
         return _write(output, save, load, network, verify, hint)
     if hasattr(network, "pretrained_cfg"):
         args = dict(model_args if model_args is not None else hparams.get("model_kwargs") or {})
-        return _export_timm(network, output, args, verify, hint)
+        return _export_timm(network, output, args, verify, hint, names)
     raise ExportError(
         f"{type(network).__name__} is neither a transformers nor a timm model, so there is no ecosystem format to"
         f" write. HINT: {hint}; or save `state_dict()` with `safetensors.torch.save_file`."
@@ -174,7 +182,34 @@ def export_checkpoint(
         )
     module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     hint = f"load it with `{module_class.__name__}.load_from_checkpoint({str(ckpt_path)!r})` (lightning_peft)"
-    return export_model(module, output, merge_lora=merge_lora, verify=verify, loader_hint=hint)
+    return export_model(
+        module, output, merge_lora=merge_lora, verify=verify, loader_hint=hint, label_names=_label_names(checkpoint)
+    )
+
+
+def _label_names(checkpoint: Mapping[str, Any]) -> list[str] | None:
+    """The class names a labelled DataModule stored in the checkpoint (``checkpoint[<DataModule>]["label_names"]``)."""
+    for value in checkpoint.values():
+        if isinstance(value, Mapping) and isinstance(value.get("label_names"), (list, tuple)) and value["label_names"]:
+            return [str(name) for name in value["label_names"]]
+    return None
+
+
+def _checked_label_names(label_names: Sequence[str] | None, network: nn.Module) -> list[str] | None:
+    """``label_names`` as strings, when they are as many as the model's outputs; None when not given."""
+    if label_names is None:
+        return None
+    names = [str(name) for name in label_names]
+    config = getattr(network, "config", None)
+    if _is_peft(network):
+        config = getattr(network.get_base_model(), "config", None)
+    outputs = getattr(config, "num_labels", None) if config is not None else getattr(network, "num_classes", None)
+    if isinstance(outputs, int) and outputs != len(names):
+        raise ValueError(
+            f"`label_names` must name each of the model's {outputs} outputs, got {len(names)}: {names}."
+            " HINT: pass the DataModule's `label_names` the model was trained with, or None."
+        )
+    return names
 
 
 # ------------------------------------------------------------------------------------------------------- checks
@@ -266,7 +301,14 @@ def _write(output: Path, save, load, network: nn.Module, verify: bool, hint: str
     return output
 
 
-def _export_timm(network: nn.Module, output: Path, model_args: dict[str, Any], verify: bool, hint: str) -> Path:
+def _export_timm(
+    network: nn.Module,
+    output: Path,
+    model_args: dict[str, Any],
+    verify: bool,
+    hint: str,
+    label_names: list[str] | None = None,
+) -> Path:
     import timm
     from timm.models import save_for_hf
 
@@ -278,7 +320,9 @@ def _export_timm(network: nn.Module, output: Path, model_args: dict[str, Any], v
 
     def save() -> None:
         output.mkdir(parents=True, exist_ok=True)
-        save_for_hf(network, str(output), model_args=model_args or None, safe_serialization=True)
+        # timm keeps the names only when its pretrained config states the same number of classes
+        labels = {"pretrained_cfg": {"label_names": label_names, "num_classes": num_classes}} if label_names else None
+        save_for_hf(network, str(output), model_config=labels, model_args=model_args or None, safe_serialization=True)
 
     def load() -> nn.Module:
         return timm.create_model(f"local-dir:{output}", pretrained=True)

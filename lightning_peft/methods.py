@@ -66,7 +66,7 @@ class Method:
             variants with its ``group_size`` and ``min_numel``; ``None``, not estimated (early pruning changes the
             model's shape while it trains, IST needs PEFT modules the model builds).
         settings_of: reads the settings back from a configured callback (default: the callback's attributes of the
-            same names as its arguments); :func:`~lightning_peft.estimate.estimate_from_config` uses it.
+            same names as its arguments); :func:`~lightning_peft.cli.estimate.estimate_from_config` uses it.
         builtin: registered by this package (the benchmarks measure the built-in methods with their own settings,
             and every other registered method with its defaults).
 

@@ -139,7 +139,9 @@ def test_hf_auto_models_from_config_builds_without_weights_and_restores(tmp_path
     original = transformers.AutoModel.from_pretrained
     with _compat.hf_auto_models_from_config():
         model = transformers.AutoModel.from_pretrained(tmp_path)
+        model_and_info = transformers.AutoModel.from_pretrained(tmp_path, output_loading_info=True)
     assert type(model).__name__ == "BertModel" and model.config.hidden_size == 16, _versions()
+    assert type(model_and_info[0]).__name__ == "BertModel" and model_and_info[1]["missing_keys"] == []
     assert transformers.AutoModel.from_pretrained.__func__ is original.__func__
     with pytest.raises(OSError):  # outside, the weights are required again
         transformers.AutoModel.from_pretrained(tmp_path)

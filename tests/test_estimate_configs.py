@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from own_data import write_audio_folder, write_image_folder
 
-from lightning_peft.estimate import MemoryReport, main
+from lightning_peft.cli.estimate import estimate_main as main
+from lightning_peft.estimate import MemoryReport
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "benchmarks" / "estimate" / "llama2_7b_lisa.yaml"]

@@ -174,3 +174,37 @@ def test_cli_export_of_a_checkpoint(tmp_path):
         )
     with pytest.raises(SystemExit, match="must be a new or empty folder"):
         cli_main(["export", "--ckpt_path", str(tmp_path / "last.ckpt"), "--output", str(tmp_path / "out")])
+
+
+def test_exported_configs_name_the_classes(tmp_path):
+    import json
+
+    from own_data import write_image_folder
+
+    from lightning_peft.data import ImageFolder
+
+    bert = _module("bert", tmp_path, lora=True)
+    export_model(bert, tmp_path / "bert_out", label_names=("negative", "neutral", "positive"))
+    config = json.loads((tmp_path / "bert_out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert config["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "bert_out")
+    assert loaded.id2label[2] == "positive"
+    with pytest.raises(ValueError, match=r"`label_names` must name each of the model's 3 outputs, got 2"):
+        export_model(bert, tmp_path / "two", label_names=["a", "b"])
+
+    pl.seed_everything(0)
+    root = write_image_folder(tmp_path / "images")  # classes cat, dog
+    module = ImageClassifier("vit_tiny_patch16_224", num_classes=2, model_kwargs=VIT)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, enable_checkpointing=True, max_steps=1, limit_val_batches=0),
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    trainer.fit(module, ImageFolder(str(root), model="vit_tiny_patch16_224", image_size=16, batch_size=2))
+    cli_main(["export", "--ckpt_path", str(tmp_path / "last.ckpt"), "--output", str(tmp_path / "vit_out")])
+    config = json.loads((tmp_path / "vit_out" / "config.json").read_text())
+    assert config["pretrained_cfg"]["label_names"] == ["cat", "dog"], config
+    assert timm.create_model(f"local-dir:{tmp_path / 'vit_out'}", pretrained=True).pretrained_cfg["label_names"] == [
+        "cat",
+        "dog",
+    ]

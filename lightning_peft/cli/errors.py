@@ -24,6 +24,7 @@ __all__ = [
     "explain_parse_error",
     "known_class_names",
     "our_message",
+    "suggest",
 ]
 
 DEBUG_ENV = "LIGHTNING_PEFT_DEBUG"
@@ -99,7 +100,14 @@ def known_class_names() -> list[str]:
     return sorted(names)
 
 
-def _suggest(name: str, candidates: Iterable[str]) -> str:
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """``"did you mean 'x' or 'y'?"`` for the names among ``candidates`` close to ``name``, else ``""``.
+
+    Example::
+
+        >>> suggest("exprot", ["fit", "export", "estimate"])
+        "did you mean 'export'?"
+    """
     candidates = list(candidates)
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     if not close:
@@ -138,22 +146,60 @@ def explain_parse_error(text: str, option_names: Iterable[str] = ()) -> str | No
     )
     if match:
         name = match.group(1)
-        suggestion = _suggest(name.rsplit(".", 1)[-1], known_class_names())
+        suggestion = suggest(name.rsplit(".", 1)[-1], known_class_names())
         return (
             f"`class_path` {name!r} is not a class this CLI knows; {suggestion or 'no close name.'}"
             " HINT: use a short name such as LISA, ImageClassifier, ImageFolder, or a full import path such as"
             " my_package.MyCallback."
         )
-    match = re.search(r"does not accept option '([^']+)'|Unrecognized arguments: (\S+)", text)
+    match = re.search(r"does not accept option '([^']+)'|Unrecognized arguments: (\S+)", text, re.IGNORECASE)
     if match:
         option = (match.group(1) or match.group(2)).lstrip("-").split("=", 1)[0]
-        suggestion = _suggest(option, option_names)
+        suggestion = suggest(option, option_names)
         return (
             f"Unknown option `{option}`{'; ' + suggestion if suggestion else ''}"
             " HINT: `lightning-peft fit --help` lists the options; a class's own arguments are listed by"
             " `lightning-peft fit --model.help ImageClassifier` (or --data.help / --trainer.callbacks.help)."
         )
-    return None
+    return _wrong_type(text)
+
+
+def _type_name(text: str) -> str:
+    """``<class 'int'>`` -> ``int``, ``<class 'NoneType'>`` -> ``None``; other spellings as given."""
+    name = re.sub(r"<class '([^']+)'>", r"\1", text.strip())
+    return "None" if name == "NoneType" else name.removeprefix("builtins.")
+
+
+def _wrong_type(text: str) -> str | None:
+    """One message for jsonargparse's type report: the key (nested class arguments included), type and value."""
+    keys = list(re.finditer(r'Parser key "([^"]+)":', text))
+    if not keys:
+        return None
+    inner = keys[-1]
+    block = text[inner.end() :]
+    subtypes = re.match(r"\s*Does not validate against any of the Union subtypes\s*Subtypes: \[(.*)\]", block)
+    expected = re.match(r"\s*Expected a (<class '[^']+'>|[^.\n]+)\.? Got value: (.*)", block)
+    if subtypes:
+        types = [_type_name(t) for t in re.findall(r"<class '[^']+'>|[^,\s][^,]*", subtypes.group(1))]
+        value = re.search(r"Given value: (.*)", block)
+        wanted, got = " or ".join(types), value.group(1).strip() if value else None
+    elif expected:
+        wanted, got = _type_name(expected.group(1)), expected.group(2).strip()
+    else:
+        return None
+    key = inner.group(1)
+    owner = ""
+    if len(keys) > 1:
+        problem = re.findall(r"Problem with given class_path '([^']+)'", text[keys[0].end() : inner.start()])
+        if problem:
+            owner = f" of {problem[-1].rsplit('.', 1)[-1]}"
+            key = f"{keys[0].group(1)}.init_args.{key}" if keys[0].group(1) in ("model", "data") else key
+    shown = f"got {got!r}" if got is not None else "got a value of another type"
+    return (
+        f"`{key}`{owner} must be {wanted}, {shown}."
+        " HINT: give a value of that type (`lightning-peft fit --help` lists each option's type; quote a string"
+        " that looks like a number)."
+    )
 
 
 def _unknown_argument(class_path: str, argument: str) -> str:
@@ -168,7 +214,7 @@ def _unknown_argument(class_path: str, argument: str) -> str:
         ]
     except (ImportError, AttributeError, ValueError, TypeError):
         parameters = []
-    suggestion = _suggest(argument, parameters)
+    suggestion = suggest(argument, parameters)
     return (
         f"`{argument}` is not an argument of {class_name}{'; ' + suggestion if suggestion else ''}"
         f" HINT: its arguments are {parameters}; `lightning-peft fit {_help_option(class_path)} {class_name}`"

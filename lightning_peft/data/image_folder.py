@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import timm
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
@@ -13,7 +14,7 @@ from typing_extensions import override
 from lightning_peft._validation import check_bool, check_int
 from lightning_peft.data._labelled import LabelledDataModule, split_class_folders
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "timm_data_config"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "fixed_input_size", "timm_data_config"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -89,7 +90,8 @@ class ImageFolder(LabelledDataModule):
         model: The timm architecture whose data config sets the preprocessing (the classifier's ``model_name``).
         val_root: Validation folder with the same class sub-folders; None splits ``root``.
         val_fraction: Fraction of each class held out for validation when there is no ``val_root``.
-        image_size: Input size for a model built with another ``img_size`` (e.g. 32); None keeps the model's.
+        image_size: Input size for a model built with another ``img_size`` (e.g. 32). None: at ``setup``, the size
+            the Trainer's model accepts (a ViT's ``img_size``, :func:`fixed_input_size`), else the architecture's.
         augment: Use timm's training augmentation on training images.
         batch_size: Images per batch.
         seed: Seed of the split and the training shuffle.
@@ -97,7 +99,8 @@ class ImageFolder(LabelledDataModule):
 
     Raises:
         ValueError: If an argument is out of range or ``model`` is not a timm architecture (at construction); if a
-            folder has fewer than two classes or a class has no image (at ``setup``); if a file is not an image
+            folder has fewer than two classes or a class has no image, or ``image_size`` differs from the model's
+            fixed input size (at ``setup``); if a file is not an image
             (when it is loaded, naming the file).
         FileNotFoundError: If ``root`` / ``val_root`` is not a folder, or ``val_root`` lacks a class (at ``setup``).
 
@@ -153,7 +156,50 @@ class ImageFolder(LabelledDataModule):
         self.label_names, train, val = split_class_folders(
             self.root, self.val_root, self.val_fraction, self.seed, IMAGE_SUFFIXES, "image"
         )
+        self._follow_model_input_size()
         self.train_set = _Images(train, self.transform(training=True))
         self.val_set = _Images(val, self.transform(training=False))
         self.test_set = self.val_set
         self.check_model_outputs()
+
+    def _follow_model_input_size(self) -> None:
+        """Resize to the Trainer's model's fixed input size (a ViT's ``img_size``) unless ``image_size`` says so.
+
+        Raises:
+            ValueError: If ``image_size`` was given and the model takes another size.
+        """
+        trainer = getattr(self, "trainer", None)
+        size = fixed_input_size(getattr(trainer, "lightning_module", None)) if trainer is not None else None
+        if size is None or tuple(self.data_config["input_size"][1:]) == size:
+            return
+        given = self.hparams.get("image_size")
+        if given is not None:
+            raise ValueError(
+                f"`image_size` is {given}, but the model takes {size[0]}x{size[1]} images (its `img_size`)."
+                f" HINT: set --data.init_args.image_size={size[0]}, or leave `image_size` out: the images then follow"
+                " the model's size."
+            )
+        self.data_config["input_size"] = (self.data_config["input_size"][0], *size)
+        rank_zero_info(f"ImageFolder: images resized to {size[0]}x{size[1]}, the model's input size (`img_size`).")
+
+
+def fixed_input_size(module: Any) -> tuple[int, int] | None:
+    """The image size a model accepts when it accepts only one (timm's patch embedding with a strict size), else None.
+
+    Example::
+
+        >>> import timm
+        >>> fixed_input_size(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1))
+        (32, 32)
+        >>> fixed_input_size(timm.create_model("resnet18")) is None
+        True
+    """
+    from timm.layers import PatchEmbed
+
+    if module is None:
+        return None
+    for layer in module.modules():
+        if isinstance(layer, PatchEmbed) and layer.img_size is not None and layer.strict_img_size:
+            if not getattr(layer, "dynamic_img_size", False):
+                return (int(layer.img_size[0]), int(layer.img_size[1]))
+    return None

@@ -76,6 +76,27 @@ def test_unknown_argument_names_the_help_option(tmp_path, monkeypatch, capsys):
     assert "did you mean 'num_classes'?" in err and "`lightning-peft fit --model.help ImageClassifier`" in err
 
 
+def test_misspelled_command_line_flag_gets_a_suggestion(tmp_path, monkeypatch, capsys):
+    code, err = _error(tmp_path, monkeypatch, capsys, None, "--trainer.max_stpes", "3")
+    assert code == 2 and "Unknown option `trainer.max_stpes`; did you mean 'trainer.max_steps'" in err
+    assert "usage:" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("--trainer.max_steps=abc", "`trainer.max_steps` must be int, got 'abc'."),
+        ("--trainer.max_epochs=abc", "`trainer.max_epochs` must be int or None, got 'abc'."),
+        ("--model.init_args.num_classes=three", "`model.init_args.num_classes` of ImageClassifier must be int, got"),
+    ],
+    ids=["plain", "optional", "class-argument"],
+)
+def test_wrong_type_is_one_message_naming_key_type_and_value(tmp_path, monkeypatch, capsys, flag, expected):
+    code, err = _error(tmp_path, monkeypatch, capsys, None, flag)
+    assert code == 2 and err.startswith(f"error: {expected}") and "HINT:" in err
+    assert "Subtypes:" not in err and "usage:" not in err and len(err.splitlines()) == 1
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path, monkeypatch, capsys):
     code, err = _error(tmp_path, monkeypatch, capsys, "trainer:\n  max_steps: [3\n  foo: 1\n")
     assert code == 2

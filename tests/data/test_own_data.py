@@ -49,6 +49,25 @@ def test_image_folder_errors_name_the_file_and_the_folder(tmp_path):
         ImageFolder(str(root), model="not_a_timm_model")
 
 
+def test_image_folder_size_follows_the_models_img_size(tmp_path):
+    import lightning as L
+
+    from lightning_peft.modules import ImageClassifier
+
+    root = write_image_folder(tmp_path / "images")
+    vit = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    model = ImageClassifier("vit_tiny_patch16_224", num_classes=2, model_kwargs=vit)
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    data = ImageFolder(str(root), model="vit_tiny_patch16_224", batch_size=2, val_fraction=0.34)
+    trainer.fit(model, datamodule=data)  # without `image_size` the images would be 224x224: timm refuses them
+    assert data.data_config["input_size"] == (3, 32, 32) and trainer.global_step == 1
+    mismatched = ImageFolder(str(root), model="vit_tiny_patch16_224", image_size=24, batch_size=2, val_fraction=0.34)
+    with pytest.raises(ValueError, match=r"`image_size` is 24, but the model takes 32x32 images .*HINT: set"):
+        L.Trainer(max_steps=1, logger=False, enable_checkpointing=False).fit(model, datamodule=mismatched)
+
+
 def test_label_names_go_into_the_checkpoint_state(tmp_path):
     root = write_image_folder(tmp_path / "train", per_class=2)
     data = ImageFolder(str(root), model="vit_tiny_patch16_224", image_size=16, val_fraction=0.5)
