@@ -48,10 +48,12 @@ class FeatureModule(PruneModule):
         optimizer: str = "adamw",
         scheduler: bool = False,
         validation: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__("timm", lora=lora, lr=1e-2, scheduler=scheduler)
         self.automatic_optimization = not manual
         self.compile, self.optimizer_name, self.validation = compile, optimizer, validation
+        self.compile_backend = compile_backend
         self.losses: list[float] = []
         self.first_grads: dict[str, torch.Tensor] | None = None
         self.val_steps = 0
@@ -59,7 +61,7 @@ class FeatureModule(PruneModule):
     def configure_model(self):
         # as Lightning's documentation shows it
         if self.compile and not hasattr(self.net, "_orig_mod"):
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, backend=self.compile_backend)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -165,6 +167,10 @@ class Method:
     make: Callable[[], tuple[Any, list[Callback], list[Any]]]  # -> (method object, callbacks, plugins)
     check: Callable[[Run], None]
     lora: bool = True
+    # the compile column's backend: inductor is what users run (and what checks saved tensors' strides); where the
+    # cell is about paths and shape changes, aot_eager runs dynamo's guards and AOT autograd without inductor's
+    # code generation for each recompilation (minutes on a busy CPU)
+    compile_backend: str = "inductor"
     quantizer: Callable[[Any], Any] | None = None  # the method object's ActivationQuantizer, if any
     precision: str | None = None  # a precision plugin fixes the precision
     refuses: dict[str, str] = field(default_factory=dict)
@@ -220,6 +226,7 @@ METHODS: dict[str, Method] = {
     "early_pruning": Method(
         _make_early_pruning,
         _check_early_pruning,
+        compile_backend="aot_eager",
         refuses={"model_pruning": r"`EarlyPruning` cannot run with Lightning's `ModelPruning`.*HINT"},
     ),
     "activation_quantization": Method(
@@ -437,7 +444,7 @@ def _reference(tmp_path, feature_name: str, feature: Feature, method: Method) ->
 def test_method_beside_lightning_feature(tmp_path, method_name, feature_name):
     method, feature = METHODS[method_name], FEATURES[feature_name]
     torch.manual_seed(0)
-    module = FeatureModule(lora=method.lora, **feature.module)
+    module = FeatureModule(lora=method.lora, compile_backend=method.compile_backend, **feature.module)
     method_object, callbacks, plugins = method.make()
     quantizer_of = None if method.quantizer is None else (lambda: method.quantizer(method_object))
     probe = Probe(quantizer_of)
