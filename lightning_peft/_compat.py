@@ -21,6 +21,8 @@ __all__ = [
     "TESTED",
     "CompatibilityError",
     "attached_trainer",
+    "compile_wrappers_lifted",
+    "compiled_modules",
     "ddp_constructor_kwargs",
     "dropout_classes",
     "efficient_attention",
@@ -33,6 +35,7 @@ __all__ = [
     "logger_writes_this_step",
     "muted_logging",
     "own_parameter",
+    "restart_weight_averaging",
     "rewrap_ddp",
     "run_before_checkpoint_load",
     "run_before_weights_load",
@@ -478,3 +481,108 @@ def hf_masks_as_in_a_real_run(padded: bool = False) -> Generator[None, None, Non
         yield
     finally:
         masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices = ignore, packed
+
+
+def _optimized_module_class() -> type[nn.Module]:
+    eval_frame = _attribute(torch, "_dynamo", "`torch._dynamo`").eval_frame
+    return _attribute(eval_frame, "OptimizedModule", "`torch._dynamo.eval_frame.OptimizedModule`")
+
+
+def compiled_modules(root: nn.Module) -> list[nn.Module]:
+    """The ``torch.compile`` wrappers (``OptimizedModule``) among ``root`` and its submodules.
+
+    Example::
+
+        >>> len(compiled_modules(nn.Sequential(torch.compile(nn.Linear(2, 2)), nn.ReLU())))
+        1
+    """
+    optimized = _optimized_module_class()
+    return [module for module in root.modules() if isinstance(module, optimized)]
+
+
+@contextlib.contextmanager
+def compile_wrappers_lifted(root: nn.Module) -> Generator[nn.Module, None, None]:
+    """Inside the block, every ``torch.compile`` wrapper under ``root`` is replaced by the module it compiles.
+
+    ``torch.compile(module)`` returns an ``OptimizedModule`` holding the module as ``_orig_mod``, so the names of
+    everything below it gain ``_orig_mod.``. Inside the block the names are those of the plain model (paths found
+    before compiling, or in a checkpoint of the uncompiled model, resolve) and the modules are the same objects;
+    on exit the wrappers are put back. Yields ``root`` itself, or the module it compiles when ``root`` is a wrapper.
+    Changing shapes inside the block is safe: the compiled code guards on them and recompiles.
+
+    Example::
+
+        >>> model = nn.Sequential(torch.compile(nn.Linear(2, 2)))
+        >>> with compile_wrappers_lifted(model) as plain:
+        ...     [name for name, _ in plain.named_modules()]
+        ['', '0']
+        >>> type(model[0]).__name__
+        'OptimizedModule'
+    """
+    optimized = _optimized_module_class()
+    while isinstance(root, optimized):
+        root = _attribute(root, "_orig_mod", "`OptimizedModule._orig_mod`")
+    lifted: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def lift(module: nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, optimized):
+                wrapper = child
+                while isinstance(child, optimized):
+                    child = _attribute(child, "_orig_mod", "`OptimizedModule._orig_mod`")
+                lifted.append((module, name, wrapper))
+                setattr(module, name, child)
+            lift(child)
+
+    lift(root)
+    try:
+        yield root
+    finally:
+        for module, name, wrapper in reversed(lifted):
+            setattr(module, name, wrapper)
+
+
+def restart_weight_averaging(trainer: Any, pl_module: nn.Module) -> list[str]:
+    """Restart the averaged copies of Lightning's weight-averaging callbacks from ``pl_module`` as it is now.
+
+    ``StochasticWeightAveraging`` and ``WeightAveraging`` (``EMAWeightAveraging``) hold a copy of the module made at
+    setup and average into it parameter by parameter; after the model's architecture changed (pruning) the copy no
+    longer matches. Each copy is replaced by a fresh copy of ``pl_module`` on the old copy's device, counted as
+    zero averages, so the next update starts the average from the current weights.
+
+    Returns:
+        The class names of the callbacks restarted (those that held a copy).
+
+    Example::
+
+        >>> restart_weight_averaging(None, nn.Linear(2, 2))
+        []
+    """
+    import copy
+
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # lightning < 2.6
+        WeightAveraging = ()  # noqa: N806
+    restarted = []
+    for callback in [] if trainer is None else trainer.callbacks:
+        if not isinstance(callback, (StochasticWeightAveraging, WeightAveraging)):
+            continue
+        average = _attribute(callback, "_average_model", f"`{type(callback).__name__}._average_model`")
+        if average is None:
+            continue
+        if isinstance(callback, StochasticWeightAveraging):
+            device = next(average.parameters(), torch.empty(0)).device
+            callback._average_model = copy.deepcopy(pl_module).to(device)
+            if callback.n_averaged is not None:
+                callback.n_averaged.zero_()
+            _attribute(callback, "_init_n_averaged", "`StochasticWeightAveraging._init_n_averaged`")
+            callback._init_n_averaged = 0
+        else:
+            device = next(average.module.parameters(), torch.empty(0)).device
+            average.module = copy.deepcopy(pl_module).to(device)
+            average.n_averaged.zero_()
+        restarted.append(type(callback).__name__)
+    return restarted

@@ -274,3 +274,38 @@ def test_installed_lightning_and_torch_are_in_the_declared_range():
         low, high = re.fullmatch(rf"{package}>=([\d.]+),<([\d.]+)", spec).groups()
         assert Version(low) <= Version(Version(installed).base_version) < Version(high), (spec, installed)
         assert low.startswith(_compat.TESTED[package]), (spec, _compat.TESTED)
+
+
+def test_compile_wrappers_lifted_gives_the_plain_names_and_puts_the_wrappers_back():
+    inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    model = nn.Sequential(torch.compile(inner), nn.Linear(2, 2))
+    assert [n for n, _ in model.named_modules()][:3] == ["", "0", "0._orig_mod"], _versions()
+    assert len(_compat.compiled_modules(model)) == 1, _versions()
+    with _compat.compile_wrappers_lifted(model) as plain:
+        assert plain is model and model[0] is inner
+        assert [n for n, _ in model.named_modules()] == ["", "0", "0.0", "0.1", "1"]
+        assert not _compat.compiled_modules(model)
+    assert type(model[0]).__name__ == "OptimizedModule" and model[0]._orig_mod is inner, _versions()
+    with _compat.compile_wrappers_lifted(torch.compile(inner)) as plain:  # a compiled root yields what it compiles
+        assert plain is inner
+
+
+def test_restart_weight_averaging_copies_the_changed_module_and_restarts_the_count(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    module = TinyBlockModel()
+    swa, ema = StochasticWeightAveraging(swa_lrs=0.1), EMAWeightAveraging()
+    trainer = SimpleNamespace(callbacks=[swa, ema], strategy=None)
+    swa.setup(trainer, module, "fit")
+    ema.setup(trainer, module, "fit")
+    swa.n_averaged = torch.tensor(3)
+    ema._average_model.update_parameters(module)
+    module.head = nn.Linear(8, 2)  # the architecture changes (pruning)
+    assert _compat.restart_weight_averaging(trainer, module) == ["StochasticWeightAveraging", "EMAWeightAveraging"]
+    for average in (swa._average_model, ema._average_model.module):
+        assert average is not module and average.head.out_features == 2, _versions()
+        torch.testing.assert_close(average.head.weight, module.head.weight)
+    assert int(swa.n_averaged) == 0 and int(ema._average_model.n_averaged) == 0, _versions()
+    assert _compat.restart_weight_averaging(SimpleNamespace(callbacks=[StochasticWeightAveraging(0.1)]), module) == []

@@ -10,15 +10,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelPruning
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_peft._compat import (
+    compile_wrappers_lifted,
     is_spawning_launcher,
     logger_writes_this_step,
+    restart_weight_averaging,
     run_before_weights_load,
     undo_before_weights_load,
 )
@@ -114,6 +116,13 @@ class EarlyPruning(Callback):
     and any module with ``lightning_peft.pruning.restore_pruned_architecture(self, checkpoint)`` in its
     ``on_load_checkpoint``.
 
+    Beside Lightning's own features: a model compiled in ``configure_model`` (``self.model =
+    torch.compile(self.model)``) is pruned through the compiled wrapper (paths are the plain model's, without
+    ``_orig_mod.``) and recompiles for the new shapes; the averaged copy of ``StochasticWeightAveraging`` /
+    ``EMAWeightAveraging`` is restarted from the pruned weights at the cut (an info line says so); manual
+    optimization works (the optimizer is carried over alike), with the loss check only if the module has a
+    ``compute_loss(batch)``; Lightning's ``ModelPruning`` is refused (``tests/test_lightning_features.py``).
+
     Supported: timm ViT / DeiT (and the timm-based AST), HF ViT / AST, BERT-style encoders and Llama-style decoders
     (see :mod:`lightning_peft.pruning.surgery`), with or without HF peft LoRA; single device and ``strategy="ddp"``.
     Not FSDP (``FSDPStrategy`` or FSDP2 through ``ModelParallelStrategy``) or DeepSpeed (sharded parameters
@@ -144,8 +153,9 @@ class EarlyPruning(Callback):
     Raises:
         ValueError: if a ratio is outside [0, 1), ``estimation_steps`` is below 1, ``l1`` negative, ``score`` unknown,
             ``max_loss_increase`` not a positive number or ``None``, ``check_batches`` below 1 (at construction); if
-            the strategy is FSDP / DeepSpeed / a spawning DDP or the model has no prunable site (at setup); if
-            ``estimation_steps`` is not shorter than the run or the masks are in no optimizer (at train start).
+            the strategy is FSDP / DeepSpeed / a spawning DDP, ``ModelPruning`` is among the callbacks or the model
+            has no prunable site (at setup); if ``estimation_steps`` is not shorter than the run, the masks are in no
+            optimizer, or the loss check is on under manual optimization without ``compute_loss`` (at train start).
         TypeError: at pruning, if the loss check cannot get a loss tensor from ``training_step``.
 
     Example::
@@ -270,12 +280,39 @@ class EarlyPruning(Callback):
                 " main process would receive the pruned weights into its unpruned model. HINT: use"
                 ' `strategy="ddp"` (Lightning relaunches the script once per device).'
             )
+        pruning = [c for c in trainer.callbacks if isinstance(c, ModelPruning)]
+        if pruning:
+            raise ValueError(
+                "`EarlyPruning` cannot run with Lightning's `ModelPruning`: `torch.nn.utils.prune` replaces a layer's"
+                " `weight` by `weight_orig` and a `weight_mask` recomputed in a forward pre-hook, which the physical"
+                " cut of EarlyPruning cannot slice, and the pruned layers EarlyPruning makes would drop"
+                " ModelPruning's masks. HINT: use one of the two in a run; to prune weights after EarlyPruning's"
+                " cut, run `ModelPruning` in a second `fit` on the pruned model."
+            )
         self._module = pl_module
         self._seed_value = agree_seed(trainer, self.seed)
         if self.pruned:
             if not plan_applied(pl_module, self.plan):
                 apply_pruning_plan(pl_module, self.plan)
             return
+        # paths are those of the plain model, also where a part of it is already compiled (`_orig_mod.`)
+        with compile_wrappers_lifted(pl_module) as root:
+            self._start_estimation(root)
+        # A checkpoint written after pruning holds smaller weights: the plan must shape the model before they load.
+        # Lightning calls the LightningModule's `on_load_checkpoint` right before loading the weights (callbacks are
+        # restored only afterwards), so wrap it for the duration of the fit.
+        callback = self
+
+        def shape_from_plan(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+            plan = checkpoint.get("pruning_plan")
+            if plan is not None and not callback.pruned:
+                callback._drop_estimation(module)
+                callback.plan = PruningPlan.from_dict(plan)
+                apply_pruning_plan(module, callback.plan)
+
+        run_before_weights_load(pl_module, shape_from_plan)
+
+    def _start_estimation(self, pl_module: pl.LightningModule) -> None:
         sites = find_sites(pl_module, self.layers)
         if sites.skipped and (self.head_ratio or self.neuron_ratio):
             listed = "; ".join(f"{path}: {why}" for path, why in sites.skipped[:6])
@@ -299,24 +336,23 @@ class EarlyPruning(Callback):
                 " `lightning_peft.layout.register_layout`, or pass `layers=` with the block container path(s)."
             )
         self.estimation = estimation
-        # A checkpoint written after pruning holds smaller weights: the plan must shape the model before they load.
-        # Lightning calls the LightningModule's `on_load_checkpoint` right before loading the weights (callbacks are
-        # restored only afterwards), so wrap it for the duration of the fit.
-        callback = self
-
-        def shape_from_plan(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-            plan = checkpoint.get("pruning_plan")
-            if plan is not None and not callback.pruned:
-                callback._drop_estimation(module)
-                callback.plan = PruningPlan.from_dict(plan)
-                apply_pruning_plan(module, callback.plan)
-
-        run_before_weights_load(pl_module, shape_from_plan)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned:
             return
+        if (
+            self.max_loss_increase is not None
+            and not pl_module.automatic_optimization
+            and not callable(getattr(pl_module, "compute_loss", None))
+        ):
+            raise ValueError(
+                f"`EarlyPruning`'s loss check (`max_loss_increase={self.max_loss_increase}`) needs the loss of a batch;"
+                f" {type(pl_module).__name__} uses manual optimization (`automatic_optimization = False`), so its"
+                " `training_step` (which steps the optimizer) cannot be called for that. HINT: add a"
+                " `compute_loss(batch)` method returning the loss tensor, or pass `max_loss_increase=None` to cut at"
+                " the fixed ratios (the optimizer is carried over to the pruned model either way)."
+            )
         total = trainer.estimated_stepping_batches
         if self.estimation_steps >= total:
             raise ValueError(
@@ -348,7 +384,8 @@ class EarlyPruning(Callback):
         if self.max_loss_increase is not None and step >= self.estimation_steps - (self._recent.maxlen or 0):
             self._recent.append(batch)  # the most recent estimation batches, for the loss check
         if self.estimation is not None:
-            self.estimation.begin_step(pl_module, score_peft=step >= self.estimation_steps // 2)
+            with compile_wrappers_lifted(pl_module) as root:
+                self.estimation.begin_step(root, score_peft=step >= self.estimation_steps // 2)
 
     @override
     def on_train_batch_end(
@@ -411,6 +448,18 @@ class EarlyPruning(Callback):
             batch: the batch of the current step (not trained on yet), measured by the loss check with the
                 recent estimation batches.
         """
+        # the cut works on the plain model (the paths of the plan); compiled parts recompile for the new shapes
+        with compile_wrappers_lifted(pl_module):
+            plan = self._prune(trainer, pl_module, batch)
+        restarted = restart_weight_averaging(trainer, pl_module)
+        if restarted:
+            rank_zero_info(
+                f"EarlyPruning restarted the averaged model of {', '.join(restarted)} from the pruned weights: the"
+                " average of the unpruned model does not fit the smaller layers."
+            )
+        return plan
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> PruningPlan:
         self._warn_if_masks_did_not_separate()
         decision = None
         if trainer.is_global_zero:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_peft._compat import compile_wrappers_lifted
 from lightning_peft.adapters import adapter_modules
 from lightning_peft.layout.peft_layers import lora_rank, lora_ranks
 from lightning_peft.pruning.surgery import (
@@ -214,8 +215,11 @@ def apply_pruning_plan(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> P
         >>> vit.blocks[1].attn.num_heads, vit.blocks[1].attn.qkv.out_features, vit.blocks[0].mlp.fc2.in_features
         (2, 48, 2)
     """
-    if isinstance(plan, dict):
-        plan = PruningPlan.from_dict(plan)
+    with compile_wrappers_lifted(root) as plain:
+        return _apply(plain, PruningPlan.from_dict(plan) if isinstance(plan, dict) else plan)
+
+
+def _apply(root: nn.Module, plan: PruningPlan) -> ParameterReplacements:
     record = ParameterReplacements()
     sites = find_sites(root, plan.layers)
     attention = {s.path: s for s in sites.attention}
@@ -279,8 +283,11 @@ def plan_applied(root: nn.Module, plan: PruningPlan | dict[str, Any]) -> bool:
         >>> before, plan_applied(vit, plan)
         (False, True)
     """
-    if isinstance(plan, dict):
-        plan = PruningPlan.from_dict(plan)
+    with compile_wrappers_lifted(root) as plain:
+        return _applied(plain, PruningPlan.from_dict(plan) if isinstance(plan, dict) else plan)
+
+
+def _applied(root: nn.Module, plan: PruningPlan) -> bool:
     sites = find_sites(root, plan.layers)
     heads = {s.path: s.num_heads for s in sites.attention}
     hidden = {s.path: s.hidden for s in sites.mlp}

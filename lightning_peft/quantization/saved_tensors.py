@@ -14,12 +14,15 @@ What is never quantized (the tensor is kept as it is):
   parameter the copy was made from: a trainable one when the copy's ``grad_fn`` is a cast straight onto the
   parameter's ``AccumulateGrad`` (not a cast of a rearranged view), a frozen one when the copy is saved inside the
   forward of a plain ``nn.Linear`` whose weight it is;
+- the weights ``torch.nn.utils.prune`` (Lightning's ``ModelPruning``) computes as ``weight_orig * weight_mask``,
+  and their casts: the chain to the ``AccumulateGrad`` may pass a product with a tensor that needs no gradient;
 - integer, bool and 8-bit tensors; tensor subclasses and non-strided layouts;
 - tensors with fewer than ``min_numel`` elements;
 - tensors saved while a module named in ``exclude_modules`` runs its forward, or inside :func:`skip_quantization`.
 
 A storage saved more than once in a step (e.g. the input of the q, k and v projections) is quantized once, and
-every saved view of it is rebuilt from that copy.
+every saved view of it is rebuilt from that copy. Every restored tensor has the size and strides of the tensor
+saved, so the hooks work inside ``torch.compile``-d regions too, whose backward checks them.
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import threading
+import warnings
 import weakref
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_peft._compat import own_parameter, tensor_version, view_base
+from lightning_peft._compat import compiled_modules, own_parameter, tensor_version, view_base
 from lightning_peft._validation import check_bool, check_int, check_seed
 from lightning_peft.quantization.formats import (
     _SPECS,
@@ -82,6 +86,10 @@ _CAST_AND_VIEW_NODES = frozenset(
         "AliasBackward0",
     }
 )
+# `torch.nn.utils.prune` (Lightning's ModelPruning) computes a pruned weight as `weight_orig * weight_mask` in a
+# forward pre-hook: a product with one input that needs a gradient, on the way from the saved tensor to the parameter
+_MASK_NODES = frozenset({"MulBackward0"})
+_PARAMETER_CHAIN_NODES = _CAST_AND_VIEW_NODES | _MASK_NODES
 _MAX_CHAIN = 8
 
 _exclusion = threading.local()
@@ -106,11 +114,18 @@ def skip_quantization() -> Generator[None, None, None]:
         _exclusion.depth -= 1
 
 
+# The module hooks below mark what runs in forward for the pack hook. Inside a torch.compile-d region they would be
+# traced into the graph while the pack hook runs when the compiled code does: there they do nothing (and add no
+# guards that would recompile the region); `ActivationQuantizer.start_step` says what that leaves out.
 def _enter_exclusion(*_: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     _exclusion.depth = getattr(_exclusion, "depth", 0) + 1
 
 
 def _exit_exclusion(*_: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     _exclusion.depth = max(0, getattr(_exclusion, "depth", 0) - 1)
 
 
@@ -192,20 +207,48 @@ class _QuantizedStorage:
         return restored
 
 
+def _with_strides(values: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """``values`` (contiguous) copied into a tensor of its shape with ``stride``; ``values`` where that cannot be.
+
+    A partial view (e.g. the ``q`` of a fused ``qkv`` output) is quantized alone and restored contiguous; eager
+    backward formulas accept any strides, but a ``torch.compile``-d backward asserts the strides its forward saw.
+    The new storage spans the view's extent (gaps included), for the time backward holds it. Overlapping strides
+    (an expanded tensor) cannot be written to, and are returned contiguous.
+    """
+    shape = values.shape
+    if values.stride() == stride or values.numel() == 0:
+        return values
+    dims = sorted((st, n) for st, n in zip(stride, shape, strict=True) if n != 1)
+    span = 1
+    for st, n in dims:
+        if st < span:  # an expanded (stride 0) or overlapping dimension
+            return values
+        span = st * n
+    out = values.new_empty(1 + sum((n - 1) * st for st, n in dims)).as_strided(shape, stride)
+    return out.copy_(values)
+
+
 class _SavedView:
-    """What the pack hook returns for a quantized tensor: the shared copy and how to view it."""
+    """What the pack hook returns for a quantized tensor: the shared copy and how to view it.
 
-    __slots__ = ("geometry", "storage")
+    ``whole``: the copy holds the saved tensor's whole storage, viewed by ``as_strided`` with ``geometry``;
+    otherwise it holds the saved view alone (contiguous), restored with the view's strides.
+    """
 
-    def __init__(self, storage: _QuantizedStorage, geometry: tuple[torch.Size, tuple[int, ...], int] | None) -> None:
+    __slots__ = ("geometry", "storage", "whole")
+
+    def __init__(
+        self, storage: _QuantizedStorage, geometry: tuple[torch.Size, tuple[int, ...], int], whole: bool = True
+    ) -> None:
         self.storage = storage
         self.geometry = geometry
+        self.whole = whole
 
     def restore(self) -> Tensor:
         restored = self.storage.restore()
-        if self.geometry is None:
-            return restored
-        return restored.as_strided(*self.geometry)
+        if self.whole:
+            return restored.as_strided(*self.geometry)
+        return _with_strides(restored, self.geometry[1])
 
 
 class _Kept:
@@ -299,16 +342,23 @@ def _storage(tensor: Tensor) -> torch.UntypedStorage | None:
     return storage
 
 
-def _derives_from_leaf(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight)."""
+def _derives_from_leaf(tensor: Tensor, is_parameter: Callable[[Tensor], bool] | None = None) -> bool:
+    """Whether ``tensor`` is a leaf that requires grad, or a cast / view of one (autocast's copy of a weight).
+
+    With ``is_parameter``, a product with a tensor that needs no gradient is followed too, when the leaf it leads
+    to is a parameter of the model: ``torch.nn.utils.prune``'s masked weight ``weight_orig * weight_mask``.
+    """
     node = tensor.grad_fn
     if node is None:
         return tensor.requires_grad
+    masked = False
     for _ in range(_MAX_CHAIN):
         name = type(node).__name__
         if name == "AccumulateGrad":
-            return True
-        if name not in _CAST_AND_VIEW_NODES:
+            return not masked or (is_parameter is not None and is_parameter(node.variable))
+        if name in _MASK_NODES:
+            masked = True
+        elif name not in _CAST_AND_VIEW_NODES:
             return False
         inputs = [fn for fn, _ in node.next_functions if fn is not None]
         if len(inputs) != 1:
@@ -321,6 +371,8 @@ _linear_weights = threading.local()
 
 
 def _enter_linear(module: nn.Module, _: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     stack = getattr(_linear_weights, "stack", None)
     if stack is None:
         stack = _linear_weights.stack = []
@@ -328,6 +380,8 @@ def _enter_linear(module: nn.Module, _: Any) -> None:
 
 
 def _exit_linear(*_: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     stack = getattr(_linear_weights, "stack", None)
     if stack:
         stack.pop()
@@ -461,6 +515,8 @@ class ActivationQuantizer:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._parameters_stale = False
+        self._compile_checked = False
+        self._excluded: list[weakref.ref[nn.Module]] = []  # the modules `exclude_modules` matched
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled (ddp_spawn) or deep-copied without the run-time links: model, hooks, caches, generators
@@ -475,6 +531,8 @@ class ActivationQuantizer:
             _cache={},
             _generators={},
             _hooks=None,
+            _compile_checked=False,
+            _excluded=[],
         )
         return state
 
@@ -494,6 +552,8 @@ class ActivationQuantizer:
             ValueError: if a pattern of ``exclude_modules`` matches no module name.
         """
         self.detach()
+        self._compile_checked = False
+        self._excluded.clear()
         self._module_ref = weakref.ref(module)
         names = [name for name, _ in module.named_modules() if name]
         for pattern in self.exclude_modules:
@@ -507,6 +567,7 @@ class ActivationQuantizer:
                 )
         for name, submodule in module.named_modules():
             if name and any(fnmatch.fnmatchcase(name, p) for p in self.exclude_modules):
+                self._excluded.append(weakref.ref(submodule))
                 self._hook_handles.append(submodule.register_forward_pre_hook(_enter_exclusion))
                 self._hook_handles.append(submodule.register_forward_hook(_exit_exclusion, always_call=True))
             # the layers whose frozen weight's copy can be recast: nn.Linear's own forward, an unparametrized weight
@@ -553,6 +614,24 @@ class ActivationQuantizer:
         self._cache.clear()
         # read lazily: callbacks running after this one (LISA...) may still change what is frozen
         self._parameters_stale = True
+        if not self._compile_checked:
+            self._compile_checked = True
+            self._warn_if_excluding_in_compiled_regions()
+
+    def _warn_if_excluding_in_compiled_regions(self) -> None:
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is None or not self._excluded:
+            return
+        excluded = {id(ref()) for ref in self._excluded if ref() is not None}
+        if not any(id(m) in excluded for region in compiled_modules(module) for m in region.modules()):
+            return
+        warnings.warn(
+            f"`exclude_modules={self.exclude_modules}` cannot apply inside the torch.compile-d parts of"
+            f" {type(module).__name__}: what a compiled region saves for backward is quantized whichever module"
+            " saved it (the quantization itself works there). HINT: compile only the modules to quantize (e.g."
+            " each block), or wrap the excluded computation in `torch.compiler.disable`.",
+            stacklevel=2,
+        )
 
     def end_step(self) -> SavedTensorStats:
         """End a step: drop the deduplication cache (quantized copies live on in the graph); return the stats."""
@@ -610,11 +689,18 @@ class ActivationQuantizer:
 
     def _is_parameter_copy(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` (not in a parameter's storage) is a cast / view of a parameter."""
-        if _derives_from_leaf(tensor):
+        if _derives_from_leaf(tensor, self._is_model_parameter):
             return True
         # autocast's copy of a frozen weight: a leaf without grad_fn (or a view of one) shaped like a frozen param
         base = view_base(tensor)
         return base.grad_fn is None and not base.requires_grad and base.shape in self._frozen_shapes
+
+    def _is_model_parameter(self, tensor: Tensor) -> bool:
+        storage = _storage(tensor)
+        if storage is None:
+            return False
+        known = self._param_storages.get(storage.data_ptr())
+        return known is not None and known() is storage
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if not self.stochastic_rounding:
@@ -654,7 +740,7 @@ class ActivationQuantizer:
             return self._keep_counted(tensor, storage, ptr, nbytes)
         node = tensor.grad_fn
         # an activation's grad_fn is a computing node; only a cast / view chain (or none) can lead to a parameter
-        if (node is None or type(node).__name__ in _CAST_AND_VIEW_NODES) and self._is_parameter_copy(tensor):
+        if (node is None or type(node).__name__ in _PARAMETER_CHAIN_NODES) and self._is_parameter_copy(tensor):
             source = self._copied_parameter(tensor) if self.recompute_weight_copies else None
             if source is not None:
                 stats.num_recomputed += 1
@@ -718,7 +804,7 @@ class ActivationQuantizer:
             cached = cache.get(key)
             if cached is not None and cached[0]() is storage and cached[1] == version and cached[3] >= keep_nonzero:
                 stats.num_deduplicated += 1
-                return _SavedView(cached[2], None)
+                return _SavedView(cached[2], geometry, whole=False)
         group_size = self.group_size
         generator = self._generator(tensor.device) if self.stochastic_rounding else None
         # detached, not under no_grad: the same effect (no graph is recorded) at a fraction of the host time
@@ -750,4 +836,4 @@ class ActivationQuantizer:
             packed = _QuantizedStorage(quantized, self.compile, nbytes=quantized.nbytes)
         stats.bytes_after += packed.nbytes
         cache[key] = (weakref.ref(storage), version, packed, keep_nonzero)
-        return _SavedView(packed, geometry if covers_storage else None)
+        return _SavedView(packed, geometry, whole=covers_storage)

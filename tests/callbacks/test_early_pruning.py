@@ -379,3 +379,54 @@ def test_the_plot_shows_every_mask_value_kept_or_pruned(tmp_path, monkeypatch):
             assert len(red.get_offsets()) > 0
             xs = torch.tensor([*blue.get_offsets()[:, 0], *red.get_offsets()[:, 0]])
             assert ((xs - position).abs() <= 0.25).all() and xs.std() > 0  # jittered around the layer's position
+
+
+class ManualModule(PruneModule):
+    """Manual optimization: `training_step` steps the optimizer itself."""
+
+    def __init__(self, with_compute_loss=False):
+        super().__init__("bert")
+        self.automatic_optimization = False
+        if with_compute_loss:
+            self.compute_loss = lambda batch: nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_manual_optimization_needs_compute_loss_for_the_loss_check(tmp_path):
+    trainer = pl.Trainer(callbacks=[EarlyPruning(estimation_steps=2)], max_steps=4, **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"loss check.*manual optimization.*HINT: add a `compute_loss\(batch\)`"):
+        trainer.fit(ManualModule())
+
+
+@pytest.mark.parametrize("check", ["compute_loss", "off"])
+def test_manual_optimization_carries_the_optimizer_over(tmp_path, check):
+    module = ManualModule(with_compute_loss=check == "compute_loss")
+    pruning = EarlyPruning(estimation_steps=2, max_loss_increase=0.5 if check == "compute_loss" else None, plot=False)
+    watch = Watch()
+    trainer = pl.Trainer(callbacks=[pruning, watch], max_steps=5, **trainer_kwargs(tmp_path))
+    trainer.fit(module)
+    assert pruning.pruned_at == 2 and trainer.global_step == 5
+    assert watch.heads[0] == 6 and watch.heads[-1] < 6 and all(torch.isfinite(torch.tensor(watch.losses)))
+    optimizer = trainer.optimizers[0]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in module.parameters() if p.requires_grad
+    }
+
+
+def test_a_plan_applies_through_a_compiled_wrapper():
+    module = PruneModule("timm")
+    plain_paths = sorted(find_lora_layers(module))
+    plan = {"heads": {"net.base_model.model.blocks.0.attn": [0, 2, 4]}, "lora_removed": [plain_paths[0]]}
+    module.net = torch.compile(module.net)  # names gain `_orig_mod.`; the plan's are the plain model's
+    assert not plan_applied(module, plan)
+    apply_pruning_plan(module, plan)
+    assert plan_applied(module, plan) and type(module.net).__name__ == "OptimizedModule"
+    assert module.net._orig_mod.base_model.model.blocks[0].attn.num_heads == 3

@@ -1,4 +1,5 @@
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -508,3 +509,64 @@ def test_keep_nonzero_only_moves_values_below_half_a_step():
     step = 12.7 / 127
     assert torch.equal(kept.ne(0), x.ne(0)) and not torch.equal(plain.ne(0), x.ne(0))
     assert (kept - x).abs().max() <= step + 1e-6  # still within one step
+
+
+def test_a_partial_view_is_restored_with_the_strides_it_was_saved_with():
+    # the q of a fused qkv output (timm's attention): a view with gaps, quantized alone. A torch.compile-d backward
+    # asserts the strides its forward saw ("expected size 4==4, stride 816==2448"), so they must come back
+    torch.manual_seed(0)
+    quantizer = ActivationQuantizer("int8", group_size=8, min_numel=0)
+    x = torch.randn(4, 17, 3 * 6 * 8, requires_grad=True)
+    qkv = (x * 2).reshape(4, 17, 3, 6, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    expanded = (x[:, :1] * 2).expand(4, 17, 144)  # overlapping strides cannot be written to: restored contiguous
+    quantizer.start_step()
+    packed = [quantizer.pack(t) for t in (q, k.transpose(-1, -2), expanded)]
+    quantizer.end_step()
+    restored = [saved_tensors._unpack(p) for p in packed]
+    assert all(isinstance(p, saved_tensors._SavedView) for p in packed)
+    for original, back in zip((q, k.transpose(-1, -2)), restored[:2], strict=True):
+        assert back.shape == original.shape and back.stride() == original.stride()
+        torch.testing.assert_close(back, original.detach(), atol=original.abs().max().item() / 100, rtol=0)
+    assert restored[2].shape == expanded.shape
+    torch.testing.assert_close(restored[2], expanded.detach(), atol=expanded.abs().max().item() / 100, rtol=0)
+
+
+def test_weights_masked_by_torch_prune_are_kept_like_parameters(monkeypatch):
+    # Lightning's ModelPruning: `weight` becomes `weight_orig * weight_mask`, recomputed in a forward pre-hook
+    torch.manual_seed(0)
+    counts = []
+    for pruned in (False, True):
+        model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
+        if pruned:
+            torch.nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.5)
+        quantizer = ActivationQuantizer("int8", min_numel=1024)
+        quantizer.attach(model)
+        records = _recording(quantizer, monkeypatch)
+        with quantizer.step():
+            model(torch.randn(8, 256)).sum().backward()
+        counts.append(quantizer.stats.num_quantized)
+        if pruned:
+            masked = [packed for tensor, packed in records if tensor.shape == (256, 256)]
+            assert masked and all(isinstance(packed, saved_tensors._Kept) for packed in masked)
+    assert counts[0] == counts[1] > 0
+    # a product with an input that needs a gradient is an activation, quantized as before
+    quantizer = ActivationQuantizer("int8", min_numel=0)
+    x = torch.randn(64, 64, requires_grad=True)
+    quantizer.start_step()
+    assert isinstance(quantizer.pack(x * 3), saved_tensors._SavedView)
+
+
+def test_excluded_modules_inside_a_compiled_region_are_reported():
+    model = nn.Sequential(torch.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU())), nn.Linear(8, 8))
+    outside = ActivationQuantizer(exclude_modules=["1"])
+    outside.attach(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outside.start_step()
+    inside = ActivationQuantizer(exclude_modules=["0._orig_mod.0"])
+    inside.attach(model)
+    with pytest.warns(
+        UserWarning, match=r"`exclude_modules=\['0._orig_mod.0'\]` cannot apply inside the torch.compile"
+    ):
+        inside.start_step()
