@@ -433,6 +433,14 @@ class TrainableSetController(Callback):
             return False
         methods = ", ".join(dict.fromkeys(type(p).__name__ for p in self.participants))
         culprit = likely_culprit(trainer)
+        if adopted and isinstance(trainer.strategy, DDPStrategy):
+            # DDP synchronises only what required grad when it wrapped the model: these would drift apart per rank
+            raise ValueError(
+                f"Before optimizer step {step}, {culprit} made {len(adopted)} parameters trainable that were frozen"
+                f" when DDP wrapped the model ({_first(adopted)}): DDP does not synchronise their gradients, so"
+                f" each rank would train its own copy, and {methods} cannot change that. HINT: leave them trainable"
+                " when `fit` starts (the methods freeze what they do not train), or train on one device."
+            )
         for name in froze:
             self._outsiders[name] = self.candidates.pop(name)
         for name in adopted:

@@ -461,3 +461,28 @@ FEATURES = {name.removeprefix("feature_"): fn for name, fn in sorted(globals().i
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_beside_feature(tmp_path, method, feature):
     FEATURES[feature](tmp_path, method)
+
+
+@pytest.mark.parametrize("per_stack", [False, True])
+def test_lisa_samples_only_blocks_that_may_train(tmp_path, per_stack, recwarn):
+    module = Module()
+    module.model.blocks[0].requires_grad_(False)
+    module.model.blocks[1].requires_grad_(False)
+    weights = None if per_stack else [1.0, 1.0, 1.0, 4.0]
+    lisa = LISA(n_layers=3, interval=1, seed=0, plot=False, layer_weights=weights, per_stack=per_stack)
+    recorder = Recorder([lisa])
+    trainer = pl.Trainer(callbacks=[lisa, recorder], **trainer_kwargs(tmp_path, max_steps=4))
+    trainer.fit(module)
+    _check_method(recorder, min_training_steps=4)
+    assert [blocks for _, blocks in lisa.history] == [[2, 3]] * 4  # three wanted, the two that may train drawn
+    (message,) = [str(w.message) for w in recwarn if "blocks have no parameter that may train" in str(w.message)]
+    assert "LISA: 2 of 4 blocks" in message and "'model.blocks.0', 'model.blocks.1'" in message and "HINT" in message
+
+
+def test_compiled_model_holds_the_sets_beyond_dynamo_recompile_limit(tmp_path):
+    # every new set recompiles (dynamo guards on requires_grad); past the limit dynamo runs the frame eagerly
+    with torch._dynamo.config.patch(recompile_limit=1):
+        run = _fit(tmp_path, "lisa", module_kwargs={"compile": True}, max_epochs=1, limit_train_batches=8)
+    _check_method(run.recorder, min_training_steps=8)
+    lisa = run.methods[0]
+    assert len({tuple(b) for _, b in lisa.history}) > 1  # a second set: past the limit of one compiled graph
