@@ -43,7 +43,11 @@ does the rest itself, at the same boundaries and after the sets:
 * under FSDP2 row masks are refused (a sharded parameter splits its rows across ranks).
 
 Candidates are the parameters with ``requires_grad=True`` when training starts: what the user's module froze
-(e.g. a peft base model) stays frozen and is never touched.
+(e.g. a peft base model) stays frozen and is never touched. Parameters are held by identity (a method's names may
+predate ``torch.compile``'s ``_orig_mod.`` or pruning's ``weight_orig``), and at every boundary the controller
+checks the flags it set: a candidate frozen from outside leaves the candidates, one the methods froze and someone
+made trainable is frozen again, a parameter frozen at the start and made trainable later (BackboneFinetuning) joins
+them -- each reported once, naming the parameters, the methods and the likely culprit.
 """
 
 from __future__ import annotations
@@ -231,7 +235,7 @@ class TrainableSetController(Callback):
         self._held_for_loading: list[nn.Parameter] = []
         self._module: nn.Module | None = None
         self._aliases: dict[str, nn.Parameter] = {}  # every name a parameter had during this fit, to the parameter
-        self._allowed_now: set[str] = set()  # the candidates the controller last left trainable
+        self._allowed_now: set[str] | None = None  # the candidates it last left trainable (None: not started)
         self._outsiders: dict[str, nn.Parameter] = {}  # frozen when training started: not the methods' to decide
         self._warned: set[str] = set()
         #: Increases whenever the candidates change (a parameter frozen or made trainable from outside); a method
@@ -403,6 +407,7 @@ class TrainableSetController(Callback):
         """
         names = set(self.candidates)
         self.candidates = {name: p for name, p in pl_module.named_parameters() if name in names}
+        self._outsiders = {n: p for n, p in pl_module.named_parameters() if n not in names and not p.requires_grad}
         self._remember_names(pl_module)
         self.generation += 1
         if self._last_wishes is not None and self._last_rows is not None:
@@ -419,10 +424,10 @@ class TrainableSetController(Callback):
         for it from now on: LISA samples its block). Each kind is reported once per fit, naming the parameters, the
         methods and the likely culprit.
         """
-        if self._last_wishes is None:
+        allowed = self._allowed_now
+        if allowed is None:
             return False
         froze, unfroze, adopted = [], [], []
-        allowed = self._allowed_now
         for name, param in self.candidates.items():
             if param.requires_grad != (name in allowed):
                 (unfroze if param.requires_grad else froze).append(name)

@@ -608,3 +608,15 @@ def test_likely_culprit_names_the_callbacks_that_change_requires_grad():
     callbacks = [BackboneFinetuning(), ModelPruning("l1_unstructured"), Recorder()]
     assert likely_culprit(SimpleNamespace(callbacks=callbacks)) == "BackboneFinetuning or ModelPruning"
     assert likely_culprit(SimpleNamespace(callbacks=[Recorder()])) == "the LightningModule or a callback"
+
+
+def test_a_parameter_unfrozen_before_the_first_step_joins_the_candidates_at_once(tmp_path, recwarn):
+    class UnfreezeAtEpochStart(Callback):  # as BackboneFinetuning(unfreeze_backbone_at_epoch=0) does
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.blocks.requires_grad_(True)
+
+    model = TinyBlockModel()
+    model.blocks.requires_grad_(False)
+    _, _, rec = _fit(tmp_path, [Schedule([OUTSIDE | _block(2)]), UnfreezeAtEpochStart()], model=model, max_steps=2)
+    assert rec.trainable == [OUTSIDE | _block(2)] * 2
+    assert _messages(recwarn, "Before optimizer step 0, the LightningModule or a callback made 24 parameters")
