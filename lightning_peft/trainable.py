@@ -234,6 +234,7 @@ class TrainableSetController(Callback):
         self._step_hooks: list[RemovableHandle] = []
         self._held_for_loading: list[nn.Parameter] = []
         self._module: nn.Module | None = None
+        self._unknown: set[str] = set()  # names found nowhere since the module's names were last read
         self._aliases: dict[str, nn.Parameter] = {}  # every name a parameter had during this fit, to the parameter
         self._allowed_now: set[str] | None = None  # the candidates it last left trainable (None: not started)
         self._outsiders: dict[str, nn.Parameter] = {}  # frozen when training started: not the methods' to decide
@@ -264,9 +265,11 @@ class TrainableSetController(Callback):
         denotes the current one.
         """
         param = self._aliases.get(name)
-        if param is None and self._module is not None:  # a name not seen yet: read the module's current names
-            self._remember_names(self._module)
+        if param is None and self._module is not None and name not in self._unknown:
+            self._remember_names(self._module)  # a name not seen yet: read the module's current names, once
             param = self._aliases.get(name)
+            if param is None:
+                self._unknown.add(name)
         return param
 
     def may_train(self, names: Iterable[str]) -> bool:
@@ -280,6 +283,7 @@ class TrainableSetController(Callback):
 
     def _remember_names(self, module: nn.Module) -> None:
         self._module = module
+        self._unknown = set()
         for name, param in module.named_parameters():
             self._aliases[name] = param
 
