@@ -43,21 +43,25 @@ does the rest itself, at the same boundaries and after the sets:
 * under FSDP2 row masks are refused (a sharded parameter splits its rows across ranks).
 
 Candidates are the parameters with ``requires_grad=True`` when training starts: what the user's module froze
-(e.g. a peft base model) stays frozen and is never touched.
+(e.g. a peft base model) stays frozen and is never touched. Parameters are held by identity (a method's names may
+predate ``torch.compile``'s ``_orig_mod.`` or pruning's ``weight_orig``), and at every boundary the controller
+checks the flags it set: a candidate frozen from outside leaves the candidates, one the methods froze and someone
+made trainable is frozen again, a parameter frozen at the start and made trainable later (BackboneFinetuning) joins
+them -- each reported once, naming the parameters, the methods and the likely culprit.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelPruning
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -67,7 +71,7 @@ from typing_extensions import override
 from lightning_peft._compat import ddp_constructor_kwargs, logger_writes_this_step, run_before_checkpoint_load
 from lightning_peft._sharding import check_optimizers
 
-__all__ = ["BoundaryTiming", "TrainableSetCallback", "TrainableSetController", "agree_seed"]
+__all__ = ["BoundaryTiming", "TrainableSetCallback", "TrainableSetController", "agree_seed", "likely_culprit"]
 
 
 def agree_seed(trainer: pl.Trainer, seed: int | None) -> int:
@@ -130,6 +134,25 @@ class TrainableSetCallback(Callback):
         callback returns what it returned last time, which keeps its cost per step in microseconds.
         """
         raise NotImplementedError
+
+    def names_except(self, names: Iterable[str], frozen: Iterable[str]) -> frozenset[str]:
+        """Those of ``names`` that denote none of the parameters ``frozen`` names, matched by identity.
+
+        A method that takes its names at setup and the module's at a later step gets both right through this, after
+        ``torch.compile`` in ``configure_model`` (``_orig_mod.``) or a pruning callback (``weight_orig``) renamed
+        them. Without a controller (outside ``fit``) names are compared as strings.
+
+        Example::
+
+            >>> TrainableSetCallback().names_except(["a.weight", "b.weight"], ["b.weight"])
+            frozenset({'a.weight'})
+        """
+        if self.controller is None:
+            excluded = set(frozen)
+            return frozenset(n for n in names if n not in excluded)
+        param = self.controller.parameter
+        ids = {id(p) for n in frozen if (p := param(n)) is not None}
+        return frozenset(n for n in names if (p := param(n)) is None or id(p) not in ids)
 
     def trainable_rows(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
@@ -210,6 +233,15 @@ class TrainableSetController(Callback):
         self._rows: dict[str, _RowRestriction] = {}
         self._step_hooks: list[RemovableHandle] = []
         self._held_for_loading: list[nn.Parameter] = []
+        self._module: nn.Module | None = None
+        self._unknown: set[str] = set()  # names found nowhere since the module's names were last read
+        self._aliases: dict[str, nn.Parameter] = {}  # every name a parameter had during this fit, to the parameter
+        self._allowed_now: set[str] | None = None  # the candidates it last left trainable (None: not started)
+        self._outsiders: dict[str, nn.Parameter] = {}  # frozen when training started: not the methods' to decide
+        self._warned: set[str] = set()
+        #: Increases whenever the candidates change (a parameter frozen or made trainable from outside); a method
+        #: that depends on them (LISA's pool of blocks) recomputes when it moves.
+        self.generation = 0
         #: Cost of the most recent optimizer-step boundary (``None`` before the first); benchmarks read it after
         #: each batch to time the controller without wrapping its hooks.
         self.last_boundary: BoundaryTiming | None = None
@@ -223,6 +255,43 @@ class TrainableSetController(Callback):
     def row_masks(self) -> dict[str, Tensor]:
         """The combined row masks now applied (parameter name to boolean mask over dim 0, ``True``: trains)."""
         return {name: restriction.mask for name, restriction in self._rows.items()}
+
+    def parameter(self, name: str) -> nn.Parameter | None:
+        """The parameter that ``name`` denotes now or denoted earlier in this fit (``None``: no parameter).
+
+        Parameters are held by identity: a name a method took at setup still finds its parameter after
+        ``torch.compile`` in ``configure_model`` inserted ``_orig_mod.`` or ``torch.nn.utils.prune`` renamed
+        ``weight`` to ``weight_orig``. A name that now denotes another object (a parameter replaced under its name)
+        denotes the current one.
+        """
+        param = self._aliases.get(name)
+        if param is None and self._module is not None and name not in self._unknown:
+            self._remember_names(self._module)  # a name not seen yet: read the module's current names, once
+            param = self._aliases.get(name)
+            if param is None:
+                self._unknown.add(name)
+        return param
+
+    def may_train(self, names: Iterable[str]) -> bool:
+        """Whether any of ``names`` denotes a candidate, a parameter the methods decide for.
+
+        Candidates are the parameters trainable when training started and those something outside the methods made
+        trainable since, not the ones the user or another callback froze.
+        """
+        ids = {id(p) for p in self.candidates.values()}
+        return any((p := self.parameter(n)) is not None and id(p) in ids for n in names)
+
+    def _remember_names(self, module: nn.Module) -> None:
+        self._module = module
+        self._unknown = set()
+        for name, param in module.named_parameters():
+            self._aliases[name] = param
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # the names the methods see in their own setup, before `configure_model`
+            self._aliases = {}
+            self._remember_names(pl_module)
 
     @classmethod
     def of(cls, trainer: pl.Trainer) -> TrainableSetController | None:
@@ -283,6 +352,11 @@ class TrainableSetController(Callback):
         self._release_held()
         check_optimizers(trainer)
         self.candidates = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        self._outsiders = {name: p for name, p in pl_module.named_parameters() if not p.requires_grad}
+        self._remember_names(pl_module)
+        self._allowed_now = set(self.candidates)
+        self._warned = set()
+        self.generation += 1
         in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [name for name, p in self.candidates.items() if id(p) not in in_optimizer]
         if trainer.optimizers and missing:
@@ -306,6 +380,8 @@ class TrainableSetController(Callback):
         self._last_step = step
         start = time.perf_counter_ns()
         # the boundary first, for every method, then the wishes: no method depends on the order of the callbacks
+        if self._outside_changes(trainer, step):  # the flags it set were changed by someone else: apply again
+            self._last_wishes = None
         for participant in self.participants:
             participant.on_step_boundary(trainer, pl_module, batch, batch_idx, step)
         wishes = [p.trainable_parameters(trainer, pl_module, step) for p in self.participants]
@@ -335,10 +411,75 @@ class TrainableSetController(Callback):
         """
         names = set(self.candidates)
         self.candidates = {name: p for name, p in pl_module.named_parameters() if name in names}
+        self._outsiders = {n: p for n, p in pl_module.named_parameters() if n not in names and not p.requires_grad}
+        self._remember_names(pl_module)
+        self.generation += 1
         if self._last_wishes is not None and self._last_rows is not None:
             self._apply(trainer, self._last_wishes, self._last_rows, rehold=True, step=trainer.global_step)
         else:
             self.num_trainable = sum(p.numel() for p in self.candidates.values() if p.requires_grad)
+
+    def _outside_changes(self, trainer: pl.Trainer, step: int) -> bool:
+        """Notice ``requires_grad`` flags changed by someone else since the last boundary; ``True``: apply again.
+
+        A candidate someone froze leaves the candidates (it stays frozen, as they asked); a candidate the methods
+        froze that someone made trainable is frozen again (a parameter trains only if every method allows it); a
+        parameter frozen when training started that someone made trainable joins the candidates (the methods decide
+        for it from now on: LISA samples its block). Each kind is reported once per fit, naming the parameters, the
+        methods and the likely culprit.
+        """
+        allowed = self._allowed_now
+        if allowed is None:
+            return False
+        froze, unfroze, adopted = [], [], []
+        for name, param in self.candidates.items():
+            if param.requires_grad != (name in allowed):
+                (unfroze if param.requires_grad else froze).append(name)
+        for name, param in self._outsiders.items():
+            if param.requires_grad:
+                adopted.append(name)
+        if not (froze or unfroze or adopted):
+            return False
+        methods = ", ".join(dict.fromkeys(type(p).__name__ for p in self.participants))
+        culprit = likely_culprit(trainer)
+        if adopted and isinstance(trainer.strategy, DDPStrategy):
+            # DDP synchronises only what required grad when it wrapped the model: these would drift apart per rank
+            raise ValueError(
+                f"Before optimizer step {step}, {culprit} made {len(adopted)} parameters trainable that were frozen"
+                f" when DDP wrapped the model ({_first(adopted)}): DDP does not synchronise their gradients, so"
+                f" each rank would train its own copy, and {methods} cannot change that. HINT: leave them trainable"
+                " when `fit` starts (the methods freeze what they do not train), or train on one device."
+            )
+        for name in froze:
+            self._outsiders[name] = self.candidates.pop(name)
+        for name in adopted:
+            self.candidates[name] = self._outsiders.pop(name)
+        if froze or adopted:
+            self.generation += 1
+        if froze and "froze" not in self._warned:
+            self._warned.add("froze")
+            rank_zero_warn(
+                f"Before optimizer step {step}, {culprit} froze {len(froze)} parameters that {methods} let train"
+                f" ({_first(froze)}). They stay frozen, whatever {methods} choose: no method trains what is frozen from"
+                " outside. HINT: to let the methods train them, do not change their `requires_grad` during the run."
+            )
+        if unfroze and "unfroze" not in self._warned:
+            self._warned.add("unfroze")
+            rank_zero_warn(
+                f"Before optimizer step {step}, {culprit} made {len(unfroze)} parameters trainable that {methods}"
+                f" keep frozen ({_first(unfroze)}). They are frozen again: a parameter trains only if every method"
+                f" allows it. HINT: to train them, give {methods} settings that include them, or remove"
+                f" {methods} from the callbacks."
+            )
+        if adopted and "adopted" not in self._warned:
+            self._warned.add("adopted")
+            rank_zero_warn(
+                f"Before optimizer step {step}, {culprit} made {len(adopted)} parameters trainable that were frozen"
+                f" when training started ({_first(adopted)}). From now on they train only where {methods} allow it,"
+                " as the others (LISA samples their blocks; an unsampled block stays frozen). HINT: to train them"
+                " whatever the methods choose, leave the methods out; to never train them, do not unfreeze them."
+            )
+        return True
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -350,10 +491,13 @@ class TrainableSetController(Callback):
         self._restore()
 
     def _allowed(self, wishes: list[Set[str] | None], step: int) -> set[str]:
-        allowed = set(self.candidates)
+        # by identity: a method's names may be those of its setup, before `configure_model` compiled the model or
+        # a pruning callback renamed the parameters
+        allowed_ids = {id(p) for p in self.candidates.values()}
         for wish in wishes:
             if wish is not None:
-                allowed &= wish if isinstance(wish, (set, frozenset)) else set(wish)
+                allowed_ids &= {id(p) for name in wish if (p := self.parameter(name)) is not None}
+        allowed = {name for name, p in self.candidates.items() if id(p) in allowed_ids}
         if self.candidates and not allowed:
             restricting = [p for p, wish in zip(self.participants, wishes, strict=True) if wish is not None]
             names = ", ".join(type(p).__name__ for p in restricting)
@@ -369,20 +513,16 @@ class TrainableSetController(Callback):
     ) -> dict[str, Tensor]:
         """AND of the methods' row masks over the allowed parameters (unrestricted ones left out)."""
         combined: dict[str, Tensor] = {}
-        names: set[str] = set()
-
-        def known_names(trainer: pl.Trainer) -> set[str]:  # read only when a mask names a non-candidate
-            if not names:
-                names.update(n for n, _ in trainer.lightning_module.named_parameters())
-            return names
-
+        candidate_names = {id(p): n for n, p in self.candidates.items()}
         for participant, wish in zip(self.participants, rows, strict=True):
             if not wish:
                 continue
             _check_rows_supported(trainer, participant)
-            for name, mask in wish.items():
+            for given, mask in wish.items():
+                param = self.parameter(given)
+                name = candidate_names.get(id(param), given)  # the candidate's own name, whatever name was given
                 if name not in allowed:  # frozen whole by some method's set (or by the user): rows do not matter
-                    if name not in self.candidates and name not in known_names(trainer):
+                    if param is None:
                         raise ValueError(
                             f"`{type(participant).__name__}.trainable_rows` names {name!r}, which is no parameter of"
                             f" {type(trainer.lightning_module).__name__}. HINT: use the names of"
@@ -436,6 +576,7 @@ class TrainableSetController(Callback):
                 for optimizer in optimizers:
                     optimizer.state.pop(param, None)
         self._restrict_rows(trainer, combined, reactivated, rehold)
+        self._allowed_now = allowed
         total = 0
         for name in allowed:
             param = self.candidates[name]
@@ -496,6 +637,25 @@ class TrainableSetController(Callback):
 def _changed(last: list[Any] | None, now: list[Any]) -> bool:
     """Whether any method returned another object than last time (identity: methods return the same while equal)."""
     return last is None or len(last) != len(now) or any(a is not b for a, b in zip(now, last, strict=True))
+
+
+def _first(names: list[str], count: int = 3) -> str:
+    more = f", ... ({len(names) - count} more)" if len(names) > count else ""
+    return ", ".join(f"`{n}`" for n in names[:count]) + more
+
+
+def likely_culprit(trainer: pl.Trainer) -> str:
+    """Who changes ``requires_grad`` besides the methods: the Trainer's BaseFinetuning / ModelPruning callbacks.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.callbacks import BackboneFinetuning
+        >>> likely_culprit(pl.Trainer(callbacks=[BackboneFinetuning()], logger=False))
+        'BackboneFinetuning'
+    """
+    suspects = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (BaseFinetuning, ModelPruning))]
+    return " or ".join(dict.fromkeys(suspects)) or "the LightningModule or a callback"
 
 
 def _zero_rows(frozen: Tensor) -> Any:

@@ -462,3 +462,161 @@ def test_row_masks_are_refused_under_fsdp2(tmp_path):
     trainer = SimpleNamespace(strategy=ModelParallelStrategy(), global_step=0, optimizers=[])
     with pytest.raises(ValueError, match=r"`Rows` trains parts of parameters.*`strategy=ModelParallelStrategy`.*HINT"):
         controller.on_train_batch_start(trainer, model, None, 0)
+
+
+# ---------------------------------------------------------------------------- identity, and flags changed outside
+
+
+class BlockByStep(TrainableSetCallback):
+    """Trains the parameters outside the blocks and block `step % 4`, named as the module names them now."""
+
+    def trainable_parameters(self, trainer, pl_module, step):
+        block = f"blocks.{step % 4}."
+        return frozenset(n for n, _ in pl_module.named_parameters() if not n.startswith("blocks.") or block in n)
+
+
+class PruneFc1(Callback):
+    """Prunes every block's `fc1.weight` at the end of epoch 0 (`weight` becomes `weight_orig` plus a mask)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            for block in pl_module.blocks:
+                torch.nn.utils.prune.l1_unstructured(block.fc1, "weight", amount=0.5)
+
+
+def _fc1_weight(block):  # the parameter, whatever its name (`weight`, or `weight_orig` once pruned)
+    return next(p for n, p in block.fc1.named_parameters() if n.startswith("weight"))
+
+
+class Fc1Moved(Callback):
+    """Per batch, the blocks whose `fc1` weight changed."""
+
+    def __init__(self):
+        self.moved = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = [_fc1_weight(b).detach().clone() for b in pl_module.blocks]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.moved.append(
+            {i for i, b in enumerate(pl_module.blocks) if not torch.equal(self.before[i], _fc1_weight(b))}
+        )
+
+
+def test_a_parameter_renamed_by_pruning_keeps_training_when_its_block_is_chosen(tmp_path):
+    moved = Fc1Moved()
+    model, _, _ = _fit(tmp_path, [BlockByStep(), PruneFc1(), moved], max_epochs=2, limit_train_batches=4)
+    assert hasattr(model.blocks[0].fc1, "weight_orig")  # pruned after epoch 0
+    assert moved.moved == [{step % 4} for step in range(8)]  # by identity: `weight_orig` is the same parameter
+
+
+def test_names_except_matches_by_identity_whatever_the_names_now():
+    model = TinyBlockModel()
+    method = Schedule([None])
+    method.controller = TrainableSetController()
+    method.controller.setup(SimpleNamespace(), model, "fit")  # remembers the names the methods see at setup
+    torch.nn.utils.prune.l1_unstructured(model.blocks[0].fc1, "weight", amount=0.5)
+    now = [n for n, _ in model.named_parameters()]
+    kept = method.names_except(now, _block(0))  # names of setup against names of now
+    assert "blocks.0.fc1.weight_orig" in now and not any(n.startswith("blocks.0.") for n in kept)
+    assert kept == set(now) - {n for n in now if n.startswith("blocks.0.")}
+    assert method.controller.parameter("blocks.0.fc1.weight") is model.blocks[0].fc1.weight_orig
+    assert TrainableSetCallback().names_except(now, ["embed.weight"]) == set(now) - {"embed.weight"}  # no controller
+
+
+class Meddler(Callback):
+    """Changes `requires_grad` behind the controller's back, after the optimizer step of batch `at`."""
+
+    def __init__(self, at, change):
+        self.at, self.change = at, change
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.at:
+            self.change(pl_module)
+
+
+def _messages(recwarn, text):
+    return [str(w.message) for w in recwarn if text in str(w.message)]
+
+
+def test_a_parameter_the_methods_froze_and_someone_unfroze_is_frozen_again_and_reported_once(tmp_path, recwarn):
+    def unfreeze_block1(module):
+        module.blocks[1].requires_grad_(True)
+
+    meddlers = [Meddler(1, unfreeze_block1), Meddler(3, unfreeze_block1)]
+    model = TinyBlockModel()
+    before = snapshot(model)
+    _, _, rec = _fit(tmp_path, [Schedule([OUTSIDE | _block(0)]), *meddlers], model=model, max_steps=5)
+    # the recorder reads the flags after the meddler: at the end of the batches it meddled in, block 1 is trainable
+    assert [t == OUTSIDE | _block(0) for t in rec.trainable] == [True, False, True, False, True]
+    assert not changed(before, model) & _block(1)
+    (message,) = _messages(recwarn, "parameters trainable that Schedule keep frozen")
+    assert "Before optimizer step 2, the LightningModule or a callback made 6 parameters" in message
+    assert "`blocks.1.norm.weight`" in message and "HINT" in message
+
+
+def test_a_parameter_someone_froze_stays_frozen_and_leaves_the_candidates(tmp_path, recwarn):
+    def freeze_head(module):
+        module.head.requires_grad_(False)
+
+    model = TinyBlockModel()
+    _, trainer, rec = _fit(
+        tmp_path, [Schedule([OUTSIDE | _block(0)]), Meddler(1, freeze_head)], model=model, max_steps=4
+    )
+    assert [("head.weight" in t) for t in rec.trainable] == [True, False, False, False]
+    assert "head.weight" not in TrainableSetController.of(trainer).candidates
+    assert not model.head.weight.requires_grad  # not made trainable again at the end of fit: it is theirs
+    (message,) = _messages(recwarn, "froze 2 parameters that Schedule let train")
+    assert "`head.weight`, `head.bias`" in message and "They stay frozen" in message
+
+
+def test_a_parameter_frozen_at_fit_start_and_unfrozen_later_joins_the_candidates(tmp_path, recwarn):
+    def unfreeze_blocks(module):
+        module.blocks.requires_grad_(True)
+
+    model = TinyBlockModel()
+    model.blocks.requires_grad_(False)  # as BackboneFinetuning does before training
+    _, trainer, rec = _fit(
+        tmp_path, [Schedule([OUTSIDE | _block(2)]), Meddler(1, unfreeze_blocks)], model=model, max_steps=4
+    )
+    # batch 1 is read after the meddler unfroze every block; from the next step the method's set holds on them
+    assert [rec.trainable[0], *rec.trainable[2:]] == [OUTSIDE, OUTSIDE | _block(2), OUTSIDE | _block(2)]
+    assert _block(0) <= set(TrainableSetController.of(trainer).candidates)
+    (message,) = _messages(recwarn, "were frozen when training started")
+    assert "made 24 parameters trainable" in message and "Schedule allow" in message
+
+
+def test_unfreezing_a_parameter_ddp_left_out_is_refused():
+    model = TinyBlockModel()
+    model.blocks.requires_grad_(False)
+    controller = TrainableSetController()
+    controller.participants = [Schedule([None])]
+    controller.candidates = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    controller._outsiders = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    controller._allowed_now, controller._last_wishes = set(controller.candidates), [None]
+    model.blocks.requires_grad_(True)
+    trainer = SimpleNamespace(strategy=DDPStrategy(), callbacks=[], global_step=3, optimizers=[])
+    with pytest.raises(ValueError, match=r"frozen when DDP wrapped the model.*`blocks.0.norm.weight`.*HINT"):
+        controller.on_train_batch_start(trainer, model, None, 0)
+
+
+def test_likely_culprit_names_the_callbacks_that_change_requires_grad():
+    from lightning.pytorch.callbacks import BackboneFinetuning, ModelPruning
+
+    from lightning_peft.trainable import likely_culprit
+
+    callbacks = [BackboneFinetuning(), ModelPruning("l1_unstructured"), Recorder()]
+    assert likely_culprit(SimpleNamespace(callbacks=callbacks)) == "BackboneFinetuning or ModelPruning"
+    assert likely_culprit(SimpleNamespace(callbacks=[Recorder()])) == "the LightningModule or a callback"
+
+
+def test_a_parameter_unfrozen_before_the_first_step_joins_the_candidates_at_once(tmp_path, recwarn):
+    class UnfreezeAtEpochStart(Callback):  # as BackboneFinetuning(unfreeze_backbone_at_epoch=0) does
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.blocks.requires_grad_(True)
+
+    model = TinyBlockModel()
+    model.blocks.requires_grad_(False)
+    _, _, rec = _fit(tmp_path, [Schedule([OUTSIDE | _block(2)]), UnfreezeAtEpochStart()], model=model, max_steps=2)
+    assert rec.trainable == [OUTSIDE | _block(2)] * 2
+    assert _messages(recwarn, "Before optimizer step 0, the LightningModule or a callback made 24 parameters")

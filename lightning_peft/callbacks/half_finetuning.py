@@ -344,7 +344,7 @@ class HalfFineTuning(TrainableSetCallback):
             # registered after this one's setup (early pruning's masks) are outside the blocks and train
             selected = set(self.selected)
             frozen = {p for p in self._block_parameter_names() if p not in selected}
-            self._allowed = frozenset(n for n, _ in pl_module.named_parameters() if n not in frozen)
+            self._allowed = self.names_except((n for n, _ in pl_module.named_parameters()), frozen)
         return self._allowed
 
     @override

@@ -306,7 +306,7 @@ class IST(TrainableSetCallback):
         for index, params in enumerate(self._peft_params):
             if index not in self.sampled:
                 frozen.update(params)
-        self._allowed = self._all_params - frozen
+        self._allowed = self.names_except(self._all_params, frozen)
 
     @override
     def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:

@@ -15,8 +15,8 @@ from typing_extensions import override
 
 from lightning_peft._plotting import new_figure, save_figure
 from lightning_peft._validation import check_bool, check_int, check_seed
-from lightning_peft.layers import LayerStack, find_layers
-from lightning_peft.trainable import TrainableSetCallback, agree_seed
+from lightning_peft.layers import LayerStack, Stack, find_layers
+from lightning_peft.trainable import TrainableSetCallback, agree_seed, likely_culprit
 
 __all__ = ["LISA", "LISAPlan"]
 
@@ -148,6 +148,8 @@ class LISA(TrainableSetCallback):
         self._sampled_at: int | None = None
         self._generator: torch.Generator | None = None
         self._allowed: frozenset[str] | None = None
+        self._pool: tuple[int, ...] | None = None  # blocks that may train, when not all (see `_pool_changed`)
+        self._pool_generation: int | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -157,7 +159,35 @@ class LISA(TrainableSetCallback):
         if self._generator is None:  # not restored from a checkpoint
             self._generator = torch.Generator().manual_seed(agree_seed(trainer, self.seed))
         self._allowed = None
+        self._pool, self._pool_generation = None, None
         super().setup(trainer, pl_module, stage)
+
+    def _pool_changed(self, trainer: pl.Trainer) -> bool:
+        """Whether the blocks that may train changed since the last call.
+
+        A block whose parameters the user or another callback froze (BackboneFinetuning before its unfreezing epoch)
+        is left out of sampling until one of them becomes trainable.
+        """
+        controller = self.controller
+        if controller is None or controller.generation == self._pool_generation:
+            return False
+        assert self.stack is not None
+        self._pool_generation = controller.generation
+        pool = tuple(i for i in range(len(self.stack)) if controller.may_train(self.stack.block_parameter_names(i)))
+        pool = None if len(pool) == len(self.stack) else pool
+        if pool == self._pool:
+            return False
+        self._pool = pool
+        if pool is not None:
+            left_out = [self.stack.names[i] for i in range(len(self.stack)) if i not in pool]
+            rank_zero_warn(
+                f"LISA: {len(left_out)} of {len(self.stack)} blocks have no parameter that may train (frozen by"
+                f" {likely_culprit(trainer)}): {left_out[:4]}{' ...' if len(left_out) > 4 else ''}."
+                + (f" LISA samples among the {len(pool)} others" if pool else " LISA trains no block")
+                + " until they become trainable. HINT: to sample every block, leave the blocks trainable when"
+                " `fit` starts (a BaseFinetuning callback that freezes a backbone holding them delays them)."
+            )
+        return True
 
     def _checked_stack(self, module: nn.Module) -> LayerStack:
         """The blocks of ``module``, checked against ``n_layers``, ``layer_weights`` and shared blocks."""
@@ -230,7 +260,7 @@ class LISA(TrainableSetCallback):
     @override
     def trainable_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Set[str] | None:
         due = step % self.interval == 0 and step != self._sampled_at
-        if self.sampled is None or due:
+        if self._pool_changed(trainer) or self.sampled is None or due:
             self._sample(step)
         if self._allowed is None:
             assert self.stack is not None and self.sampled is not None
@@ -239,12 +269,23 @@ class LISA(TrainableSetCallback):
             frozen = {
                 n for i in range(len(self.stack)) if i not in self.sampled for n in self.stack.block_parameter_names(i)
             }
-            self._allowed = frozenset(n for n, _ in pl_module.named_parameters() if n not in frozen)
+            self._allowed = self.names_except((n for n, _ in pl_module.named_parameters()), frozen)
         return self._allowed
 
     def _sample(self, step: int) -> None:
         assert self.stack is not None and self._generator is not None
-        if self.per_stack:
+        if self._pool is not None:  # some blocks cannot train: draw among the others, by weight
+            weights = torch.tensor(self.layer_weights or [1.0] * len(self.stack), dtype=torch.float64)
+            weights[[i for i in range(len(self.stack)) if i not in self._pool]] = 0.0
+            sampled = []
+            for stack in self.stack.stacks if self.per_stack else [Stack("", 0, len(self.stack))]:
+                part = weights[stack.start : stack.stop]
+                count = min(self.n_layers, int((part > 0).sum()))
+                if count:
+                    drawn = torch.multinomial(part, count, replacement=False, generator=self._generator)
+                    sampled += [stack.start + i for i in drawn.tolist()]
+            self.sampled = sorted(sampled)
+        elif self.per_stack:
             sampled = []
             for stack in self.stack.stacks:
                 order = torch.randperm(len(stack), generator=self._generator)
