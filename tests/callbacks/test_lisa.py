@@ -411,7 +411,7 @@ def _llama(checkpointing):
     from lightning_peft.modules import CausalLM
 
     torch.manual_seed(0)
-    module = CausalLM(config=LLAMA).eval()
+    module = CausalLM(config=LLAMA).train()  # no dropout in Llama; checkpointing only runs in training mode
     if checkpointing:  # transformers marks the embedding output as requiring grad (enable_input_require_grads)
         module.model.gradient_checkpointing_enable()
     else:
