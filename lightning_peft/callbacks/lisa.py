@@ -36,7 +36,7 @@ class LISAPlan:
         n_blocks: the number of blocks of the model.
         trainable: every parameter that trains: those outside the blocks and those of the sampled blocks, less the
             embeddings and head where they do not train in this period.
-        embeddings: the names of the input-embedding parameters (``[]`` when not looked up: ``embeddings="always"``
+        embeddings: the names of the input-embedding parameters (empty when not looked up: ``embeddings="always"``
             and ``head="always"`` train them with everything else outside the blocks).
         head: the names of the head's parameters (as ``embeddings``).
         embeddings_trained: whether the embeddings train in this period.
@@ -86,7 +86,8 @@ class LISA(TrainableSetCallback):
     default). At LLM scale they are a large share of the model (a 128k vocabulary makes them 1.05 B of Llama-3-8B's
     parameters: their gradients and AdamW state cost more than LoRA's whole overhead), so each can instead be
     ``"sampled"`` -- it trains in a period with the chance of a block, ``n_layers / n_blocks`` (with ``per_stack``,
-    the share of blocks sampled), drawn independently after the blocks -- or ``"frozen"`` (never trains). The
+    the share of blocks sampled), drawn from a random stream of its own so the blocks drawn stay those of the default
+    settings -- or ``"frozen"`` (never trains). The
     embeddings are the parameters :func:`~lightning_peft.layout.embeddings.find_embeddings` names (the token table
     and, where they sit beside it, the position / token-type tables and the embedding norm); the head is what
     :func:`~lightning_peft.layout.find_head` names. A head tied to the token table is one parameter: both must then
