@@ -120,6 +120,11 @@ LANGUAGE: dict[str, Recipe] = {
     "lisa_int8_adamw8bit": Recipe(
         "LISA + int8 activations + AdamW8bit", "lisa", LISA_SETTINGS, activations="int8", optimizer="adamw8bit"
     ),
+    "lisa_embeddings_frozen": Recipe("LISA, embeddings frozen", "lisa", {**LISA_SETTINGS, "embeddings": "frozen"}),
+    "lisa_embeddings_sampled": Recipe("LISA, embeddings sampled", "lisa", {**LISA_SETTINGS, "embeddings": "sampled"}),
+    "lisa_head_sampled": Recipe(
+        "LISA, embeddings frozen, head sampled", "lisa", {**LISA_SETTINGS, "embeddings": "frozen", "head": "sampled"}
+    ),
 }
 LANGUAGE_METHODS = tuple(LANGUAGE)
 PEER_METHODS = PEERS

@@ -386,7 +386,9 @@ for _method in (
         "lisa",
         "LISA",
         callback=LISA,
-        defaults={"n_layers": 2, "interval": 20},
+        # the paper's settings; `embeddings` / `head` ("always", "sampled", "frozen") change what trains outside the
+        # blocks, and `preview` (LISAPlan: `embeddings`, `head`, `*_trained`, `no_grad_blocks`) says what they do
+        defaults={"n_layers": 2, "interval": 20, "embeddings": "always", "head": "always"},
         probe=_support_probe("check_lisa"),
         builtin=True,
     ),

@@ -285,3 +285,213 @@ def test_plot_marks_the_stacks_and_leaves_the_matplotlib_backend_alone(tmp_path,
         assert sorted(text.get_text().strip() for text in ax.texts) == ["blocks", "decoder"]
     finally:
         matplotlib.use(previous)
+
+
+# ------------------------------------------------------------------------------------- embeddings, head, prefix
+
+EMBED, HEAD = {"embed.weight", "embed.bias"}, {"head.weight", "head.bias"}
+
+
+class PerStep(Callback):
+    """Per optimizer step: what requires grad during the step, what the step changed, and LISA's draws."""
+
+    def __init__(self, lisa):
+        self.lisa, self.steps = lisa, []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._before = snapshot(pl_module)
+        self._requires = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        lisa = self.lisa
+        self.steps.append(
+            (self._requires, changed(self._before, pl_module), set(lisa.sampled), lisa.embeddings_trained,
+             lisa.head_trained)
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "head"), [("frozen", "always"), ("always", "frozen"), ("sampled", "sampled"), ("frozen", "sampled")]
+)
+def test_embeddings_and_head_train_as_chosen_at_every_step(tmp_path, embeddings, head):
+    model = TinyBlockModel()
+    lisa = LISA(n_layers=2, interval=1, seed=0, embeddings=embeddings, head=head)
+    record = PerStep(lisa)
+    pl.Trainer(callbacks=[lisa, record], max_steps=24, **trainer_kwargs(tmp_path)).fit(model)
+    draws = set()
+    for requires, updated, sampled, embeddings_trained, head_trained in record.steps:
+        expected = {"norm.weight", "norm.bias"} | _block_names(model, sampled)
+        expected |= (EMBED if embeddings_trained else set()) | (HEAD if head_trained else set())
+        assert requires == expected and updated == expected
+        draws.add((embeddings_trained, head_trained))
+    assert {e for e, _ in draws} == {"frozen": {False}, "always": {True}, "sampled": {False, True}}[embeddings]
+    assert {h for _, h in draws} == {"frozen": {False}, "always": {True}, "sampled": {False, True}}[head]
+
+
+def test_sampled_embeddings_leave_the_blocks_drawn_as_by_default(tmp_path):
+    runs = []
+    for kwargs in ({}, {"embeddings": "sampled", "head": "sampled"}):
+        lisa = LISA(n_layers=1, interval=2, seed=4, **kwargs)
+        history = History(lisa)
+        pl.Trainer(callbacks=[lisa, history], max_steps=12, **trainer_kwargs(tmp_path)).fit(TinyBlockModel())
+        runs.append(history.sampled)
+    assert runs[0] == runs[1]
+
+
+def test_resume_with_sampled_embeddings_and_head_matches_uninterrupted_run(tmp_path):
+    def lisa(seed=7):
+        return LISA(n_layers=1, interval=5, seed=seed, embeddings="sampled", head="sampled")
+
+    torch.manual_seed(0)
+    reference = TinyBlockModel()
+    start = snapshot(reference)
+    pl.Trainer(callbacks=[lisa()], max_epochs=3, **trainer_kwargs(tmp_path / "a")).fit(reference)
+    first = TinyBlockModel()
+    first.load_state_dict(start)
+    kw = trainer_kwargs(tmp_path / "b", enable_checkpointing=True)
+    pl.Trainer(callbacks=[lisa(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=1, **kw).fit(
+        first
+    )
+    resumed = TinyBlockModel()
+    callback = lisa(seed=999)
+    trainer = pl.Trainer(callbacks=[callback, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=3, **kw)
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 36
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(param, dict(resumed.named_parameters())[name], rtol=0, atol=0, msg=name)
+
+
+def test_bad_embeddings_and_head_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`embeddings` must be one of .*'always'.*got 'sometimes'.*HINT"):
+        LISA(embeddings="sometimes")
+    with pytest.raises(ValueError, match=r"`head` must be one of .*got 'no'.*HINT"):
+        LISA(head="no")
+    with pytest.raises(ValueError, match=r"`no_grad_prefix` must be True or False"):
+        LISA(no_grad_prefix="yes")
+    from lightning_peft.modules import CausalLM
+
+    tied = CausalLM(config={"model_type": "gpt2", "vocab_size": 64, "n_embd": 16, "n_layer": 2, "n_head": 2})
+    with pytest.raises(
+        ValueError, match=r"`embeddings='frozen'` and `head='always'` differ, but the head is tied.*HINT"
+    ):
+        LISA(n_layers=1, embeddings="frozen").preview(tied)
+    plan = LISA(n_layers=1, embeddings="frozen", head="frozen", seed=0).preview(tied)
+    assert "model.transformer.wte.weight" in plan.embeddings and "model.transformer.wpe.weight" in plan.embeddings
+    assert plan.head == ("model.transformer.wte.weight",) and not plan.trainable & set(plan.embeddings)
+
+    class NoEmbeddings(TinyBlockModel):  # its first layer is named `stem`: nothing says it embeds the input
+        def __init__(self):
+            super().__init__()
+            self.stem = self.embed
+            del self.embed
+
+        def forward(self, x):
+            h = self.stem(x)
+            for block in self.blocks:
+                h = block(h)
+            return self.head(self.norm(h))
+
+    with pytest.raises(ValueError, match=r"`embeddings='frozen'` needs the model's input embeddings.*HINT"):
+        LISA(n_layers=1, embeddings="frozen").preview(NoEmbeddings())
+
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def _llama(checkpointing):
+    from lightning_peft.modules import CausalLM
+
+    torch.manual_seed(0)
+    module = CausalLM(config=LLAMA).train()  # no dropout in Llama; checkpointing only runs in training mode
+    if checkpointing:  # transformers marks the embedding output as requiring grad (enable_input_require_grads)
+        module.model.gradient_checkpointing_enable()
+    else:
+        module.model.enable_input_require_grads()
+    module.model.model.embed_tokens.requires_grad_(False)
+    for block in module.model.model.layers[:2]:
+        block.requires_grad_(False)
+    return module
+
+
+def _step(module, batch):
+    module.zero_grad(set_to_none=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = module.compute_loss(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}, sum(saved)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_frozen_prefix_gives_the_same_loss_and_gradients_and_saves_activations(checkpointing):
+    from lightning_peft.frozen_prefix import FrozenPrefix
+
+    module = _llama(checkpointing)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss, grads, saved = _step(module, batch)
+    prefix = FrozenPrefix(module.model.model.layers[:2])
+    prefix_loss, prefix_grads, prefix_saved = _step(module, batch)
+    assert prefix.calls_without_graph == 2
+    prefix.remove()
+    torch.testing.assert_close(prefix_loss, loss, rtol=0, atol=0)
+    assert prefix_grads.keys() == grads.keys() and all(".layers.2." in n or ".layers.3." in n or "norm" in n
+                                                       or "lm_head" in n for n in grads)  # fmt: skip
+    for name, grad in grads.items():
+        torch.testing.assert_close(prefix_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert prefix_saved < saved  # the two frozen blocks keep nothing for backward
+    assert _step(module, batch)[2] == saved  # removed: as before
+
+
+def test_frozen_prefix_steps_aside_when_something_below_trains():
+    from lightning_peft.frozen_prefix import FrozenPrefix
+
+    module = _llama(checkpointing=False)
+    module.model.model.embed_tokens.requires_grad_(True)  # the embeddings train: gradients must reach them
+    ids = torch.randint(0, 97, (2, 8))
+    batch = {"input_ids": ids, "labels": ids}
+    _, grads, _ = _step(module, batch)
+    prefix = FrozenPrefix(module.model.model.layers[:2])
+    _, prefix_grads, _ = _step(module, batch)
+    assert prefix.calls_without_graph == 0
+    torch.testing.assert_close(
+        prefix_grads["model.model.embed_tokens.weight"], grads["model.model.embed_tokens.weight"]
+    )
+
+
+class PrefixSeen(Callback):
+    def __init__(self, lisa):
+        self.lisa, self.seen = lisa, []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        prefix = self.lisa.prefix
+        state = None if prefix is None else (len(prefix.blocks), prefix.calls_without_graph)
+        self.seen.append((min(self.lisa.sampled), state))
+
+
+@pytest.mark.parametrize("no_grad_prefix", [True, False])
+def test_lisa_installs_the_frozen_prefix_at_boundaries(tmp_path, no_grad_prefix):
+    module = _llama(checkpointing=True).train()
+    module.model.model.requires_grad_(True)
+    lisa = LISA(n_layers=1, interval=2, seed=1, embeddings="frozen", no_grad_prefix=no_grad_prefix)
+    seen = PrefixSeen(lisa)
+    ids = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": x, "labels": x} for x in ids], batch_size=2)
+    trainer = pl.Trainer(callbacks=[lisa, seen], max_steps=8, accumulate_grad_batches=2, **trainer_kwargs(tmp_path))
+    trainer.fit(module, train_dataloaders=loader)
+    assert len(seen.seen) == 16 and len({lowest for lowest, _ in seen.seen}) > 1
+    for lowest, prefix in seen.seen:
+        if no_grad_prefix and lowest > 0:
+            assert prefix is not None and prefix[0] == lowest and prefix[1] >= lowest
+        else:
+            assert prefix is None
+    assert lisa.prefix is None  # removed at the end of training

@@ -81,3 +81,140 @@ def test_errors_name_the_argument(tmp_path):
         CausalLM(config={"model_type": "not-a-model"})
     with pytest.raises(FileNotFoundError, match=r"looks like a local folder, but .*missing' does not exist"):
         CausalLM(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------------------------- the chunked loss
+
+GPT2 = {"model_type": "gpt2", "vocab_size": 257, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+
+
+def _pair(config, chunk, **kwargs):
+    """The same network twice: with the model's own loss and with the chunked one."""
+    torch.manual_seed(0)
+    plain = CausalLM(config=config, **kwargs).eval()  # eval: no dropout, both paths see the same numbers
+    chunked = CausalLM(config=config, loss_chunk_size=chunk, **kwargs).eval()
+    chunked.load_state_dict(plain.state_dict())
+    return plain, chunked
+
+
+def _padded_batch(n=2, t=16):
+    ids = torch.randint(0, 257, (n, t), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0  # right padding of the second row
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :3] = -100  # a prompt without targets
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(module, batch):
+    module.zero_grad(set_to_none=True)
+    loss = module.compute_loss(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("config", "chunk"), [(LLAMA, 7), (GPT2, 5), (LLAMA, 1000)], ids=["llama", "gpt2-tied", "one"])
+def test_chunked_loss_gives_the_same_loss_and_gradients(config, chunk):
+    plain, chunked = _pair(config, chunk)
+    if config is GPT2:
+        assert chunked.model.lm_head.weight is chunked.model.transformer.wte.weight  # tied
+    batch = _padded_batch()
+    loss, grads = _loss_and_grads(plain, batch)
+    chunked_loss, chunked_grads = _loss_and_grads(chunked, batch)
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == chunked_grads.keys() and len(grads) == len(list(plain.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_with_lora_on_the_head_and_under_bf16_autocast():
+    peft = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj", "lm_head"], "init_lora_weights": False}
+    plain, chunked = _pair(LLAMA, 6, peft=peft)
+    batch = _padded_batch()
+    loss, grads = _loss_and_grads(plain, batch)
+    chunked_loss, chunked_grads = _loss_and_grads(chunked, batch)
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
+    assert any("lm_head.lora_A" in n for n in grads) and grads.keys() == chunked_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(plain, batch)
+        chunked_loss, chunked_grads = _loss_and_grads(chunked, batch)
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-2, atol=1e-2)  # bf16 matmuls in both, float32 softmax
+    for name, grad in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(chunked_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
+def _saved_bytes(module, batch):
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = module.compute_loss(batch)
+    loss.backward()
+    return sum(sizes)
+
+
+def test_chunked_loss_saves_no_full_logits():
+    plain, chunked = _pair(LLAMA, 8)
+    batch = {"input_ids": torch.randint(0, 257, (4, 32)), "labels": torch.randint(0, 257, (4, 32))}
+    logits_bytes = 4 * 32 * 257 * 4  # float32 (tokens x vocab)
+    saved, chunked_saved = _saved_bytes(plain, batch), _saved_bytes(chunked, batch)
+    # the model's own loss keeps the logits (their float32 copy and log-softmax); the chunked one none of them
+    assert saved - chunked_saved >= logits_bytes
+
+
+class _Grads(pl.Callback):
+    def __init__(self):
+        self.grads, self.losses = [], []
+
+    def on_after_backward(self, trainer, pl_module):
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_chunked_loss_under_activation_quantization(tmp_path):
+    from lightning_peft.callbacks import ActivationQuantization
+
+    runs = []
+    for chunk in (None, 8):
+        pl.seed_everything(0)
+        module = CausalLM(config={**LLAMA, "hidden_dropout": 0.0}, loss_chunk_size=chunk)
+        quantization, grads = ActivationQuantization(min_numel=256), _Grads()
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path / str(chunk), max_steps=2, callbacks=[quantization, grads]))
+        trainer.fit(module, train_dataloaders=_loader())
+        assert quantization.last_stats.num_quantized > 0
+        runs.append(grads)
+    plain, chunked = runs
+    assert chunked.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)  # quantization changes backward only
+    for name, grad in plain.grads[0].items():
+        got = chunked.grads[0][name]
+        assert torch.isfinite(got).all(), name
+        assert torch.nn.functional.cosine_similarity(got.flatten(), grad.flatten(), dim=0) > 0.98, name
+
+
+def test_loss_chunk_size_is_checked():
+    with pytest.raises(ValueError, match=r"`loss_chunk_size` must be None or an integer >= 0.*got -1.*HINT"):
+        CausalLM(config=LLAMA, loss_chunk_size=-1)
+    assert CausalLM(config=LLAMA, loss_chunk_size=0).loss_chunk_size is None  # 0 means off
+    gemma2 = {
+        "model_type": "gemma2",
+        "vocab_size": 257,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+    }
+    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM transforms its logits.*final_logit_softcapping.*HINT"):
+        CausalLM(config=gemma2, loss_chunk_size=16)
+    prompt = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2}
+    with pytest.raises(ValueError, match=r"prompt-learning peft adapter.*HINT: set `loss_chunk_size: null`"):
+        CausalLM(config=LLAMA, peft=prompt, loss_chunk_size=16)
