@@ -87,8 +87,9 @@ class LISA(TrainableSetCallback):
     parameters: their gradients and AdamW state cost more than LoRA's whole overhead), so each can instead be
     ``"sampled"`` -- it trains in a period with the chance of a block, ``n_layers / n_blocks`` (with ``per_stack``,
     the share of blocks sampled), drawn from a random stream of its own so the blocks drawn stay those of the default
-    settings -- or ``"frozen"`` (never trains). The embeddings are the parameters :func:`~lightning_peft.layout.embeddings.find_embeddings` names (the token table
-    and, where they sit beside it, the position / token-type tables and the embedding norm); the head is what
+    settings -- or ``"frozen"`` (never trains). The embeddings are the parameters
+    :func:`~lightning_peft.layout.embeddings.find_embeddings` names (the token table and, where they sit beside it,
+    the position / token-type tables and the embedding norm); the head is what
     :func:`~lightning_peft.layout.find_head` names. A head tied to the token table is one parameter: both must then
     have the same setting. ``"frozen"`` lowers peak memory by the embeddings' (head's) gradients and optimizer
     state; ``"sampled"`` does not lower the peak (a period that draws them needs what ``"always"`` needs) but lowers
