@@ -234,9 +234,9 @@ def _combination(workload: Workload, model: nn.Module, args, plain_saved: int) -
     """
     import bitsandbytes as bnb
 
-    from lightning_peft.layers import find_layers
+    from lightning_peft.layout import find_blocks
 
-    stack = find_layers(model)
+    stack = find_blocks(model)
     chosen = [len(stack) * (i + 1) // (args.lisa_layers + 1) for i in range(args.lisa_layers)]
     trained = set(stack.outside_parameter_names())
     for index in chosen:

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.trainable import BoundaryTiming, TrainableSetController
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -204,7 +204,7 @@ class MeasuringCallback(Callback):
         self.results["total_params"] = sum(p.numel() for p in params)
         self._controller = next((cb for cb in trainer.callbacks if isinstance(cb, TrainableSetController)), None)
         if self.timed is not None:
-            stack = find_layers(pl_module)
+            stack = find_blocks(pl_module)
             named = dict(pl_module.named_parameters())
             # A block "has state" when every parameter of it that may train (LoRA: its adapters) has state.
             self.block_params = [

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 
 OPTIMIZERS = ("adamw", "adamw8bit", "badam", "galore")
 #: The optimizers a LightningModule steps with :func:`optimizer_step` (closure first) instead of Lightning's own.
@@ -106,7 +106,7 @@ def build_optimizer(
         return BlockOptimizer(
             base_optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
             named_parameters_list=list(module.named_parameters()),
-            block_prefix_list=[[f"{name}."] for name in find_layers(module).names],
+            block_prefix_list=[[f"{name}."] for name in find_blocks(module).names],
             switch_block_every=switch_every,
             switch_mode="random",
             active_modules=list(active_modules),
@@ -117,7 +117,7 @@ def build_optimizer(
 
         if galore is None:
             raise ValueError("`galore` settings are needed for the GaLore optimizer. HINT: pass GaLoreSettings(...).")
-        stack = find_layers(module)
+        stack = find_blocks(module)
         inside = {n for i in range(len(stack)) for n in stack.block_parameter_names(i)}
         projected = [p for n, p in module.named_parameters() if n in inside and p.dim() == 2 and p.requires_grad]
         regular = [p for p in params if all(p is not q for q in projected)]

@@ -94,7 +94,8 @@ def _reason(method: str, cell: dict) -> str:
     return f"{label(method)}: {detail}"
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], notes_at: str | None = None) -> str:
+    """The table; the numbered reasons follow it, or, with ``notes_at``, one line linking to where they are."""
     methods = columns(rows)
     clean = [r for r in rows if all(r["cells"][m]["status"] == "ok" for m in methods)]
     header = "| model | family | layout | " + " | ".join(label(m) for m in methods) + " |"
@@ -124,7 +125,10 @@ def markdown(rows: list[dict]) -> str:
         f" (OK*), {counts['refused']} refused with a reason, {counts['fail']} failures.",
         "",
     ]
-    lines += [f"{number}. {note.replace('|', '/')}" for note, number in notes.items()]
+    if notes_at is None:
+        lines += [f"{number}. {note.replace('|', '/')}" for note, number in notes.items()]
+    else:
+        lines.append(f"What each numbered cell leaves out or why it is refused: [{notes_at}]({notes_at}).")
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +143,8 @@ def write(rows: list[dict], meta: dict) -> None:
     if START in text and END in text:
         head, rest = text.split(START, 1)
         _, tail = rest.split(END, 1)
-        readme.write_text(f"{head}{START}\n{table}{END}{tail}")
+        short = markdown(rows, notes_at=str((RESULTS / "support_matrix.md").relative_to(ROOT)))
+        readme.write_text(f"{head}{START}\n{short}{END}{tail}")
         print(f"README.md support matrix rewritten ({len(rows)} models)")
     else:
         print(f"README.md has no {START} / {END} markers: table only in {RESULTS / 'support_matrix.md'}")

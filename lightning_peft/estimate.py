@@ -48,7 +48,7 @@ from lightning_peft._compat import (
     storage_id,
     view_base,
 )
-from lightning_peft.layers import LayerStack, find_layers
+from lightning_peft.layout import LayerStack, find_blocks
 from lightning_peft.methods import Method, get_method, methods
 from lightning_peft.quantization.saved_tensors import _derives_from_leaf
 
@@ -671,7 +671,7 @@ def estimate_memory(
         if param_dtype is not None:
             module.to(param_dtype)
         try:
-            stack = find_layers(module)
+            stack = find_blocks(module)
         except ValueError:
             stack = None
         try:

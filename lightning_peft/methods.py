@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_peft.callbacks import IST, LISA, ActivationQuantization, EarlyPruning, HalfFineTuning
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.quantization.saved_tensors import DEFAULT_MIN_NUMEL
 
 __all__ = ["Method", "get_method", "method_of", "methods", "register_method", "unregister_method"]
@@ -333,7 +333,7 @@ def _inject_lora(model: nn.Module, settings: Mapping[str, Any]) -> None:
     """LoRA of rank ``r`` (alpha ``alpha``) on every Linear of the blocks."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    stack = find_layers(model)
+    stack = find_blocks(model)
     targets = []
     for block_name in stack.names:
         block = model.get_submodule(block_name)
@@ -351,7 +351,7 @@ def _lora_trains(model: nn.Module, settings: Mapping[str, Any]) -> set[str]:
 
     A classifier head trains, as peft's ``modules_to_save`` would keep it trainable.
     """
-    outside = set(find_layers(model).outside_parameter_names())
+    outside = set(find_blocks(model).outside_parameter_names())
     embeddings = {
         f"{name}.{p}"
         for name, m in model.named_modules()

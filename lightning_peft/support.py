@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_peft.layout import block_anatomy, find_layers
+from lightning_peft.layout import block_anatomy, find_blocks
 from lightning_peft.methods import Method, get_method, methods
 
 __all__ = [
@@ -213,7 +213,7 @@ def check_hft(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]
 
 def _lora_targets(net: nn.Module) -> list[str]:
     """Full names of the projections (or convolutions, for CNN blocks) of every block: the LoRA targets."""
-    stack = find_layers(net)
+    stack = find_blocks(net)
     names = {id(m): n for n, m in net.named_modules()}
     targets: list[str] = []
     for name, block in zip(stack.names, stack.blocks, strict=True):
@@ -289,7 +289,7 @@ def check_pruning(build, inputs, output, causal_lm: bool = False) -> tuple[str, 
         reasons = "; ".join(f"{p}: {w}" for p, w in sites.skipped[:2])
         raise ValueError(f"nothing to prune ({reasons or 'no attention, MLP or LoRA'}). HINT: see the layout registry")
     # as EarlyPruning does: a pruned copy of one block per class must compute what the masked block computes
-    stack = find_layers(net)
+    stack = find_blocks(net)
     verifier = SiteVerifier(stack.names, stack.blocks, sites)
     verifier.start()
     net(**inputs)  # with autograd on, as a training forward (the verifier records only those)

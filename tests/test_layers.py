@@ -6,7 +6,7 @@ import transformers as tf
 from helpers import tiny_transformer
 from torch import nn
 
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 
 TINY = dict(layers=3, hidden=32, heads=4, intermediate=64)
 
@@ -56,7 +56,7 @@ FAMILIES = {
 def test_finds_blocks_of_each_family(family):
     build, path, n_blocks = FAMILIES[family]
     model = build()
-    stack = find_layers(model)
+    stack = find_blocks(model)
     assert stack.paths == ([path] if isinstance(path, str) else path)
     assert len(stack) == n_blocks
     # every parameter is either in exactly one block or outside
@@ -69,7 +69,7 @@ def test_finds_blocks_of_each_family(family):
 
 def test_stages_flatten_in_depth_order():
     model = timm.create_model("convnext_atto")
-    stack = find_layers(model)
+    stack = find_blocks(model)
     assert stack.names[:3] == ("stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0")
     # the downsample layers between stages train with the "outside" parameters
     assert any(n.startswith("stages.1.downsample") for n in stack.outside_parameter_names())
@@ -80,7 +80,7 @@ def test_peft_wrapped_and_lightning_module(family):
     build, path, n_blocks = FAMILIES[family]
     target = {"timm_vit": ["qkv"], "hf_llama": ["q_proj", "v_proj"], "hf_bert": ["query", "value"]}[family]
     wrapped = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=target))
-    stack = find_layers(wrapped)
+    stack = find_blocks(wrapped)
     assert len(stack) == n_blocks
     assert stack.path.startswith("base_model.model.")
 
@@ -89,29 +89,29 @@ def test_peft_wrapped_and_lightning_module(family):
             super().__init__()
             self.net = wrapped
 
-    holder_stack = find_layers(Holder())
+    holder_stack = find_blocks(Holder())
     assert holder_stack.path == "net." + stack.path
     assert holder_stack.block_parameter_names(0)[0].startswith("net.base_model.model.")
 
 
 def test_explicit_path_and_suffix_override():
     model = _bert()
-    assert find_layers(model, "bert.encoder.layer").path == "bert.encoder.layer"
-    assert find_layers(model, "encoder.layer").path == "bert.encoder.layer"
+    assert find_blocks(model, "bert.encoder.layer").path == "bert.encoder.layer"
+    assert find_blocks(model, "encoder.layer").path == "bert.encoder.layer"
 
 
 def test_explicit_path_errors_list_candidates():
     model = _bert()
     with pytest.raises(ValueError, match=r"`layers='decoder.layers'`.*no module has that name.*bert.encoder.layer"):
-        find_layers(model, "decoder.layers")
+        find_blocks(model, "decoder.layers")
     with pytest.raises(ValueError, match=r"not a ModuleList/Sequential.*HINT"):
-        find_layers(model, "bert.embeddings")
+        find_blocks(model, "bert.embeddings")
 
 
 def test_nothing_fits_lists_candidates():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"Candidate container paths seen: \[''\].*HINT: pass `layers=`"):
-        find_layers(model)
+        find_blocks(model)
 
 
 def test_fallback_longest_same_class_list():
@@ -122,7 +122,7 @@ def test_fallback_longest_same_class_list():
             self.towers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
             self.trunk = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.GELU()) for _ in range(5))
 
-    stack = find_layers(Odd())
+    stack = find_blocks(Odd())
     assert stack.path == "trunk" and len(stack) == 5
 
 
@@ -137,7 +137,7 @@ ROLES = {
 
 @pytest.mark.parametrize("family", sorted(ROLES))
 def test_unit_roles(family):
-    stack = find_layers(FAMILIES[family][0]())
+    stack = find_blocks(FAMILIES[family][0]())
     assert [u.role for u in stack.units(1)] == ROLES[family]
     categories = {u.category for u in stack.units(1)}
     assert categories == {"attention", "mlp", "norm"}
@@ -145,7 +145,7 @@ def test_unit_roles(family):
 
 def test_units_fold_lora_into_wrapped_module():
     wrapped = peft.get_peft_model(FAMILIES["hf_llama"][0](), peft.LoraConfig(r=4, target_modules=["q_proj"]))
-    units = find_layers(wrapped).units(0)
+    units = find_blocks(wrapped).units(0)
     q = next(u for u in units if u.role == "q")
     assert q.name == "self_attn.q_proj"
     assert len(q.parameters) == 3  # base weight + lora_A + lora_B
@@ -154,7 +154,7 @@ def test_units_fold_lora_into_wrapped_module():
 
 def test_multihead_attention_in_proj_is_fused_qkv():
     layer = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), num_layers=2)
-    stack = find_layers(layer)
+    stack = find_blocks(layer)
     roles = {u.name: u.role for u in stack.units(0)}
     assert roles["self_attn.in_proj"] == "qkv"
     assert roles["self_attn.out_proj"] == "o"
@@ -198,7 +198,7 @@ def _bart():
     ],
 )
 def test_every_stack_in_forward_order(build, paths, source):
-    stack = find_layers(build())
+    stack = find_blocks(build())
     assert stack.paths == paths and stack.source == source
     for s in stack.stacks:  # blocks in order, each knowing its stack
         assert all(stack.names[i].startswith(s.path + ".") and stack.stack_of(i) == s for i in s.indices)
@@ -206,7 +206,7 @@ def test_every_stack_in_forward_order(build, paths, source):
 
 
 def test_t5_stacks_hold_every_block_and_the_shared_embedding_sits_outside():
-    stack = find_layers(_t5())
+    stack = find_blocks(_t5())
     assert [len(s) for s in stack.stacks] == [2, 3]
     assert "shared.weight" in stack.outside_parameter_names()
     cross = [u.name for u in stack.units(2) if u.role == "q"]
@@ -215,15 +215,15 @@ def test_t5_stacks_hold_every_block_and_the_shared_embedding_sits_outside():
 
 def test_explicit_list_of_paths():
     model = _bart()
-    stack = find_layers(model, ["decoder.layers", "encoder.layers"])  # forward order, whatever the given order
+    stack = find_blocks(model, ["decoder.layers", "encoder.layers"])  # forward order, whatever the given order
     assert stack.paths == ["model.encoder.layers", "model.decoder.layers"] and stack.source == "explicit"
     with pytest.raises(ValueError, match=r"`layers='decoder.nope'` must name one block container"):
-        find_layers(model, ["encoder.layers", "decoder.nope"])
+        find_blocks(model, ["encoder.layers", "decoder.nope"])
 
 
 def test_hf_resnet_blocks_are_the_residual_layers_not_their_conv_layers():
     config = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic")
-    stack = find_layers(tf.ResNetModel(config))
+    stack = find_blocks(tf.ResNetModel(config))
     assert stack.names[0] == "encoder.stages.0.layers.0" and len(stack) == 4
     assert stack.paths == ["encoder.stages.0.layers", "encoder.stages.1.layers"]
 
@@ -232,7 +232,7 @@ def test_shared_blocks_are_flagged_and_refused_with_a_hint_that_does_not_loop():
     albert = tf.AlbertModel(
         tf.AlbertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=4, vocab_size=32)
     )
-    stack = find_layers(albert)
+    stack = find_blocks(albert)
     assert len(stack) == 1 and stack.shared is not None and "4 times per forward" in stack.shared
     with pytest.raises(ValueError, match=r"`LISA` works on distinct blocks.*HINT: .*HalfFineTuning") as error:
         stack.refuse_shared("LISA", "use HalfFineTuning.")
@@ -241,5 +241,5 @@ def test_shared_blocks_are_flagged_and_refused_with_a_hint_that_does_not_loop():
 
 def test_stage_classes_are_refined_into_their_blocks():
     config = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=2)
-    stack = find_layers(tf.SwinModel(config))
+    stack = find_blocks(tf.SwinModel(config))
     assert stack.names == ("encoder.layers.0.blocks.0", "encoder.layers.0.blocks.1", "encoder.layers.1.blocks.0")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Blocks(nn.Module):
-    """Embedding layer, four residual blocks, head: a stack ``find_layers`` resolves."""
+    """Embedding layer, four residual blocks, head: a stack ``find_blocks`` resolves."""
 
     def __init__(self) -> None:
         super().__init__()

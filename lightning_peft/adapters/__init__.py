@@ -18,7 +18,7 @@ API used by other methods (IST suppresses adapters, early pruning scores and pru
 - ``adapter_modules(model) -> list[(name, Adapter)]``: every adapter, in depth order; names end in
   ``.adapters.attention`` / ``.adapters.mlp`` under their block (``blocks.3.adapters.mlp``).
 - ``adapters_per_block(model, layers=None) -> list[list[(name, Adapter)]]``: the same, grouped by the blocks that
-  :func:`lightning_peft.layers.find_layers` returns.
+  :func:`lightning_peft.layout.find_blocks` returns.
 - ``adapter_parameter_names(model) -> list[str]``: their parameter names.
 - Every :class:`Adapter` has ``down`` and ``up`` ``nn.Linear`` projections (``up`` is zero at initialisation, so
   the model starts as it was) and a float ``scale`` attribute multiplying its output; its ``forward(x)`` returns
@@ -27,8 +27,8 @@ API used by other methods (IST suppresses adapters, early pruning scores and pru
   it by default, as ``peft.get_peft_model`` does).
 """
 
+from lightning_peft.adapters.bottleneck import Adapter, BottleneckAdapter, ConformerAdapter
 from lightning_peft.adapters.config import ADAPTER_PEFT_TYPES, AdapterConfig
-from lightning_peft.adapters.layers import Adapter, BottleneckAdapter, ConformerAdapter
 from lightning_peft.adapters.model import (
     adapter_modules,
     adapter_parameter_names,

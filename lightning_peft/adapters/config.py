@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lightning_peft._validation import check_choice, check_int, check_number
-from lightning_peft.adapters.layers import ACTIVATIONS
+from lightning_peft.adapters.bottleneck import ACTIVATIONS
 
 __all__ = ["ADAPTER_PEFT_TYPES", "AdapterConfig"]
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_peft.adapters.bottleneck import Adapter, build_adapter
 from lightning_peft.adapters.config import AdapterConfig
-from lightning_peft.adapters.layers import Adapter, build_adapter
-from lightning_peft.layout import block_anatomy, find_layers, is_projection, out_features
+from lightning_peft.layout import block_anatomy, find_blocks, is_projection, out_features
 
 __all__ = [
     "ADAPTER_CONTAINER",
@@ -146,7 +146,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None, freeze_b
             f"{type(model).__name__} already has adapters ({len(adapter_modules(model))} modules)."
             " HINT: call `add_adapters` once per model; build a fresh model for a different configuration."
         )
-    stack = find_layers(model, config.layers)
+    stack = find_blocks(model, config.layers)
     for block_name, block in zip(stack.names, stack.blocks, strict=True):
         if hasattr(block, ADAPTER_CONTAINER):
             raise ValueError(
@@ -216,7 +216,7 @@ def adapter_modules(model: nn.Module) -> list[tuple[str, Adapter]]:
 
 
 def adapters_per_block(model: nn.Module, layers: str | None = None) -> list[list[tuple[str, Adapter]]]:
-    """The adapters of each block of ``model`` (blocks as found by :func:`~lightning_peft.layers.find_layers`).
+    """The adapters of each block of ``model`` (blocks as found by :func:`~lightning_peft.layout.find_blocks`).
 
     Example::
 
@@ -225,7 +225,7 @@ def adapters_per_block(model: nn.Module, layers: str | None = None) -> list[list
         >>> [[name for name, _ in block] for block in adapters_per_block(vit)]
         [['blocks.0.adapters.mlp'], ['blocks.1.adapters.mlp']]
     """
-    stack = find_layers(model, layers)
+    stack = find_blocks(model, layers)
     found = adapter_modules(model)
     return [[(n, m) for n, m in found if n.startswith(prefix + ".")] for prefix in stack.names]
 

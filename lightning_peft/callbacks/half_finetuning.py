@@ -16,8 +16,7 @@ from typing_extensions import override
 
 from lightning_peft._sharding import gather_whole, local_part, take_local
 from lightning_peft._validation import check_bool, check_choice, check_int, check_number, check_seed
-from lightning_peft.layers import find_layers
-from lightning_peft.layout import find_head
+from lightning_peft.layout import find_blocks, find_head
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
 __all__ = ["HalfFineTuning"]
@@ -73,7 +72,7 @@ class HalfFineTuning(TrainableSetCallback):
 
     The frozen half keeps its pre-trained values, which is what limits forgetting. Everything outside the block
     stack (embeddings, final norm, classification head) trains, unless the user's module froze it. Blocks are found
-    by :func:`lightning_peft.layers.find_layers` and their parameters sorted into categories by its roles
+    by :func:`lightning_peft.layout.find_blocks` and their parameters sorted into categories by its roles
     (attention ``q/k/v/o/qkv``, MLP ``up/gate/down``, norms, other). Freezing goes through the shared
     :class:`~lightning_peft.trainable.TrainableSetController`: frozen parameters get no gradient and no optimizer
     state, and the method composes with the others (``[LISA(...), HalfFineTuning()]`` trains half of each sampled
@@ -243,7 +242,7 @@ class HalfFineTuning(TrainableSetCallback):
     def _find_units(self, pl_module: nn.Module) -> None:
         named = dict(pl_module.named_parameters())
         try:
-            stack = find_layers(pl_module, self.layers)
+            stack = find_blocks(pl_module, self.layers)
         except ValueError:
             if self.layers is not None:
                 raise

@@ -18,8 +18,8 @@ from lightning_peft._batch import batch_loss
 from lightning_peft._compat import logger_writes_this_step
 from lightning_peft._plotting import new_figure, save_figure
 from lightning_peft._validation import check_bool, check_int, check_number, check_seed
-from lightning_peft.adapters.layers import Adapter
-from lightning_peft.layers import LayerStack, find_layers
+from lightning_peft.adapters.bottleneck import Adapter
+from lightning_peft.layout import LayerStack, find_blocks
 from lightning_peft.trainable import TrainableSetCallback, agree_seed
 
 __all__ = ["IST"]
@@ -33,7 +33,7 @@ class IST(TrainableSetCallback):
 
     For models adapted with PEFT modules: HF peft layers (LoRA and the other peft tuners that have ``scale_layer``)
     and this package's adapters (:mod:`lightning_peft.adapters`). Each layer (block, found by
-    :func:`~lightning_peft.layers.find_layers`) has a score ``s_l``, starting at 0.
+    :func:`~lightning_peft.layout.find_blocks`) has a score ``s_l``, starting at 0.
 
     - At every optimizer step, ``int(update_ratio * L)`` layers are drawn without replacement with probabilities
       proportional to ``sigmoid(-s)``, and only their PEFT parameters train. Only PEFT parameters inside the blocks
@@ -200,7 +200,7 @@ class IST(TrainableSetCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.stack = find_layers(pl_module, self.layers)
+        self.stack = find_blocks(pl_module, self.layers)
         self.stack.refuse_shared(
             "IST",
             "IST scores and samples distinct blocks; with shared blocks use plain LoRA / adapters (every step trains"

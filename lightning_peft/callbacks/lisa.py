@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_peft._plotting import new_figure, save_figure
 from lightning_peft._validation import check_bool, check_choice, check_int, check_seed
 from lightning_peft.frozen_prefix import FrozenPrefix
-from lightning_peft.layers import LayerStack, Stack, find_layers
+from lightning_peft.layout import LayerStack, Stack, find_blocks
 from lightning_peft.layout.embeddings import find_embeddings
 from lightning_peft.layout.head import find_head
 from lightning_peft.trainable import TrainableSetCallback, agree_seed, likely_culprit
@@ -73,7 +73,7 @@ class LISA(TrainableSetCallback):
     chance whatever its stack; ``per_stack=True`` samples ``n_layers`` blocks in each stack instead. One LR schedule
     runs across periods. The optimizer state of frozen blocks is released (the paper treats it as discarded at each
     period), which is where the memory saving over full fine-tuning comes from; a block sampled again starts with
-    fresh state. The blocks are found by :func:`lightning_peft.layers.find_layers`; freezing goes through the shared
+    fresh state. The blocks are found by :func:`lightning_peft.layout.find_blocks`; freezing goes through the shared
     :class:`~lightning_peft.trainable.TrainableSetController`, so LISA composes with the other methods (a parameter
     trains only if every method allows it) and with gradient accumulation (sets change only between optimizer
     steps). Under DDP all ranks sample the same blocks with no extra configuration.
@@ -271,7 +271,7 @@ class LISA(TrainableSetCallback):
 
     def _checked_stack(self, module: nn.Module) -> LayerStack:
         """The blocks of ``module``, checked against ``n_layers``, ``layer_weights`` and shared blocks."""
-        stack = find_layers(module, self.layers)
+        stack = find_blocks(module, self.layers)
         stack.refuse_shared(
             "LISA",
             "sampling among shared blocks trains all of them or none; use HalfFineTuning (it halves the shared"

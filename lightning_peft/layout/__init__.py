@@ -19,7 +19,7 @@ from lightning_peft.layout.anatomy import (
     register_layout,
 )
 from lightning_peft.layout.head import HEAD_NAMES, find_head
-from lightning_peft.layout.stacks import LayerStack, Stack, find_layers, resolve_paths
+from lightning_peft.layout.stacks import LayerStack, Stack, find_blocks, resolve_paths
 
 __all__ = [
     "HEAD_NAMES",
@@ -35,7 +35,7 @@ __all__ = [
     "block_anatomy",
     "block_units",
     "find_head",
-    "find_layers",
+    "find_blocks",
     "in_features",
     "is_projection",
     "out_features",

@@ -1,6 +1,6 @@
 """The output head of a model: the classifier or LM head that sits after every block.
 
-:func:`find_head` prefers what the ecosystem declares, as :func:`~lightning_peft.layout.find_layers` does for the
+:func:`find_head` prefers what the ecosystem declares, as :func:`~lightning_peft.layout.find_blocks` does for the
 blocks:
 
 1. timm: the model's ``pretrained_cfg["classifier"]`` (``"head"``, ``"head.fc"``, ``("head", "head_dist")``,

@@ -1,6 +1,6 @@
 """Find every repeated block stack of a model: the one answer every layer-wise method needs.
 
-``find_layers(model)`` returns a :class:`LayerStack`: all the blocks ("layers") of the model in forward order with
+``find_blocks(model)`` returns a :class:`LayerStack`: all the blocks ("layers") of the model in forward order with
 their dotted names, each knowing the stack it belongs to (``encoder.block`` and ``decoder.block`` of T5;
 ``layer1`` ... ``layer4`` of a ResNet; the text and vision towers of CLIP), the parameters that sit outside every
 block (stem / embeddings, norms, head, downsamplers between stages), and, inside each block, the parameter units by
@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_peft.layout.anatomy import BlockUnit, block_units
 
-__all__ = ["LayerStack", "Stack", "find_layers", "resolve_paths"]
+__all__ = ["LayerStack", "Stack", "find_blocks", "resolve_paths"]
 
 _KNOWN_CONTAINER_NAMES = ("blocks", "layers", "layer", "h", "block", "stages")
 
@@ -59,7 +59,7 @@ class Stack:
 class LayerStack:
     """All repeated blocks of a model, in forward order, and the parameters outside them.
 
-    Build it with :func:`find_layers`. Parameter names are those of ``root.named_parameters()``. Block indices run
+    Build it with :func:`find_blocks`. Parameter names are those of ``root.named_parameters()``. Block indices run
     over every stack (``0 .. len(stack) - 1``); :attr:`stacks` says which indices belong to which container.
 
     Attributes:
@@ -74,8 +74,8 @@ class LayerStack:
     Example::
 
         >>> import timm
-        >>> from lightning_peft.layers import find_layers
-        >>> stack = find_layers(timm.create_model("resnet18"))
+        >>> from lightning_peft.layout import find_blocks
+        >>> stack = find_blocks(timm.create_model("resnet18"))
         >>> len(stack), [s.path for s in stack.stacks]
         (8, ['layer1', 'layer2', 'layer3', 'layer4'])
         >>> stack.stack_of(2).path, "fc.weight" in stack.outside_parameter_names()
@@ -415,7 +415,7 @@ def resolve_paths(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     return resolved
 
 
-def find_layers(model: nn.Module, layers: str | Sequence[str] | None = None) -> LayerStack:
+def find_blocks(model: nn.Module, layers: str | Sequence[str] | None = None) -> LayerStack:
     """Find every repeated block stack of ``model``.
 
     Args:
@@ -435,7 +435,7 @@ def find_layers(model: nn.Module, layers: str | Sequence[str] | None = None) -> 
 
         >>> from transformers import T5Config, T5Model
         >>> t5 = T5Model(T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, vocab_size=32))
-        >>> stack = find_layers(t5)
+        >>> stack = find_blocks(t5)
         >>> stack.paths, stack.names[2]
         (['encoder.block', 'decoder.block'], 'decoder.block.0')
         >>> [u.role for u in stack.units(0)][:4]

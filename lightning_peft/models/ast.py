@@ -17,7 +17,7 @@ The AST recipe turns an image transformer into an audio classifier:
 :func:`build_timm_ast` builds this from any timm ViT/DeiT (random weights, timm's pretrained weights where online,
 or a local state dict); :func:`build_hf_ast` builds Hugging Face ``ASTForAudioClassification`` from a config or
 from a local checkpoint folder (what users of ``MIT/ast-finetuned-audioset-*`` have). Both are found by
-:func:`lightning_peft.layers.find_layers` without configuration (``blocks``, and
+:func:`lightning_peft.layout.find_blocks` without configuration (``blocks``, and
 ``audio_spectrogram_transformer.layers`` in transformers 5).
 Inputs of both are filterbanks of shape ``(batch, target_length, num_mel_bins)``, time first, as
 :class:`transformers.ASTFeatureExtractor` returns them.

@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_peft._compat import attached_trainer
 from lightning_peft._validation import check_callable
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.modules._rng import collect_rng_states, restore_rng_states
 from lightning_peft.pruning import restore_pruned_architecture
 
@@ -57,7 +57,7 @@ class OptimizedModule(pl.LightningModule):
     """Optimizer and scheduler set-up shared by the ready modules (classifiers and causal LMs), and FSDP2 sharding.
 
     A subclass stores its network as ``self.model``. Under FSDP2 (Lightning's ``ModelParallelStrategy``),
-    :meth:`configure_model` shards each block of the network (found by :func:`~lightning_peft.layers.find_layers`)
+    :meth:`configure_model` shards each block of the network (found by :func:`~lightning_peft.layout.find_blocks`)
     and then the network itself with ``fully_shard``: a YAML file only has to name the strategy.
 
     Args:
@@ -106,7 +106,7 @@ class OptimizedModule(pl.LightningModule):
                 " tensor_parallel_size=1)` (Lightning's default gives a node's devices to tensor parallelism)."
             )
         data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
-        for block in find_layers(self.model).blocks:
+        for block in find_blocks(self.model).blocks:
             fully_shard(block, mesh=data_parallel)
         fully_shard(self.model, mesh=data_parallel)
 

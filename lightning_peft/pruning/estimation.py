@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_peft.adapters import adapter_modules
-from lightning_peft.layout import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.pruning.adapter_importance import AdapterImportance
 from lightning_peft.pruning.masks import PruningMasks
 from lightning_peft.pruning.peft_importance import LoraImportance
@@ -34,7 +34,7 @@ class Estimation:
             optimizer is built, so they train with everything else.
         sites: the attention / MLP sites whose heads / neurons get masks (none: no masks).
         peft: whether LoRA layers and adapters are scored.
-        layers: the block container path(s) (``layers=`` of :func:`~lightning_peft.layout.find_layers`).
+        layers: the block container path(s) (``layers=`` of :func:`~lightning_peft.layout.find_blocks`).
         state: :meth:`state_dict` output of an earlier run to continue from.
 
     Example::
@@ -83,7 +83,7 @@ class Estimation:
         """Before a training step: record the blocks' inputs once (for :meth:`end_step`); score PEFT if asked."""
         if self.masks is not None and self._verifier is None and not self.excluded:
             # record one block of each class in this forward; prove its pruning on a copy after the step
-            stack = find_layers(root, self.layers)
+            stack = find_blocks(root, self.layers)
             sites = Sites(attention=self.masks.attention_sites, mlp=self.masks.mlp_sites)
             self._verifier = SiteVerifier(stack.names, stack.blocks, sites)
             self._verifier.start()

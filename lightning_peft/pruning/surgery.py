@@ -2,7 +2,7 @@
 
 A *site* is one place that can shrink: an attention module (its heads) or an MLP (its hidden neurons). The sites
 come from the layout registry (:func:`lightning_peft.layout.block_anatomy`) over every block of every stack that
-:func:`lightning_peft.layout.find_layers` finds — self- and cross-attention of encoders and decoders included — so
+:func:`lightning_peft.layout.find_blocks` finds — self- and cross-attention of encoders and decoders included — so
 this module holds no family knowledge: it slices what the registry describes (separate or fused ``[q | k | v]``
 projections, ``Linear`` or transformers ``Conv1D``, per-head extras such as relative-position bias tables and
 separate q/k/v biases; gated, plain or fused ``gate_up`` MLPs).
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.adapters import Adapter, BottleneckAdapter
-from lightning_peft.layout import AttentionSite, MlpSite, block_anatomy, find_layers, is_projection
+from lightning_peft.layout import AttentionSite, MlpSite, block_anatomy, find_blocks, is_projection
 from lightning_peft.layout.anatomy import _is_conv1d
 from lightning_peft.layout.peft_layers import (
     base_layer_of,
@@ -75,7 +75,7 @@ def find_sites(root: nn.Module, layers: str | Sequence[str] | None = None) -> Si
 
     Args:
         root: the model (or LightningModule) to search; site paths are relative to it.
-        layers: block container path(s), passed to :func:`~lightning_peft.layout.find_layers`.
+        layers: block container path(s), passed to :func:`~lightning_peft.layout.find_blocks`.
 
     Returns:
         The sites, in block order; ``skipped`` names every attention or MLP that cannot be pruned and why (a layout
@@ -89,7 +89,7 @@ def find_sites(root: nn.Module, layers: str | Sequence[str] | None = None) -> Si
         >>> [(s.path, s.num_heads) for s in sites.attention]
         [('blocks.0.attn', 4), ('blocks.1.attn', 4)]
     """
-    stack = find_layers(root, layers)
+    stack = find_blocks(root, layers)
     sites = Sites()
     if stack.shared is not None:
         sites.skipped.append((stack.path, f"{stack.shared}; pruning one use would prune them all"))

@@ -62,10 +62,10 @@ class SiteVerifier:
     Example::
 
         >>> import timm, torch
-        >>> from lightning_peft.layout import find_layers
+        >>> from lightning_peft.layout import find_blocks
         >>> from lightning_peft.pruning import find_sites
         >>> vit = timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=4, img_size=32)
-        >>> stack = find_layers(vit)
+        >>> stack = find_blocks(vit)
         >>> verifier = SiteVerifier(stack.names, stack.blocks, find_sites(vit))
         >>> verifier.start(); _ = vit(torch.randn(1, 3, 32, 32)); verifier.stop()
         >>> verifier.verify()

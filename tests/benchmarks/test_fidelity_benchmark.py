@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks import fidelity
 from benchmarks.harness import quiet_cpu_trainer
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +84,7 @@ def test_language_peers_do_what_they_are_for(tmp_path):
     assert state["galore"] < 0.8 * state["full"]  # projected Adam moments of the blocks' matrices
     # BAdam: one encoder block and the head trained, the other blocks and the embeddings did not move
     results, before, module = runs["badam"]
-    stack = find_layers(module)
+    stack = find_blocks(module)
     changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
     blocks = {i for i in range(len(stack)) if set(stack.block_parameter_names(i)) & changed}
     assert len(blocks) == 1, blocks

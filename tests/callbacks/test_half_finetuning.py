@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_peft.callbacks import LISA, HalfFineTuning
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.trainable import TrainableSetController
 
 OUTSIDE = {"embed.weight", "embed.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"}
@@ -102,7 +102,7 @@ def _draw(hft, module, tmp_path):
 
 
 def _block_stats(module, selected):
-    stack = find_layers(module)
+    stack = find_blocks(module)
     named = dict(module.named_parameters())
     total = sum(named[p].numel() for i in range(len(stack)) for p in stack.block_parameter_names(i))
     trained = sum(named[p].numel() for p in selected)
@@ -165,7 +165,7 @@ def test_category_granularity_halves_every_category_of_every_block(build, tmp_pa
     module = Holder(build())
     hft = HalfFineTuning(seed=0)
     _draw(hft, module, tmp_path)
-    stack = find_layers(module)
+    stack = find_blocks(module)
     chosen = set(hft.selected)
     mlp_counts, fused = [], Counter()
     for index in range(len(stack)):

@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.models.ast import (
     AudioSpectrogramTransformer,
     adapt_position_embedding,
@@ -146,7 +146,7 @@ def test_layer_finder_finds_both_ast_forms_without_configuration(builder):
         model = build_hf_ast(config=HF_TINY, num_labels=2, max_length=64)
         expected = "audio_spectrogram_transformer.layers"
         names = [f"{expected}.0", f"{expected}.1"]
-    stack = find_layers(model)
+    stack = find_blocks(model)
     assert stack.path == expected and list(stack.names) == names
     outside = stack.outside_parameter_names()
     assert any("pos" in n or "position" in n for n in outside) and any(

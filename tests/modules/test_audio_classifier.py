@@ -5,7 +5,7 @@ from helpers import changed, run_config, snapshot, trainer_kwargs
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft.callbacks import LISA
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.modules import AudioClassifier
 
 TIMM_TINY = {"depth": 4, "embed_dim": 32, "num_heads": 2}
@@ -27,7 +27,7 @@ def _loader(n: int = 12) -> DataLoader:
 def test_lisa_trains_only_the_sampled_blocks_and_the_outside(builder, tmp_path):
     pl.seed_everything(0)
     module = _module(builder)
-    stack = find_layers(module)
+    stack = find_blocks(module)
     before = snapshot(module)
     lisa = LISA(n_layers=1, interval=100)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[lisa]))

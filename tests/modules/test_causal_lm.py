@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from lightning_peft.callbacks import LISA
 from lightning_peft.data import TextFiles
-from lightning_peft.layers import find_layers
+from lightning_peft.layout import find_blocks
 from lightning_peft.modules import CausalLM
 
 LLAMA = {
@@ -31,7 +31,7 @@ def _loader(n: int = 8) -> DataLoader:
 def test_lisa_trains_only_the_sampled_layers_of_a_llama(tmp_path):
     pl.seed_everything(0)
     module = CausalLM(config=LLAMA)
-    stack = find_layers(module)
+    stack = find_blocks(module)
     assert stack.path == "model.model.layers" and len(stack) == 4
     before = snapshot(module)
     lisa = LISA(n_layers=2, interval=100)

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft.callbacks import EarlyPruning
-from lightning_peft.layout import AttentionSpec, MlpSpec, find_layers, register_layout
+from lightning_peft.layout import AttentionSpec, MlpSpec, find_blocks, register_layout
 from lightning_peft.pruning import find_sites
 from lightning_peft.pruning.verify import SiteVerifier
 
@@ -52,7 +52,7 @@ class Net(nn.Module):
 
 def test_verifier_leaves_out_what_a_pruned_copy_cannot_compute():
     net = Net()
-    stack, sites = find_layers(net), find_sites(net)
+    stack, sites = find_blocks(net), find_sites(net)
     assert len(sites.attention) == 3 and len(sites.mlp) == 3  # the declared layout reads as prunable
     verifier = SiteVerifier(stack.names, stack.blocks, sites)
     verifier.start()
@@ -69,7 +69,7 @@ def test_verifier_passes_a_block_that_prunes_exactly():
     import timm
 
     vit = timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=4, img_size=32)
-    stack = find_layers(vit)
+    stack = find_blocks(vit)
     verifier = SiteVerifier(stack.names, stack.blocks, find_sites(vit))
     verifier.start()
     vit(torch.randn(1, 3, 32, 32))
