@@ -48,6 +48,9 @@ predate ``torch.compile``'s ``_orig_mod.`` or pruning's ``weight_orig``), and at
 checks the flags it set: a candidate frozen from outside leaves the candidates, one the methods froze and someone
 made trainable is frozen again, a parameter frozen at the start and made trainable later (BackboneFinetuning) joins
 them -- each reported once, naming the parameters, the methods and the likely culprit.
+
+One file on purpose (over 600 lines): the controller's rules (sets, row masks, released state, identity,
+outside changes) act on the same state at the same boundary; split, each part would reach into the others.
 """
 
 from __future__ import annotations

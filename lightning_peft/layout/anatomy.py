@@ -25,6 +25,9 @@ T5                          ``q``, ``k``, ``v`` -> ``o`` (heads not        ``wi`
 ==========================  =============================================  ========================================
 
 Your own block: declare its layout once with :func:`register_layout` and every method uses it.
+
+One file on purpose (over 600 lines): it is the layout table of every attention and MLP the package knows,
+read top to bottom like a timm model file; splitting it by family would scatter one registry.
 """
 
 from __future__ import annotations

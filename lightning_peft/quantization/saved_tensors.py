@@ -23,6 +23,9 @@ What is never quantized (the tensor is kept as it is):
 A storage saved more than once in a step (e.g. the input of the q, k and v projections) is quantized once, and
 every saved view of it is rebuilt from that copy. Every restored tensor has the size and strides of the tensor
 saved, so the hooks work inside ``torch.compile``-d regions too, whose backward checks them.
+
+One file on purpose (over 600 lines): the pack and unpack hooks, their storage de-duplication and the
+site rules that decide what is quantized are one mechanism whose invariants (sizes, strides, views) hold together.
 """
 
 from __future__ import annotations
