@@ -11,9 +11,10 @@ optimizer (bitsandbytes ``AdamW8bit``), activation checkpointing and the optimiz
 
 - *params*: unique bytes of every parameter;
 - *grads*: bytes of the trainable parameters' gradients (same dtype as the parameters). With the optimizer step in
-  backward, the largest trainable parameter's gradient: each gradient is stepped and freed as soon as it is
-  complete. With gradient accumulation (``accumulate_grad_batches > 1``) every gradient is held between
-  micro-batches, so the gradients count in full there too;
+  backward, the largest trainable parameter's gradient (each gradient is stepped and freed as soon as it is
+  complete), twice for a weight used twice in the forward (a tied embedding and head: autograd holds both partial
+  gradients until it sums them). With gradient accumulation (``accumulate_grad_batches > 1``) every gradient is
+  held between micro-batches, so the gradients count in full there too;
 - *optimizer state*: AdamW's two moments (parameter dtype) and step counters; ``AdamW8bit``'s 8-bit moments with
   one float32 absmax per block of 256 and its two shared 256-entry maps (32-bit moments under ``min_8bit_size``);
 - *saved activations*: unique bytes saved for backward, parameters excluded; autocast's weight copies (a
@@ -432,6 +433,7 @@ class _Saved:
 class _Forward:
     saved: dict[int, _Saved] = field(default_factory=dict)
     block_inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # storage key -> (bytes, elements)
+    gradient_parts: dict[int, int] = field(default_factory=dict)  # id(parameter) -> graph edges into its gradient
 
 
 class _FusedAttention(torch.overrides.TorchFunctionMode):
@@ -537,11 +539,38 @@ def _count_forward(
             _FusedAttention(device_type),
             hf_masks_as_in_a_real_run(padded),
         ):
-            loss_fn(module, batch)
+            loss = loss_fn(module, batch)
+        record.gradient_parts = _gradient_parts(loss)
     finally:
         for handle in handles:
             handle.remove()
     return record
+
+
+def _gradient_parts(loss: Any) -> dict[int, int]:
+    """How many partial gradients backward makes for each parameter: the graph's edges into its ``AccumulateGrad``.
+
+    A weight used twice in the forward (tied input embedding and LM head) gets two, which autograd holds until it
+    sums them: the first arrives at the start of backward (the head), the second at its end (the embedding).
+    """
+    parts: dict[int, int] = {}
+    root = getattr(loss, "grad_fn", None)
+    seen: set = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                parts[id(variable)] = parts.get(id(variable), 0) + 1
+            else:
+                stack.append(child)
+    return parts
 
 
 def _quantized_bytes(numel: int, group_size: int) -> int:
@@ -595,15 +624,19 @@ def _optimizer_bytes(trainable: list[Tensor], eight_bit: bool, min_8bit_size: in
     return total + (2 * 256 * 4 if maps else 0)
 
 
-def _gradient_bytes(trainable: list[Tensor], in_backward: bool, accumulate_grad_batches: int) -> int:
+def _gradient_bytes(
+    trainable: list[Tensor], in_backward: bool, accumulate_grad_batches: int, parts: Mapping[int, int]
+) -> int:
     """Gradient bytes: every trainable parameter's; with the step in backward (no accumulation) the largest one's.
 
     ``OptimizerInBackward`` steps and frees each gradient as soon as it is complete, so one gradient at a time is
-    held; with ``accumulate_grad_batches > 1`` every gradient is held from one micro-batch to the next.
+    held: the largest, counted once per partial gradient autograd holds before summing them (twice for a tied
+    embedding and head, ``parts``). With ``accumulate_grad_batches > 1`` every gradient is held from one
+    micro-batch to the next.
     """
     if not in_backward or accumulate_grad_batches > 1:
         return _unique_bytes(trainable)
-    return max((p.numel() * p.element_size() for p in trainable), default=0)
+    return max((max(1, parts.get(id(p), 1)) * p.numel() * p.element_size() for p in trainable), default=0)
 
 
 def _variant_parts(variant: str) -> list[str]:
@@ -811,7 +844,10 @@ def estimate_memory(
             MemoryEstimate(
                 method=method + (f"+{variant}" if variant else ""),
                 params=_unique_bytes(params),
-                grads=_gradient_bytes(trainable, "in_backward" in parts, accumulate_grad_batches),
+                # the module holds the parameters of the second forward, whose graph `second` counted
+                grads=_gradient_bytes(
+                    trainable, "in_backward" in parts, accumulate_grad_batches, second.gradient_parts
+                ),
                 optimizer_state=_optimizer_bytes(trainable, "adamw8bit" in parts, min_8bit_size),
                 saved_activations=saved,
                 weight_copies=copies,

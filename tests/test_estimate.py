@@ -283,3 +283,28 @@ def test_config_that_the_step_in_backward_refuses_gets_no_such_row(tmp_path, mon
     assert "full" in {row.method for row in report.rows}
     assert not any("in_backward" in row.method for row in report.rows)
     assert any("optimizer step in backward not offered" in note and "global norm" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_in_backward_holds_both_partial_gradients_of_a_tied_embedding(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=tied,
+    )
+    report = estimate_memory(
+        lambda: LlamaForCausalLM(config),
+        {"input_ids": torch.zeros(1, 16, dtype=torch.long)},
+        methods=["full"],
+        variants=["", "in_backward"],
+        loss_fn=lambda model, batch: model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
+    )
+    embedding = 512 * 32 * 4
+    # the head's part of a tied weight's gradient is held from the start of backward until the embedding's arrives
+    assert report.row("full+in_backward").grads == (2 if tied else 1) * embedding
+    assert report.row("full").grads == report.row("full").params
