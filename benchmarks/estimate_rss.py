@@ -16,13 +16,13 @@ at their peak; the estimate's difference of totals (``estimate_memory``, fake te
 every row against one baseline row (LoRA: its gradients are tiny, so its peak is closest to the sum of the
 components). Target: every predicted difference within 10 % of the measured one.
 
-``--mode gpu`` (``bash benchmarks/run_gpu.sh estimate_rss``) does the same on one CUDA GPU for
+``--mode gpu`` (``bash benchmarks/run_gpu.sh benchmarks/results estimate_8b``) does the same on one CUDA GPU for
 ``benchmarks/estimate/llama3_8b.yaml``'s shape (Llama-3-8B: hidden 4096, 32 layers, 32 / 8 heads, intermediate 14336,
 vocabulary 128256, untied head; fp32 weights built on the GPU, bf16-mixed, 1 x 2048 tokens), with the
 rows that can fit 80 GB, and ``torch.cuda.max_memory_allocated()`` as the peak (the estimate for ``--device cuda``;
 a row that runs out of memory is reported as such).
 
-    python -m benchmarks.estimate_rss                      # 8 rows, ~10 min on 2 busy cores, peak ~10 GB
+    python -m benchmarks.estimate_rss                      # 8 rows, 10-30 min on 2 cores, peak ~10 GB of RAM
     python -m benchmarks.estimate_rss --size tiny --rows lora full+in_backward   # a minute (tests/benchmarks/)
     python -m benchmarks.estimate_rss --mode gpu           # 8 rows of the 8B shape, ~5 min on one H100
 
@@ -257,15 +257,29 @@ def run(
     out_dir: str | Path | None = None,
     threads: int = 2,
     mode: str = "cpu",
+    measured_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Measure every row in a fresh process, estimate it, compare the differences to the baseline; write results."""
+    """Measure every row in a fresh process, estimate it, compare the differences to the baseline; write results.
+
+    With ``measured_from`` (a results JSON of this script), its measurements are compared with a new estimate
+    instead of measuring again (``seconds`` then stays that run's).
+    """
     size_name = _size_of(mode, size_name)
     rows = list(rows or (GPU_ROWS if mode == "gpu" else ROWS))
     if BASELINE not in rows:
         rows.insert(0, BASELINE)
     started = time.perf_counter()
-    # the measurements first: nothing of this process is on the GPU while they run
-    measured = {row: _measure_in_fresh_process(row, size_name, mode, threads) for row in rows}
+    measured_keys = ("row", "out_of_memory", "peak", "rss_before_fit", "fit_seconds", "trainable_params")
+    if measured_from is not None:
+        stored = json.loads(Path(measured_from).read_text())
+        rows = list(stored["rows"])
+        measured = {
+            row: {k: stored["rows"][row].get(k) for k in (*measured_keys, "malloc_mmap_threshold")} for row in rows
+        }
+        started -= stored["seconds"]
+    else:
+        # the measurements first: nothing of this process is on the GPU while they run
+        measured = {row: _measure_in_fresh_process(row, size_name, mode, threads) for row in rows}
     estimates = estimate_rows(size_name, rows, mode)
     base, base_estimate = measured[BASELINE]["peak"], estimates[BASELINE].total
     results: dict[str, Any] = {
@@ -304,8 +318,10 @@ def run(
     results["worst_relative_error"] = max((r["relative_error"] for r in compared), default=0.0)
     results["all_within_tolerance"] = results["worst_relative_error"] <= TOLERANCE
     results["seconds"] = time.perf_counter() - started
-    results["environment"] = environment(
-        torch.device("cuda") if mode == "gpu" else None, packages=("transformers", "bitsandbytes")
+    results["environment"] = (
+        stored["environment"]
+        if measured_from is not None
+        else environment(torch.device("cuda") if mode == "gpu" else None, packages=("transformers", "bitsandbytes"))
     )
     stem = f"estimate_rss_{size_name}" + ("_gpu" if mode == "gpu" else "")
     write_results(out_dir if out_dir is not None else RESULTS_DIR, stem, results, render_markdown)
@@ -366,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", choices=rows, default=None, metavar="ROW", help="e.g. lisa+in_backward")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--measured", default=None, help="a results JSON of this script: estimate again, no steps")
     parser.add_argument("--child", choices=rows, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mode == "gpu" and not torch.cuda.is_available():
@@ -374,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child is not None:
         print(json.dumps(measure_row(args.child, _size_of(args.mode, args.size), args.mode)))
         return
-    print(render_markdown(run(args.size, args.rows, args.out_dir, args.threads, args.mode)))
+    print(render_markdown(run(args.size, args.rows, args.out_dir, args.threads, args.mode, args.measured)))
 
 
 if __name__ == "__main__":
