@@ -3,13 +3,16 @@
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR] [PART...]   # default OUT_DIR: benchmarks/results; PART: memory,
 #                                                    # activation_quantization, pruning (default: all three),
-#                                                    # peers, estimate (not in the default: run them apart)
+#                                                    # peers, estimate, estimate_8b (not in the default: run
+#                                                    # them apart)
 #
 # Runs from the repository root without installing the package (PYTHONPATH=.). Needs torch with CUDA, lightning,
 # timm, transformers, peft and bitsandbytes (for the LISA + int8 + AdamW8bit row). Each benchmark has its own time
 # limit (330 s, 240 s, 120 s), so one that overruns still leaves the others' results. All three together can take
 # up to 11.5 minutes: where one command may run at most 10 minutes, run `memory activation_quantization` in one
-# call and `pruning` in another.
+# call and `pruning` in another. `estimate_8b` (about 5 minutes, limit 540 s) measures the peak CUDA memory of 8 rows
+# of the 8B estimate (benchmarks/estimate/llama3_8b.yaml's shape: LoRA, LISA, Half FT and full fine-tuning with and
+# without the optimizer step in backward) against the estimate: estimate_rss_llama3_8b_gpu.{json,md}.
 set -u
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
@@ -44,6 +47,13 @@ if want estimate; then  # the estimate against the allocator peaks of memory_gpu
   done
   timeout 120 python -c "from lightning_peft.cli import cli_main; cli_main(['estimate', '--config', \
 'benchmarks/estimate/llama2_7b_lisa.yaml', '--memory', '80GiB', '--device', 'cuda'])" | tee "$out/estimate_7b.txt"
+fi
+if want estimate_8b; then  # every row in a fresh process: weights built on the GPU, 2 steps, max_memory_allocated
+  if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    timeout 540 python -m benchmarks.estimate_rss --mode gpu --out-dir "$out" 2>&1 | tee "$out/estimate_8b_gpu.log"
+  else
+    echo "estimate_8b: no CUDA device visible, skipped" >&2
+  fi
 fi
 if want pruning; then
   timeout 120 python -m benchmarks.pruning --mode gpu --out-dir "$out" 2>&1 | tee "$out/pruning_gpu.log"

@@ -5,11 +5,16 @@ forward of the loss under ``FakeTensorMode`` (shapes, dtypes and the autograd gr
 autograd saves for backward through ``torch.autograd.graph.saved_tensors_hooks``, as
 ``benchmarks/memory.py`` counts it in a real step. For each method of the registry (:mod:`lightning_peft.methods`) that
 chooses what trains -- full fine-tuning, LoRA, LISA, Half Fine-Tuning, and any method registered with
-:func:`~lightning_peft.methods.register_method` -- and each with 8-bit activations, an 8-bit optimizer (bitsandbytes
-``AdamW8bit``) or activation checkpointing, it reports:
+:func:`~lightning_peft.methods.register_method` -- and each with any combination of 8-bit activations, an 8-bit
+optimizer (bitsandbytes ``AdamW8bit``), activation checkpointing and the optimizer step in backward
+(:class:`~lightning_peft.callbacks.OptimizerInBackward`), it reports:
 
 - *params*: unique bytes of every parameter;
-- *grads*: bytes of the trainable parameters' gradients (same dtype as the parameters);
+- *grads*: bytes of the trainable parameters' gradients (same dtype as the parameters). With the optimizer step in
+  backward, the largest trainable parameter's gradient (each gradient is stepped and freed as soon as it is
+  complete), twice for a weight used twice in the forward (a tied embedding and head: autograd holds both partial
+  gradients until it sums them). With gradient accumulation (``accumulate_grad_batches > 1``) every gradient is
+  held between micro-batches, so the gradients count in full there too;
 - *optimizer state*: AdamW's two moments (parameter dtype) and step counters; ``AdamW8bit``'s 8-bit moments with
   one float32 absmax per block of 256 and its two shared 256-entry maps (32-bit moments under ``min_8bit_size``);
 - *saved activations*: unique bytes saved for backward, parameters excluded; autocast's weight copies (a
@@ -21,8 +26,10 @@ chooses what trains -- full fine-tuning, LoRA, LISA, Half Fine-Tuning, and any m
   recomputation in backward).
 
 Saved activations grow linearly with the batch: two forwards (batch ``b`` and ``2b``) give the slope, from
-which :meth:`MemoryReport.largest_batch_size` solves for a memory budget. Not counted: the CUDA context,
-allocator fragmentation, temporary buffers of single kernels, the data loader; on GPU, expect the allocator's
+which :meth:`MemoryReport.largest_batch_size` solves for a memory budget; :attr:`MemoryReport.smallest` names each
+method's smallest combination. The total is the sum of the components, as if all were held at once; in a real step
+gradients grow while saved activations are freed in backward, so the peak can lie below it. Not counted: the CUDA
+context, allocator fragmentation, temporary buffers of single kernels, the data loader; on GPU, expect the allocator's
 peak a few percent to some tens of percent above the estimate.
 
 One file on purpose (over 600 lines): counting saved tensors, optimizer state and variants shares one fake
@@ -68,22 +75,28 @@ __all__ = [
 #: The built-in methods the estimator makes rows for (the registry's methods whose ``estimate`` is ``"trainable"``;
 #: :func:`estimated_methods` adds those registered later).
 METHODS: tuple[str, ...] = tuple(m.name for m in methods() if m.estimate == "trainable")
-#: What each method is estimated with, besides plain AdamW: 8-bit activations, AdamW8bit, checkpointing.
-VARIANTS: tuple[str, ...] = (
+#: The parts a variant combines, in the order a variant names them, with their labels: 8-bit activations, AdamW8bit,
+#: activation checkpointing, the optimizer step in backward.
+VARIANT_PARTS: dict[str, str] = {
+    "int8_act": "8-bit activations",
+    "adamw8bit": "AdamW8bit",
+    "checkpointing": "checkpointing",
+    "in_backward": "optimizer in backward",
+}
+_BASE_VARIANTS = (
     "",
     "int8_act",
     "adamw8bit",
     "checkpointing",
     "int8_act+adamw8bit",
     "int8_act+checkpointing",
+    "adamw8bit+checkpointing",
+    "int8_act+adamw8bit+checkpointing",
 )
-VARIANT_LABELS = {
-    "int8_act": "8-bit activations",
-    "adamw8bit": "AdamW8bit",
-    "checkpointing": "checkpointing",
-    "int8_act+adamw8bit": "8-bit activations + AdamW8bit",
-    "int8_act+checkpointing": "8-bit activations + checkpointing",
-}
+#: What each method is estimated with, besides plain AdamW: every combination of :data:`VARIANT_PARTS` (``""`` is
+#: the method alone).
+VARIANTS: tuple[str, ...] = _BASE_VARIANTS + tuple(f"{v}+in_backward".lstrip("+") for v in _BASE_VARIANTS)
+VARIANT_LABELS = {v: " + ".join(VARIANT_PARTS[p] for p in v.split("+")) for v in VARIANTS if v}
 _PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 _BNB_BLOCK = 256  # bitsandbytes' block size of the 8-bit optimizer state
 _CONFIGURED = "configured"  # the row of the model's trainable set as built
@@ -168,11 +181,21 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer_state + max(0, int(activations))
 
     @property
+    def base_method(self) -> str:
+        """The method without its variant, e.g. ``"lisa"`` of ``"lisa+int8_act+in_backward"``."""
+        return self.method.split("+", 1)[0]
+
+    @property
+    def variant(self) -> str:
+        """The variant, e.g. ``"int8_act+in_backward"`` of ``"lisa+int8_act+in_backward"`` (``""``: none)."""
+        return self.method.partition("+")[2]
+
+    @property
     def label(self) -> str:
         """Readable name, e.g. ``"LISA + 8-bit activations"``."""
-        base, *variants = self.method.split("+", 1)
-        label = _method_label(base)
-        return label + (f" + {VARIANT_LABELS.get(variants[0], variants[0])}" if variants else "")
+        label = _method_label(self.base_method)
+        variant = self.variant
+        return label + (f" + {VARIANT_LABELS.get(variant, variant)}" if variant else "")
 
 
 @dataclass
@@ -191,6 +214,8 @@ class MemoryReport:
         >>> report = MemoryReport("M", 2, "32-true", [MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2)])
         >>> report.row("full").total, report.largest_batch_size("full", 48)
         (32, 4)
+        >>> report.smallest
+        {'full': 'full'}
     """
 
     model: str
@@ -209,6 +234,20 @@ class MemoryReport:
             if row.method == method:
                 return row
         raise KeyError(f"no estimate for {method!r}; the report has {', '.join(r.method for r in self.rows)}")
+
+    @property
+    def smallest(self) -> dict[str, str]:
+        """For each method (``"lisa"``, ``"configured"``, ...), the row of its smallest total (``"lisa+int8_act+..."``).
+
+        Among the rows of the report: combinations that cannot run (e.g. the optimizer step in backward under a
+        multi-device strategy) are not in it. Ties go to the row listed first (fewer parts).
+        """
+        best: dict[str, MemoryEstimate] = {}
+        for row in self.rows:
+            kept = best.get(row.base_method)
+            if kept is None or row.total < kept.total:
+                best[row.base_method] = row
+        return {method: row.method for method, row in best.items()}
 
     def largest_batch_size(self, method: str, budget: int) -> int:
         """The largest batch size whose estimated total fits in ``budget`` bytes (0 if not even 1 fits)."""
@@ -250,6 +289,17 @@ class MemoryReport:
             lines.append("  ".join(aligned))
             if index == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        lines.append("")
+        for method in self.smallest.values():
+            row = self.row(method)
+            fits = (
+                f", largest batch in {format_bytes(budget)}: {self.largest_batch_size(method, budget)}"
+                if budget is not None
+                else ""
+            )
+            lines.append(
+                f"Smallest for {_method_label(row.base_method)}: {row.label} ({row.total / scale:.2f} {unit}{fits})"
+            )
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -386,6 +436,7 @@ class _Saved:
 class _Forward:
     saved: dict[int, _Saved] = field(default_factory=dict)
     block_inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # storage key -> (bytes, elements)
+    gradient_parts: dict[int, int] = field(default_factory=dict)  # id(parameter) -> graph edges into its gradient
 
 
 class _FusedAttention(torch.overrides.TorchFunctionMode):
@@ -491,11 +542,38 @@ def _count_forward(
             _FusedAttention(device_type),
             hf_masks_as_in_a_real_run(padded),
         ):
-            loss_fn(module, batch)
+            loss = loss_fn(module, batch)
+        record.gradient_parts = _gradient_parts(loss)
     finally:
         for handle in handles:
             handle.remove()
     return record
+
+
+def _gradient_parts(loss: Any) -> dict[int, int]:
+    """How many partial gradients backward makes for each parameter: the graph's edges into its ``AccumulateGrad``.
+
+    A weight used twice in the forward (tied input embedding and LM head) gets two, which autograd holds until it
+    sums them: the first arrives at the start of backward (the head), the second at its end (the embedding).
+    """
+    parts: dict[int, int] = {}
+    root = getattr(loss, "grad_fn", None)
+    seen: set = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                parts[id(variable)] = parts.get(id(variable), 0) + 1
+            else:
+                stack.append(child)
+    return parts
 
 
 def _quantized_bytes(numel: int, group_size: int) -> int:
@@ -549,6 +627,32 @@ def _optimizer_bytes(trainable: list[Tensor], eight_bit: bool, min_8bit_size: in
     return total + (2 * 256 * 4 if maps else 0)
 
 
+def _gradient_bytes(
+    trainable: list[Tensor], in_backward: bool, accumulate_grad_batches: int, parts: Mapping[int, int]
+) -> int:
+    """Gradient bytes: every trainable parameter's; with the step in backward (no accumulation) the largest one's.
+
+    ``OptimizerInBackward`` steps and frees each gradient as soon as it is complete, so one gradient at a time is
+    held: the largest, counted once per partial gradient autograd holds before summing them (twice for a tied
+    embedding and head, ``parts``). With ``accumulate_grad_batches > 1`` every gradient is held from one
+    micro-batch to the next.
+    """
+    if not in_backward or accumulate_grad_batches > 1:
+        return _unique_bytes(trainable)
+    return max((max(1, parts.get(id(p), 1)) * p.numel() * p.element_size() for p in trainable), default=0)
+
+
+def variant_parts(variant: str) -> list[str]:
+    """The parts of a variant's name.
+
+    Example::
+
+        >>> variant_parts("int8_act+in_backward")
+        ['int8_act', 'in_backward']
+    """
+    return [part for part in variant.split("+") if part]
+
+
 def _unique_bytes(tensors: Iterable[Tensor]) -> int:
     seen: dict[int, int] = {}
     for tensor in tensors:
@@ -569,12 +673,13 @@ def estimate_memory(
     batch: Any,
     precision: str = "32-true",
     methods: Iterable[str | Method] | None = None,
-    variants: Iterable[str] = VARIANTS,
+    variants: Iterable[str] | None = None,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     activations: str | Method = "activation_quantization",
     min_8bit_size: int = 4096,
     configured: bool = False,
     device: str = "cpu",
+    accumulate_grad_batches: int = 1,
 ) -> MemoryReport:
     """Estimate the training memory of every method for the model ``factory`` builds, without its weights.
 
@@ -591,7 +696,9 @@ def estimate_memory(
             (``get_method("lisa").configure(n_layers=4)``, ``get_method("lora").configure(r=8)``). Each is asked
             what it trains (:meth:`Method.apply <lightning_peft.methods.Method.apply>`) on the model built on the
             ``meta`` device.
-        variants: among :data:`VARIANTS` (``""`` is the method with AdamW and nothing else).
+        variants: among :data:`VARIANTS` (``""`` is the method with AdamW and nothing else). Default: every
+            variant that can run with ``precision`` on ``device`` (the optimizer step in backward cannot run with
+            the gradient scaler of ``"16-mixed"`` on CUDA).
         loss_fn: ``loss_fn(model, batch)`` returns the loss; default: ``model.compute_loss(batch)`` where it
             exists, else ``model.training_step(batch, 0)``.
         activations: the method of the ``int8_act`` variants (its ``estimate`` is ``"activations"``): its
@@ -601,13 +708,16 @@ def estimate_memory(
         configured: add a row for the model's trainable set as built (e.g. a module that applies LoRA itself).
         device: the device the fake tensors claim (``"cpu"`` or ``"cuda"``; autocast follows it). Nothing runs
             there.
+        accumulate_grad_batches: the Trainer's gradient accumulation. Above 1, the ``in_backward`` rows hold every
+            gradient (from one micro-batch to the next), as the rows without it do.
 
     Returns:
         The :class:`MemoryReport`.
 
     Raises:
-        ValueError: for a method that is not registered or not estimated, an unknown variant or precision, or a
-            batch without a batch dimension.
+        ValueError: for a method that is not registered or not estimated, an unknown variant or precision, an
+            ``in_backward`` variant with ``"16-mixed"`` on CUDA, ``accumulate_grad_batches`` below 1, or a batch
+            without a batch dimension.
 
     Example::
 
@@ -618,6 +728,9 @@ def estimate_memory(
         >>> report.row("full").params
         76840
     """
+    scaler = precision == "16-mixed" and torch.device(device).type == "cuda"
+    if variants is None:
+        variants = [v for v in VARIANTS if not (scaler and "in_backward" in variant_parts(v))]
     variants = list(variants)
     known = estimated_methods()
     chosen: list[Method] = []
@@ -641,8 +754,20 @@ def estimate_memory(
         if variant not in VARIANTS:
             raise ValueError(
                 f"`variants` must be among {', '.join(repr(v) for v in VARIANTS)}, got {variant!r}."
-                " HINT: '' is the method alone."
+                " HINT: '' is the method alone; a combination names its parts in the order"
+                f" {'+'.join(VARIANT_PARTS)}."
             )
+        if scaler and "in_backward" in variant_parts(variant):
+            raise ValueError(
+                f"`variants` has {variant!r}, but the optimizer step in backward cannot run with `precision="
+                "'16-mixed'` on CUDA: the gradient scaler checks every gradient before the step. HINT: estimate"
+                " precision='bf16-mixed', or leave the 'in_backward' variants out."
+            )
+    if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+        raise ValueError(
+            f"`accumulate_grad_batches` must be an integer of at least 1, got {accumulate_grad_batches!r}."
+            " HINT: the Trainer's `accumulate_grad_batches` (1: no accumulation)."
+        )
     if precision not in _PRECISIONS:
         raise ValueError(
             f"`precision` must be one of {', '.join(_PRECISIONS)}, got {precision!r}."
@@ -653,6 +778,11 @@ def estimate_memory(
         raise ValueError("`batch` has no tensor with a batch dimension. HINT: pass one real (or zero) batch.")
     loss_fn = loss_fn or _default_loss
     notes: list[str] = []
+    if accumulate_grad_batches > 1 and any("in_backward" in variant_parts(v) for v in variants):
+        notes.append(
+            f"accumulate_grad_batches={accumulate_grad_batches}: with the optimizer step in backward every gradient"
+            " is still held between micro-batches, so its rows count all gradients"
+        )
     padded = _has_padding(batch)
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -714,8 +844,9 @@ def estimate_memory(
         module, first, second = records[method]
         params = list(dict.fromkeys(module.parameters()))
         trainable = [p for p in params if p.requires_grad]
-        quantized = "int8_act" in variant
-        checkpointing = "checkpointing" in variant
+        parts = variant_parts(variant)
+        quantized = "int8_act" in parts
+        checkpointing = "checkpointing" in parts
         settings = (quantized, checkpointing, activation_group_size, activation_min_numel)
         saved, copies, recomputed = _activation_bytes(first, *settings)
         saved2, _, recomputed2 = _activation_bytes(second, *settings)
@@ -723,8 +854,11 @@ def estimate_memory(
             MemoryEstimate(
                 method=method + (f"+{variant}" if variant else ""),
                 params=_unique_bytes(params),
-                grads=_unique_bytes(trainable),
-                optimizer_state=_optimizer_bytes(trainable, "adamw8bit" in variant, min_8bit_size),
+                # the module holds the parameters of the second forward, whose graph `second` counted
+                grads=_gradient_bytes(
+                    trainable, "in_backward" in parts, accumulate_grad_batches, second.gradient_parts
+                ),
+                optimizer_state=_optimizer_bytes(trainable, "adamw8bit" in parts, min_8bit_size),
                 saved_activations=saved,
                 weight_copies=copies,
                 trainable_params=sum(p.numel() for p in trainable),

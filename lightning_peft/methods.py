@@ -9,8 +9,8 @@ registry, so a method registered with :func:`register_method` -- in the user's o
 (peft's ``register_peft_method`` is the model).
 
 Built in, in this order: ``full`` (full fine-tuning), ``lora`` (HF peft LoRA on every Linear of the blocks),
-``lisa``, ``hft`` (Half Fine-Tuning), ``ist``, ``early_pruning`` and ``activation_quantization`` (8-bit
-activations).
+``lisa``, ``hft`` (Half Fine-Tuning), ``ist``, ``early_pruning``, ``activation_quantization`` (8-bit
+activations) and ``optimizer_in_backward`` (the optimizer step in backward).
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_peft.callbacks import IST, LISA, ActivationQuantization, EarlyPruning, HalfFineTuning
+from lightning_peft.callbacks import (
+    IST,
+    LISA,
+    ActivationQuantization,
+    EarlyPruning,
+    HalfFineTuning,
+    OptimizerInBackward,
+)
 from lightning_peft.layout import find_blocks
 from lightning_peft.quantization.saved_tensors import DEFAULT_MIN_NUMEL
 
@@ -63,8 +70,10 @@ class Method:
             in :meth:`preview`'s set.
         estimate: what :func:`~lightning_peft.estimate.estimate_memory` does with the method: ``"trainable"``, a
             row per method with the parameters of :meth:`preview` trainable; ``"activations"``, the ``int8_act``
-            variants with its ``group_size`` and ``min_numel``; ``None``, not estimated (early pruning changes the
-            model's shape while it trains, IST needs PEFT modules the model builds).
+            variants with its ``group_size`` and ``min_numel``; ``"in_backward"``, the ``in_backward`` variants
+            (gradient memory of the optimizer step in backward; for a config, offered where the callback's
+            ``setup`` accepts the config's Trainer); ``None``, not estimated (early pruning changes the model's
+            shape while it trains, IST needs PEFT modules the model builds).
         settings_of: reads the settings back from a configured callback (default: the callback's attributes of the
             same names as its arguments); :func:`~lightning_peft.cli.estimate.estimate_from_config` uses it.
         builtin: registered by this package (the benchmarks measure the built-in methods with their own settings,
@@ -92,7 +101,7 @@ class Method:
     trains: Callable[[nn.Module, Mapping[str, Any]], Collection[str]] | None = None
     prepare: Callable[[nn.Module, Mapping[str, Any]], None] | None = None
     probe: Probe | None = None
-    estimate: Literal["trainable", "activations"] | None = "trainable"
+    estimate: Literal["trainable", "activations", "in_backward"] | None = "trainable"
     settings_of: Callable[[Callback], Mapping[str, Any]] | None = None
     builtin: bool = False
 
@@ -102,10 +111,10 @@ class Method:
                 f"`name` must be lower case letters, digits and '_' (starting with a letter, not 'configured'), got"
                 f" {self.name!r}. HINT: e.g. 'freeze_biases'; the label can be any text."
             )
-        if self.estimate not in ("trainable", "activations", None):
+        if self.estimate not in ("trainable", "activations", "in_backward", None):
             raise ValueError(
-                f"`estimate` must be 'trainable', 'activations' or None, got {self.estimate!r}. HINT: 'trainable'"
-                " for a method that chooses what trains."
+                f"`estimate` must be 'trainable', 'activations', 'in_backward' or None, got {self.estimate!r}."
+                " HINT: 'trainable' for a method that chooses what trains."
             )
         object.__setattr__(self, "defaults", dict(self.defaults))
 
@@ -418,6 +427,13 @@ for _method in (
         probe=_support_probe("check_quantization"),
         estimate="activations",
         settings_of=_activation_settings,
+        builtin=True,
+    ),
+    Method(
+        "optimizer_in_backward",
+        "optimizer step in backward",
+        callback=OptimizerInBackward,
+        estimate="in_backward",
         builtin=True,
     ),
 ):

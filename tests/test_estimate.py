@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft.callbacks import LISA, ActivationQuantization, MemoryBreakdown
-from lightning_peft.estimate import MemoryEstimate, MemoryReport, estimate_memory, parse_bytes
+from lightning_peft.callbacks import LISA, ActivationQuantization, MemoryBreakdown, OptimizerInBackward
+from lightning_peft.estimate import (
+    VARIANTS,
+    MemoryEstimate,
+    MemoryReport,
+    estimate_from_config,
+    estimate_memory,
+    parse_bytes,
+)
 from lightning_peft.methods import get_method
 
 
@@ -71,7 +78,15 @@ def report():
         TinyViT,
         _batch(),
         methods=["full", "lisa"],
-        variants=["", "int8_act", "int8_act+adamw8bit", "checkpointing", "int8_act+checkpointing"],
+        variants=[
+            "",
+            "int8_act",
+            "int8_act+adamw8bit",
+            "checkpointing",
+            "int8_act+checkpointing",
+            "in_backward",
+            "int8_act+adamw8bit+checkpointing+in_backward",
+        ],
         activations=get_method("activation_quantization").configure(min_numel=512),
         min_8bit_size=256,
     )
@@ -162,3 +177,134 @@ def test_cli_estimates_a_shipped_config(capsys, monkeypatch):
     assert "Estimated training memory of CausalLM, batch size 8, precision 32-true" in out
     assert "LISA + 8-bit activations + AdamW8bit" in out and "Largest batch" in out
     assert "Fits in 24.0MiB:" in out
+
+
+class LiveGradientPeak(pl.Callback):
+    """The most bytes of live ``.grad`` tensors at any moment of training (hooks registered before the callback's)."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def setup(self, trainer, pl_module, stage):
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+
+        def count(_):
+            self.peak = max(self.peak, sum(p.grad.nbytes for p in params if p.grad is not None))
+
+        self.handles = [p.register_post_accumulate_grad_hook(count) for p in params]
+
+    def teardown(self, trainer, pl_module, stage):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("callbacks", [[], [LISA(n_layers=2, interval=5, seed=0)]], ids=["full", "lisa"])
+def test_in_backward_gradients_are_the_largest_trainable_parameter_as_measured(report, callbacks, tmp_path):
+    peak = LiveGradientPeak()
+    _measure(tmp_path, [peak, OptimizerInBackward(), *callbacks])
+    method = "lisa" if callbacks else "full"
+    row, plain = report.row(f"{method}+in_backward"), report.row(method)
+    assert row.grads == peak.peak > 0
+    assert row.grads < plain.grads / 4
+    # only the gradients change: the step in backward keeps every other component
+    for field in ("params", "optimizer_state", "saved_activations", "recomputed", "trainable_params"):
+        assert getattr(row, field) == getattr(plain, field), field
+    combined = report.row(f"{method}+int8_act+adamw8bit+checkpointing+in_backward")
+    assert combined.grads == row.grads
+    assert combined.optimizer_state == report.row(f"{method}+int8_act+adamw8bit").optimizer_state
+    assert combined.saved_activations == report.row(f"{method}+int8_act+checkpointing").saved_activations
+
+
+def test_in_backward_with_gradient_accumulation_holds_every_gradient():
+    report = estimate_memory(
+        TinyViT, _batch(), methods=["full"], variants=["", "in_backward"], accumulate_grad_batches=2
+    )
+    assert report.row("full+in_backward").grads == report.row("full").grads
+    assert any("accumulate_grad_batches=2" in note for note in report.notes)
+
+
+def test_variants_combine_every_part_and_refuse_what_cannot_run():
+    assert len(VARIANTS) == 16 and len(set(VARIANTS)) == 16
+    assert "int8_act+adamw8bit+checkpointing+in_backward" in VARIANTS
+    with pytest.raises(ValueError, match=r"`variants` must be among.*got 'in_backward\+int8_act'.*HINT.*order"):
+        estimate_memory(TinyViT, _batch(), methods=["full"], variants=["in_backward+int8_act"])
+    # the gradient scaler of 16-mixed on CUDA needs every gradient before the step: not offered, refused if asked
+    with pytest.raises(ValueError, match=r"`variants` has 'in_backward'.*'16-mixed'.*HINT"):
+        estimate_memory(TinyViT, _batch(), "16-mixed", methods=["full"], variants=["in_backward"], device="cuda")
+    with pytest.raises(ValueError, match=r"`accumulate_grad_batches` must be an integer of at least 1, got 0.*HINT"):
+        estimate_memory(TinyViT, _batch(), methods=["full"], accumulate_grad_batches=0)
+
+
+def test_smallest_combination_per_method():
+    rows = [
+        MemoryEstimate("full", 10, 10, 20, 30, 0, 1, 1, 1.0, 1),
+        MemoryEstimate("full+in_backward", 10, 2, 20, 30, 0, 1, 1, 1.0, 1),
+        MemoryEstimate("lisa", 10, 4, 8, 30, 0, 1, 1, 1.0, 1),
+        MemoryEstimate("lisa+checkpointing", 10, 4, 8, 5, 0, 1, 1, 1.0, 1),
+        MemoryEstimate("lisa+checkpointing+in_backward", 10, 4, 8, 5, 0, 1, 1, 1.0, 1),  # a tie: the first stays
+    ]
+    report = MemoryReport("M", 1, "32-true", rows)
+    assert report.smallest == {"full": "full+in_backward", "lisa": "lisa+checkpointing"}
+    assert report.row("lisa+checkpointing+in_backward").label == "LISA + checkpointing + optimizer in backward"
+    text = report.to_text(budget=100)
+    assert "Smallest for Full FT: Full FT + optimizer in backward (" in text
+    assert "Smallest for LISA: LISA + checkpointing (" in text and "largest batch in" in text
+
+
+def _config(tmp_path, extra_callbacks="", trainer=""):
+    from pathlib import Path
+
+    source = (Path(__file__).parents[1] / "configs" / "llama_text_lisa.yaml").read_text()
+    text = source.replace("  callbacks:\n", f"{trainer}  callbacks:\n{extra_callbacks}", 1)
+    assert text != source
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_with_the_step_in_backward_puts_every_row_on_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    config = _config(tmp_path, "    - class_path: OptimizerInBackward\n", "  accumulate_grad_batches: 2\n")
+    report = estimate_from_config(config, methods=["full"])
+    assert report.rows and all(row.method.endswith("+in_backward") for row in report.rows)
+    # accumulation holds every gradient between micro-batches
+    assert report.row("full+in_backward").grads == report.row("full+in_backward").params
+    assert any("accumulate_grad_batches=2" in note for note in report.notes)
+
+
+def test_config_that_the_step_in_backward_refuses_gets_no_such_row(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    config = _config(tmp_path, trainer="  gradient_clip_val: 1.0\n")
+    report = estimate_from_config(config, methods=["full"])
+    assert "full" in {row.method for row in report.rows}
+    assert not any("in_backward" in row.method for row in report.rows)
+    assert any("optimizer step in backward not offered" in note and "global norm" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_in_backward_holds_both_partial_gradients_of_a_tied_embedding(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=tied,
+    )
+    report = estimate_memory(
+        lambda: LlamaForCausalLM(config),
+        {"input_ids": torch.zeros(1, 16, dtype=torch.long)},
+        methods=["full"],
+        variants=["", "in_backward"],
+        loss_fn=lambda model, batch: model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
+    )
+    embedding = 512 * 32 * 4
+    # the head's part of a tied weight's gradient is held from the start of backward until the embedding's arrives
+    assert report.row("full+in_backward").grads == (2 if tied else 1) * embedding
+    assert report.row("full").grads == report.row("full").params

@@ -1,5 +1,5 @@
-"""`lightning-peft estimate` on every shipped config and on the 7B Llama config: each prints its table, and every row's
-byte counts equal the stored expectation (tests/estimate_configs_expected.json, tolerance 0).
+"""`lightning-peft estimate` on every shipped config and on the 7B and 8B Llama configs: each prints its table, and
+every row's byte counts equal the stored expectation (tests/estimate_configs_expected.json, tolerance 0).
 
 The estimate counts bytes of fake tensors, so its numbers are exact and the same on every run of one environment:
 a change to the estimator, to a method's trainable set or to a shipped config that moves any of them fails here.
@@ -21,7 +21,7 @@ from lightning_peft.cli.estimate import estimate_main as main
 from lightning_peft.estimate import MemoryReport
 
 ROOT = Path(__file__).parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "benchmarks" / "estimate" / "llama2_7b_lisa.yaml"]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "benchmarks" / "estimate").glob("*.yaml"))
 EXPECTED = Path(__file__).with_name("estimate_configs_expected.json")
 # Every byte count of a row (the float growth per sample is left out: it is derived from these).
 FIELDS = (

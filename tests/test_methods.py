@@ -123,7 +123,9 @@ def test_lisa_preview_refuses_as_setup_does():
 def test_misconfiguration():
     with pytest.raises(ValueError, match=r"`name` must be lower case.*got 'Freeze Biases'.*HINT"):
         Method("Freeze Biases", "x")
-    with pytest.raises(ValueError, match=r"`estimate` must be 'trainable', 'activations' or None, got 'rows'.*HINT"):
+    with pytest.raises(
+        ValueError, match=r"`estimate` must be 'trainable', 'activations', 'in_backward' or None, got 'rows'.*HINT"
+    ):
         Method("toy", "Toy", estimate="rows")
     with pytest.raises(ValueError, match=r"`method` 'lisa' is already registered \(LISA\).*HINT"):
         register_method(Method("lisa", "Another LISA"))

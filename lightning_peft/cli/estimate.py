@@ -28,9 +28,10 @@ from lightning_peft.estimate import (
     estimated_methods,
     format_bytes,
     parse_bytes,
+    variant_parts,
     with_batch_size,
 )
-from lightning_peft.methods import Method, method_of
+from lightning_peft.methods import Method, method_of, methods
 
 __all__ = ["ESTIMATE_OPTIONS", "estimate_from_config", "estimate_main", "parse_memory"]
 
@@ -105,6 +106,8 @@ def estimate_from_config(
     batch_size: int | None = None,
     device: str = "cpu",
     methods: Iterable[str | Method] | None = None,
+    *,
+    variants: Iterable[str] | None = None,
 ) -> MemoryReport:
     """:func:`~lightning_peft.estimate.estimate_memory` for the model, data and trainer of a config.
 
@@ -113,8 +116,11 @@ def estimate_from_config(
     registered method (``LISA``, ``HalfFineTuning``, a user's) configures that method's row with its own arguments
     (:meth:`Method.from_callback <lightning_peft.methods.Method.from_callback>`), ``ActivationQuantization`` the
     8-bit activations' ``group_size`` and ``min_numel``; bitsandbytes ``AdamW8bit`` as the config's optimizer makes
-    every row use it. A model that already freezes part of itself (e.g. ``peft:``) gets
-    an ``As configured`` row.
+    every row use it, and so does ``OptimizerInBackward`` among the callbacks. The optimizer step in backward is
+    offered only where :class:`~lightning_peft.callbacks.OptimizerInBackward` accepts the config's Trainer and module
+    (its own ``setup`` check: one device, no clipping by norm, no gradient scaler, no ``EarlyPruning``, automatic
+    optimization); otherwise a note says why. The Trainer's ``accumulate_grad_batches`` is passed on. A model that
+    already freezes part of itself (e.g. ``peft:``) gets an ``As configured`` row.
 
     Args:
         config: path of the YAML file, or the arguments ``fit`` would take (``["--config", "a.yaml",
@@ -124,6 +130,7 @@ def estimate_from_config(
         methods: registered methods the estimator makes rows for (default: all,
             :func:`~lightning_peft.estimate.estimated_methods`), by name or as configured
             :class:`~lightning_peft.methods.Method` objects.
+        variants: among :data:`~lightning_peft.estimate.VARIANTS` (default: every one the config can run, as above).
 
     Returns:
         The :class:`~lightning_peft.estimate.MemoryReport`.
@@ -152,18 +159,32 @@ def estimate_from_config(
     batch = next(iter(datamodule.train_dataloader()))
     kwargs: dict[str, Any] = {}
     configured_methods: dict[str, Method] = {}
+    in_backward_configured = False
     for callback in trainer.callbacks:
         method = method_of(callback)
         if method is not None and method.estimate == "trainable":
             configured_methods[method.name] = method.from_callback(callback)
         elif method is not None and method.estimate == "activations":
             kwargs["activations"] = method.from_callback(callback)
+        elif method is not None and method.estimate == "in_backward":
+            in_backward_configured = True
     asked = estimated_methods() if methods is None else methods
     chosen = [m if isinstance(m, Method) else configured_methods.get(m, m) for m in asked]
-    variants = list(VARIANTS)
-    optimizer = getattr(template, "optimizer", None)
-    if "8bit" in repr(optimizer).lower():
-        variants = ["adamw8bit", "int8_act+adamw8bit"]
+    refusal = _in_backward_refusal(trainer, template)
+    notes: list[str] = []
+    if variants is None:
+        candidates = list(VARIANTS)
+        optimizer = getattr(template, "optimizer", None)
+        if "8bit" in repr(optimizer).lower():
+            candidates = [v for v in candidates if "adamw8bit" in variant_parts(v)]
+        if in_backward_configured and refusal is None:
+            candidates = [v for v in candidates if "in_backward" in variant_parts(v)]
+        if refusal is not None:
+            candidates = [v for v in candidates if "in_backward" not in variant_parts(v)]
+            notes.append(f"optimizer step in backward not offered: {refusal}")
+        if str(trainer.precision) == "16-mixed" and torch.device(device).type == "cuda":
+            candidates = [v for v in candidates if "in_backward" not in variant_parts(v)]
+        variants = candidates
     configured = any(not p.requires_grad for p in template.parameters())
     report = estimate_memory(
         lambda: copy.deepcopy(template),
@@ -173,10 +194,28 @@ def estimate_from_config(
         variants=variants,
         configured=configured,
         device=device,
+        accumulate_grad_batches=int(trainer.accumulate_grad_batches),
         **kwargs,
     )
+    report.notes += notes
     report.notes.append(f"config {named}: {type(datamodule).__name__} batch, precision {trainer.precision}")
     return report if batch_size is None else with_batch_size(report, batch_size)
+
+
+def _in_backward_refusal(trainer: Any, module: Any) -> str | None:
+    """Why the registry's optimizer step in backward cannot run with this Trainer and module (None: it can).
+
+    The callback's own ``setup`` check answers (strategy, clipping, gradient scaler, ``EarlyPruning``, manual
+    optimization), so the estimate offers exactly what ``fit`` would accept.
+    """
+    for method in methods():
+        if method.estimate != "in_backward" or method.callback is None:
+            continue
+        try:
+            method.build_callback().setup(trainer, module, "fit")
+        except ValueError as error:
+            return str(error).split(" HINT:")[0]
+    return None
 
 
 class _EstimateParser(argparse.ArgumentParser):

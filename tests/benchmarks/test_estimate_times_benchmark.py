@@ -1,16 +1,18 @@
 import json
 
 from benchmarks import estimate_times
+from lightning_peft.estimate import VARIANTS
 
 
 def test_times_one_config_and_writes_the_tables(tmp_path):
     estimate_times.main(["--filter", "vit_digits_lisa.yaml", "--out-dir", str(tmp_path)])
     results = json.loads((tmp_path / "estimate_times_cpu.json").read_text())
     (row,) = results["rows"]
-    assert row["config"] == "configs/vit_digits_lisa.yaml" and row["rows"] == 24
+    rows = 4 * len(VARIANTS)  # full, LoRA, LISA, Half FT, each with every variant
+    assert row["config"] == "configs/vit_digits_lisa.yaml" and row["rows"] == rows
     assert 0 < row["estimate_seconds"] < row["wall_seconds"]
     table = (tmp_path / "estimate_times_cpu.md").read_text()
-    assert "| `configs/vit_digits_lisa.yaml` | 24 |" in table and "Target: under 60 s" in table
+    assert f"| `configs/vit_digits_lisa.yaml` | {rows} |" in table and "Target: under 60 s" in table
 
 
 def test_own_data_configs_find_their_files(tmp_path):
