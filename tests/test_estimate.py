@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft.callbacks import LISA, ActivationQuantization, MemoryBreakdown, OptimizerInBackward
+from lightning_peft.cli.estimate import estimate_from_config
 from lightning_peft.estimate import (
     VARIANTS,
     MemoryEstimate,
     MemoryReport,
-    estimate_from_config,
     estimate_memory,
     parse_bytes,
 )
