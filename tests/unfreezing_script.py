@@ -93,4 +93,10 @@ def main(strategy: str, scenario: str, out: Path, max_steps: int, resume: bool =
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])) if len(sys.argv) > 5 else False)
+    main(
+        sys.argv[1],
+        sys.argv[2],
+        Path(sys.argv[3]),
+        int(sys.argv[4]),
+        bool(int(sys.argv[5])) if len(sys.argv) > 5 else False,
+    )
