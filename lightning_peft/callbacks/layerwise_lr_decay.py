@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,6 @@ _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _SCHEDULER_SCALED = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
 # Per-group entries of torch's schedulers that are not learning rates: repeated for every part of a split group.
 _SCHEDULER_REPEATED = ("lr_lambdas", "base_momentums", "max_momentums")
-# The optimizers already split, so that a second LayerwiseLRDecay (or a second on_fit_start) cannot decay twice.
-_SPLIT: weakref.WeakKeyDictionary[torch.optim.Optimizer, float] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -83,9 +80,8 @@ class LayerwiseLRDecay(Callback):
 
     Raises:
         ValueError: for a ``decay`` outside (0, 1] (at construction); at fit start, for an optimizer whose groups
-            already carry timm's ``lr_scale`` (a layer decay of its own), an optimizer split by another
-            ``LayerwiseLRDecay``, or a scheduler of a class outside ``torch.optim.lr_scheduler`` that keeps other
-            per-group lists it cannot know how to split.
+            already carry timm's ``lr_scale`` (a layer decay of its own), or a scheduler of a class outside
+            ``torch.optim.lr_scheduler`` that keeps other per-group lists it cannot know how to split.
 
     Example::
 
@@ -149,7 +145,6 @@ class LayerwiseLRDecay(Callback):
             for config in trainer.lr_scheduler_configs:
                 if _optimizer_of(config.scheduler) is optimizer:
                     _split_scheduler(config.scheduler, parts, self.factor)
-            _SPLIT[optimizer] = self.decay
         if self.verbose:
             counts: dict[int, int] = {}
             for name, param in pl_module.named_parameters():
@@ -158,11 +153,6 @@ class LayerwiseLRDecay(Callback):
             rank_zero_info(f"LayerwiseLRDecay (decay {self.decay}): {table}")
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        if optimizer in _SPLIT:
-            raise ValueError(
-                f"`LayerwiseLRDecay` splits the param groups of {type(optimizer).__name__} once, but they were split"
-                f" already (decay {_SPLIT[optimizer]}). HINT: keep one LayerwiseLRDecay in `trainer.callbacks`."
-            )
         if any("lr_scale" in group for group in optimizer.param_groups):
             raise ValueError(
                 f"`LayerwiseLRDecay` would decay the learning rates of {type(optimizer).__name__} a second time: its"
