@@ -9,8 +9,8 @@ registry, so a method registered with :func:`register_method` -- in the user's o
 (peft's ``register_peft_method`` is the model).
 
 Built in, in this order: ``full`` (full fine-tuning), ``lora`` (HF peft LoRA on every Linear of the blocks),
-``lisa``, ``hft`` (Half Fine-Tuning), ``ist``, ``early_pruning`` and ``activation_quantization`` (8-bit
-activations).
+``lisa``, ``hft`` (Half Fine-Tuning), ``ist``, ``early_pruning``, ``activation_quantization`` (8-bit
+activations), ``gradual_unfreezing`` and ``llrd`` (layer-wise learning-rate decay).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_peft.callbacks import IST, LISA, ActivationQuantization, EarlyPruning, HalfFineTuning
+from lightning_peft.callbacks import (
+    IST,
+    LISA,
+    ActivationQuantization,
+    EarlyPruning,
+    GradualUnfreezing,
+    HalfFineTuning,
+    LayerwiseLRDecay,
+)
 from lightning_peft.layers import find_layers
 from lightning_peft.quantization.saved_tensors import DEFAULT_MIN_NUMEL
 
@@ -417,6 +425,22 @@ for _method in (
         estimate="activations",
         settings_of=_activation_settings,
         builtin=True,
+    ),
+    # no benchmark table names these two: the benchmarks run them with these defaults, as any method they do not name
+    Method(
+        "gradual_unfreezing",
+        "Gradual unfreezing",
+        callback=GradualUnfreezing,
+        defaults={"unfreeze_every": 20, "unit": "steps"},
+        probe=_support_probe("check_gradual_unfreezing"),
+    ),
+    Method(
+        "llrd",
+        "Layer-wise LR decay",
+        callback=LayerwiseLRDecay,
+        defaults={"decay": 0.75},
+        probe=_support_probe("check_llrd"),
+        estimate=None,  # it trains what full fine-tuning trains: the memory of the `full` row
     ),
 ):
     register_method(_method)
