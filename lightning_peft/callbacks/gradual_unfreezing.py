@@ -105,7 +105,9 @@ class GradualUnfreezing(TrainableSetCallback):
         layers: str | list[str] | None = None,
         verbose: bool = False,
     ) -> None:
-        super().__init__(release_optimizer_state=True)
+        # a parameter that trained never freezes again here: no state of ours to release, and a method composed with
+        # this one (LISA with `release_optimizer_state=False`) keeps its own choice
+        super().__init__(release_optimizer_state=False)
         check_choice("unit", unit, ("steps", "epochs"), 'e.g. `unfreeze_every: 50, unit: "steps"`.')
         check_choice("embeddings", embeddings, ("last", "never"), '"last" unfreezes them after the bottom block.')
         check_int("blocks_per_stage", blocks_per_stage, 1, "1 unfreezes one block per stage, as ULMFiT does.")

@@ -65,6 +65,8 @@ def test_misconfiguration_at_construction(kwargs, match):
 def test_default_is_one_block_per_epoch():
     callback = GradualUnfreezing()
     assert (callback.unfreeze_every, callback.unit, callback.milestones) == (1, "epochs", None)
+    # it never freezes what trained: composed with LISA(release_optimizer_state=False), LISA's choice holds
+    assert callback.release_optimizer_state is False
 
 
 def test_more_milestones_than_stages_is_refused_at_setup(tmp_path):
@@ -226,6 +228,14 @@ def test_fsdp2_with_layerwise_lr_decay_resumes_exactly(tmp_path):
     _assert_ranks_identical(reference)
     counts = [len(s["trainable"]) for s in reference[0]["steps"]]
     assert counts[0] == counts[1] < counts[2] == counts[3] < counts[4] == counts[5]  # a block every 2 steps
+    from fsdp2_script import ShardedViT
+
+    from lightning_peft.callbacks import LayerwiseLRDecay
+
+    plan = LayerwiseLRDecay(decay=0.5).preview(ShardedViT())
+    for step, record in enumerate(reference[0]["steps"]):  # the LambdaLR warm-up times 0.5 ** depth, every group
+        for name, lr in record["lr"].items():
+            assert lr == pytest.approx(1e-3 * min(1.0, (step + 1) / 3) * plan.factors[name], rel=1e-12), name
     _run_script("fsdp2", "both", tmp_path / "split", 4)
     resumed = _run_script("fsdp2", "both", tmp_path / "split", 6, 1)
     _assert_ranks_identical(resumed)
