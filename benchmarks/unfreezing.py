@@ -23,10 +23,10 @@ step time, counted bytes (``harness.MeasuringCallback``: gradients and optimizer
 and the mean over the steps of gradients + optimizer state: what the partly frozen stages save), and the trainable
 parameters at the first and last step. One seed; all runs in one process, one after the other, with one torch thread.
 
-Run from the repository root (about 3 minutes on a shared 2-core CPU)::
+Run from the repository root::
 
     python -m benchmarks.unfreezing
-    python -m benchmarks.unfreezing --epochs 1 --pretrain-epochs 1   # a quick check
+    python -m benchmarks.unfreezing --pretrain-epochs 1 --epochs 2 --unfreeze-every 10   # the committed results
 
 Results: ``benchmarks/results/unfreezing.json`` and ``.md``.
 """
@@ -37,6 +37,7 @@ import argparse
 import copy
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -70,8 +71,11 @@ class BackboneClassifier(ImageClassifier):
     """The classifier with the ``backbone`` that ``BackboneFinetuning`` freezes: every child of the ViT but its head."""
 
     @property
-    def backbone(self) -> list[nn.Module]:
-        return [module for name, module in self.model.named_children() if name != "head"]
+    def backbone(self) -> nn.Module:
+        if "_backbone" not in vars(self):  # held outside the module tree: the children keep their own names
+            children = [module for name, module in self.model.named_children() if name != "head"]
+            object.__setattr__(self, "_backbone", nn.ModuleList(children))
+        return vars(self)["_backbone"]
 
 
 def build(backbone: bool = False) -> ImageClassifier:
@@ -119,8 +123,8 @@ class StateOverSteps(Callback):
         self.bytes.append(self._grads + storage_bytes(state))
 
 
-def callbacks_of(run: str) -> list[Callback]:
-    gradual = GradualUnfreezing(unfreeze_every=20, unit="steps")
+def callbacks_of(run: str, unfreeze_every: int) -> list[Callback]:
+    gradual = GradualUnfreezing(unfreeze_every=unfreeze_every, unit="steps")
     return {
         "full": [],
         "backbone_finetuning": [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
@@ -130,19 +134,21 @@ def callbacks_of(run: str) -> list[Callback]:
     }[run]
 
 
-def fine_tune(run: str, backbone: dict[str, torch.Tensor], root: str, epochs: int) -> dict[str, Any]:
+def fine_tune(
+    run: str, backbone: dict[str, torch.Tensor], root: str, epochs: int, unfreeze_every: int
+) -> dict[str, Any]:
     pl.seed_everything(SEED, verbose=False)  # the same new head in every run
     module = build(backbone=run == "backbone_finetuning")
     missing, _ = module.model.load_state_dict(copy.deepcopy(backbone), strict=False)
     assert set(missing) == {"head.weight", "head.bias"}, missing
     measure, over_steps = MeasuringCallback(), StateOverSteps()
-    trainer = quiet_cpu_trainer(root, [*callbacks_of(run), measure, over_steps], max_epochs=epochs,
+    trainer = quiet_cpu_trainer(root, [*callbacks_of(run, unfreeze_every), measure, over_steps], max_epochs=epochs,
                                 num_sanity_val_steps=0)  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, Digits(image_size=32, batch_size=32))
     seconds = time.perf_counter() - start
     return {
-        "label": LABELS[run],
+        "label": LABELS[run].replace("20 steps", f"{unfreeze_every} steps"),
         "val_acc": round(float(trainer.callback_metrics["val/acc"]), 4),
         "fit_seconds": round(seconds, 1),
         "mean_step_ms": round(1e3 * sum(measure.step_seconds) / len(measure.step_seconds), 1),
@@ -191,22 +197,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs on the digits (45 steps each)")
     parser.add_argument("--pretrain-epochs", type=int, default=2, help="epochs on MNIST before fine-tuning")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--unfreeze-every", type=int, default=20, help="GradualUnfreezing's steps between stages")
+    parser.add_argument("--backbone", help="a file with the pre-trained weights: read if it exists, else written")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
-        backbone = pretrain(root, args.pretrain_epochs)
+        if args.backbone and Path(args.backbone).exists():
+            backbone = torch.load(args.backbone, weights_only=True)
+        else:
+            backbone = pretrain(root, args.pretrain_epochs)
+            if args.backbone:
+                torch.save(backbone, args.backbone)
         pretrain_seconds = time.perf_counter() - start
         runs = {}
         for run in args.runs:
-            runs[run] = fine_tune(run, backbone, root, args.epochs)
+            runs[run] = fine_tune(run, backbone, root, args.epochs, args.unfreeze_every)
             print(run, runs[run], flush=True)
     results = {
         "env": environment(packages=("timm",)),
         "epochs": args.epochs,
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_seconds": round(pretrain_seconds, 1),
+        "unfreeze_every": args.unfreeze_every,
         "runs": runs,
     }
     write_results(args.out, NAME, results, render)
