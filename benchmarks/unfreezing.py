@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -168,9 +169,10 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "# Gradual unfreezing and layer-wise LR decay vs Lightning's BackboneFinetuning",
         "",
-        f"ViT (ViT-Tiny width, 6 blocks, 32x32) pre-trained {results['pretrain_epochs']} epochs on 5,000 MNIST digits"
-        f" ({results['pretrain_seconds']:.0f} s), fine-tuned {results['epochs']} epochs on scikit-learn's digits with a"
-        f" new head, AdamW lr {LR} constant; one seed. `python -m benchmarks.unfreezing`; {env['device']},"
+        f"ViT (ViT-Tiny width, 6 blocks, 32x32) pre-trained {results['pretrain_epochs']} epoch(s) on 5,000 MNIST"
+        f" digits ({results['pretrain_seconds']:.0f} s), fine-tuned {results['epochs']} epoch(s) on scikit-learn's"
+        f" digits with a new head, AdamW lr {LR} constant; one seed."
+        f" `{results.get('command', 'python -m benchmarks.unfreezing')}`; {env['device']},"
         f" {env['torch_threads']} torch thread(s), load average {env.get('load_average_1min')}.",
         "",
         "| run | val acc | fit time | step | grads + optimizer state, mean over steps | largest | trained params,"
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs[run] = fine_tune(run, backbone, root, args.epochs, args.unfreeze_every)
             print(run, runs[run], flush=True)
     results = {
+        "command": "python -m benchmarks.unfreezing " + " ".join(argv if argv is not None else sys.argv[1:]),
         "env": environment(packages=("timm",)),
         "epochs": args.epochs,
         "pretrain_epochs": args.pretrain_epochs,
