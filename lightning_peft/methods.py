@@ -10,7 +10,8 @@ registry, so a method registered with :func:`register_method` -- in the user's o
 
 Built in, in this order: ``full`` (full fine-tuning), ``lora`` (HF peft LoRA on every Linear of the blocks),
 ``lisa``, ``hft`` (Half Fine-Tuning), ``ist``, ``early_pruning``, ``activation_quantization`` (8-bit
-activations) and ``optimizer_in_backward`` (the optimizer step in backward).
+activations), ``optimizer_in_backward`` (the optimizer step in backward), ``gradual_unfreezing`` and ``llrd``
+(layer-wise learning-rate decay).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from lightning_peft.callbacks import (
     LISA,
     ActivationQuantization,
     EarlyPruning,
+    GradualUnfreezing,
     HalfFineTuning,
+    LayerwiseLRDecay,
     OptimizerInBackward,
 )
 from lightning_peft.layout import find_blocks
@@ -435,6 +438,22 @@ for _method in (
         callback=OptimizerInBackward,
         estimate="in_backward",
         builtin=True,
+    ),
+    # no benchmark table names these two: the benchmarks run them with these defaults, as any method they do not name
+    Method(
+        "gradual_unfreezing",
+        "Gradual unfreezing",
+        callback=GradualUnfreezing,
+        defaults={"unfreeze_every": 20, "unit": "steps"},
+        probe=_support_probe("check_gradual_unfreezing"),
+    ),
+    Method(
+        "llrd",
+        "Layer-wise LR decay",
+        callback=LayerwiseLRDecay,
+        defaults={"decay": 0.75},
+        probe=_support_probe("check_llrd"),
+        estimate=None,  # it trains what full fine-tuning trains: the memory of the `full` row
     ),
 ):
     register_method(_method)

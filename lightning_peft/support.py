@@ -16,6 +16,10 @@ registry entry; the built-in ones are here:
 * **8-bit activations** — the bytes saved for backward fall and the gradient keeps a cosine of at least 0.99 to the
   unquantized one (tensors of 1,024 elements or more quantized, as tiny models have few above the default
   threshold; the lowest per-tensor cosine is reported);
+* **gradual unfreezing** — the first step trains only the head and what follows the blocks, the second adds the top
+  block;
+* **layer-wise LR decay** — one SGD step moves every parameter by the learning rate times ``decay ** depth`` times
+  its gradient;
 * **a registered method without a probe of its own** (:func:`check_trainable_set`) — one step with its callback:
   every parameter that gets a gradient is one its ``preview(model)`` names, and some do.
 
@@ -43,9 +47,11 @@ from lightning_peft.methods import Method, get_method, methods
 
 __all__ = [
     "CellResult",
+    "check_gradual_unfreezing",
     "check_hft",
     "check_ist",
     "check_lisa",
+    "check_llrd",
     "check_pruning",
     "check_quantization",
     "check_support",
@@ -398,6 +404,60 @@ def check_quantization(build, inputs, output, causal_lm: bool = False) -> tuple[
         f"saved bytes {stats.bytes_after / stats.bytes_before:.2f}x, gradient cosine {overall:.4f}"
         f" (lowest tensor: {worst:.3f}, {worst_name})"
     )
+
+
+def check_gradual_unfreezing(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]:
+    """Gradual unfreezing's probe: step 0 trains the head (and what follows the blocks), step 1 adds the top block."""
+    from lightning_peft.callbacks import GradualUnfreezing
+
+    module = _Probe(build(), inputs, output)
+    callback = GradualUnfreezing(unfreeze_every=1, unit="steps")
+    grads = _Gradients()
+    _fit(module, [callback, grads], steps=2)
+    groups = callback.groups
+    assert groups is not None
+    top, first_block = set(groups.top), set(groups.groups[1])
+    stray = sorted(grads.steps[0] - top)
+    if stray:
+        return "fail", f"at stage 0 parameters outside the head got gradients: {[_strip(n) for n in stray[:3]]}"
+    if not grads.steps[0]:
+        return "fail", "the head got no gradient at stage 0"
+    stray = sorted(grads.steps[1] - top - first_block)
+    if stray:
+        return "fail", f"at stage 1 parameters below the top block got gradients: {[_strip(n) for n in stray[:3]]}"
+    if not grads.steps[1] & first_block:
+        return "fail", "the top block got no gradient at stage 1"
+    return "ok", f"head, then {groups.n_blocks} blocks top down ({groups.stack.source})"
+
+
+def check_llrd(build, inputs, output, causal_lm: bool = False) -> tuple[str, str]:
+    """Layer-wise LR decay's probe: one SGD step moves every parameter by ``lr * decay ** depth`` times its gradient."""
+    from lightning_peft.callbacks import LayerwiseLRDecay
+
+    module = _Probe(build(), inputs, output)
+    callback = LayerwiseLRDecay(decay=0.5)
+    plan = callback.preview(module)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    gradients: dict[str, Tensor] = {}
+
+    class _Keep(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            gradients.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    _fit(module, [callback, _Keep()], steps=1)
+    lr = 1e-3  # the probe's SGD
+    checked = 0
+    for name, param in module.named_parameters():
+        grad = gradients.get(name)
+        if grad is None or not bool(grad.abs().sum() > 0):
+            continue
+        expected = before[name] - lr * plan.factors[name] * grad
+        if not torch.allclose(param.detach(), expected, rtol=1e-4, atol=1e-8):
+            return "fail", f"{_strip(name)} did not move by lr * 0.5 ** {plan.depths[name]} times its gradient"
+        checked += 1
+    if not checked:
+        return "fail", "no parameter got a gradient"
+    return "ok", f"{plan.n_blocks + 2} depths, {checked} parameter tensors checked ({callback.groups.stack.source})"
 
 
 def check_trainable_set(method: Method, build, inputs, output) -> tuple[str, str]:

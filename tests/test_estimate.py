@@ -140,7 +140,9 @@ def test_largest_batch_size_solves_the_linear_model():
 def test_misconfiguration():
     with pytest.raises(ValueError, match=r"`memory` must be a size such as '24GiB'.*HINT"):
         parse_bytes("24 parsecs")
-    with pytest.raises(ValueError, match=r"`methods` must be among full, lora, lisa, hft, got 'dora'.*HINT"):
+    with pytest.raises(
+        ValueError, match=r"`methods` must be among full, lora, lisa, hft, gradual_unfreezing, got 'dora'.*HINT"
+    ):
         estimate_memory(TinyViT, _batch(), methods=["dora"])
     with pytest.raises(ValueError, match=r"`precision` must be one of.*got 'fp8'.*HINT"):
         estimate_memory(TinyViT, _batch(), precision="fp8")
