@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_peft.layout import block_anatomy, find_blocks
+from lightning_peft.layout.peft_layers import lora_adapters, lora_rank
 from lightning_peft.methods import Method, get_method, methods
 
 __all__ = [
@@ -308,7 +309,7 @@ def check_pruning(build, inputs, output, causal_lm: bool = False) -> tuple[str, 
     plan = PruningPlan(
         heads={s.path: _kept_heads(s) for s in sites.attention if s.num_heads > 1},
         neurons={s.path: [i for i in range(s.hidden) if i % 3] for s in sites.mlp},
-        lora_ranks={p: {a: [0, 2] for a in layer.r} for p, layer in lora.items()},
+        lora_ranks={p: {a: [0, 2] for a in lora_adapters(layer)} for p, layer in lora.items()},
     )
     masks = PruningMasks(sites)
     with torch.no_grad():
@@ -319,8 +320,8 @@ def check_pruning(build, inputs, output, causal_lm: bool = False) -> tuple[str, 
             mask.zero_()
             mask[plan.neurons[site.path]] = 1
         for layer in lora.values():  # ranks 1 and 3 of every LoRA layer out: zero their rows of A
-            for adapter, lora_a in layer.lora_A.items():
-                lora_a.weight[[i for i in range(layer.r[adapter]) if i not in (0, 2)]] = 0
+            for adapter, (lora_a, _) in lora_adapters(layer).items():
+                lora_a.weight[[i for i in range(lora_rank(layer, adapter)) if i not in (0, 2)]] = 0
     before = sum(p.numel() for p in net.parameters())
     # outputs in training mode with autograd on: fused inference paths (nn.TransformerEncoderLayer's fast path) skip
     # module hooks, so the masks; the zoo's models have no dropout, so training mode is deterministic

@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+# Loaded only by the child processes of tests/test_network.py (as their sitecustomize), never collected.
+collect_ignore = ["network_sim"]
+
 
 @pytest.fixture
 def one_thread():

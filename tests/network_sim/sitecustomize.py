@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-_LOG = os.environ["NETWORK_SIM_LOG"]
+_LOG = os.environ.get("NETWORK_SIM_LOG")
 _OFFLINE = os.environ.get("NETWORK_SIM_OFFLINE") == "1"
 
 
@@ -37,8 +37,6 @@ def _getaddrinfo_logged(host, *args, **kwargs):
     return _getaddrinfo(host, *args, **kwargs)
 
 
-socket.socket.connect = _connect_logged
-socket.getaddrinfo = _getaddrinfo_logged
 
 
 class _AVX512BF16(importlib.abc.MetaPathFinder):
@@ -57,4 +55,7 @@ class _AVX512BF16(importlib.abc.MetaPathFinder):
         return spec
 
 
-sys.meta_path.insert(0, _AVX512BF16())
+if _LOG is not None:  # only in the child processes of tests/test_network.py, never when merely imported
+    socket.socket.connect = _connect_logged
+    socket.getaddrinfo = _getaddrinfo_logged
+    sys.meta_path.insert(0, _AVX512BF16())
