@@ -1,6 +1,6 @@
 """Imports of dependencies that would otherwise reach the network: made local before anything imports them.
 
-``bitsandbytes`` (imported by ``peft``, so by every command) asks the Hugging Face hub for a CPU kernel
+``bitsandbytes`` (imported by ``peft`` 0.21 at import, so by every command, and by the 8-bit optimizers) asks the Hugging Face hub for a CPU kernel
 (``kernels.get_kernel("kernels-community/quantization-bitsandbytes")``) while it is being imported, on CPUs with
 AVX512-BF16. That request has no timeout of its own: behind a proxy or firewall that never answers, ``import peft``
 waits for minutes, and with no network it makes DNS look-ups on every start; when it fails, its warning ("Failed to
