@@ -1,10 +1,10 @@
 """Imports of dependencies that would otherwise reach the network: made local before anything imports them.
 
-``bitsandbytes`` (imported by ``peft`` 0.21 at import, so by every command, and by the 8-bit optimizers) asks the Hugging Face hub for a CPU kernel
-(``kernels.get_kernel("kernels-community/quantization-bitsandbytes")``) while it is being imported, on CPUs with
-AVX512-BF16. That request has no timeout of its own: behind a proxy or firewall that never answers, ``import peft``
-waits for minutes, and with no network it makes DNS look-ups on every start; when it fails, its warning ("Failed to
-load CPU gemm_4bit_forward …") becomes the first line of every run.
+``bitsandbytes`` (imported by ``peft`` 0.21 at import, so by every command, and by the 8-bit optimizers) asks the
+Hugging Face hub for a CPU kernel (``kernels.get_kernel("kernels-community/quantization-bitsandbytes")``) while it
+is being imported, on CPUs with AVX512-BF16. That request has no timeout of its own: behind a proxy or firewall
+that never answers, ``import peft`` waits for minutes, and with no network it makes DNS look-ups on every start;
+when it fails, its warning ("Failed to load CPU gemm_4bit_forward …") becomes the first line of every run.
 
 :func:`install` registers an import hook that runs ``bitsandbytes``' own import with the hub in offline mode (the
 ``kernels`` package reads ``huggingface_hub.constants.HF_HUB_OFFLINE`` when it resolves a kernel): a kernel already in
