@@ -82,7 +82,7 @@ def run(results_name: str = "memory_cpu", out_dir: str | Path | None = None, dev
                 for name, attr in COMPONENTS.items()
             }
             total = summary["components_total_bytes"]
-            counted = row.total - row.recomputed  # what memory.py counts: no recomputed block
+            counted = row.held - row.recomputed  # what memory.py counts (the sum): no recomputed block
             rows[method] = {
                 "modelled": True,
                 "estimate_row": row_key,

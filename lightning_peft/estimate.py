@@ -10,11 +10,12 @@ optimizer (bitsandbytes ``AdamW8bit``), activation checkpointing and the optimiz
 (:class:`~lightning_peft.callbacks.OptimizerInBackward`), it reports:
 
 - *params*: unique bytes of every parameter;
-- *grads*: bytes of the trainable parameters' gradients (same dtype as the parameters). With the optimizer step in
-  backward, the largest trainable parameter's gradient (each gradient is stepped and freed as soon as it is
-  complete), twice for a weight used twice in the forward (a tied embedding and head: autograd holds both partial
-  gradients until it sums them). With gradient accumulation (``accumulate_grad_batches > 1``) every gradient is
-  held between micro-batches, so the gradients count in full there too;
+- *grads*: bytes of the trainable parameters' gradients (same dtype as the parameters), plus, for a weight used
+  twice in the forward (a tied embedding and head), its first partial gradient, which autograd holds until the
+  second is made and summed into it. With the optimizer step in backward, the largest trainable parameter's
+  gradient (each gradient is stepped and freed as soon as it is complete), again twice for a tied weight. With
+  gradient accumulation (``accumulate_grad_batches > 1``) every gradient is held between micro-batches, so the
+  gradients count in full there too;
 - *optimizer state*: AdamW's two moments (parameter dtype) and step counters; ``AdamW8bit``'s 8-bit moments with
   one float32 absmax per block of 256 and its two shared 256-entry maps (32-bit moments under ``min_8bit_size``);
 - *saved activations*: unique bytes saved for backward, parameters excluded; autocast's weight copies (a
@@ -140,11 +141,24 @@ class MemoryEstimate:
         batch_size: the batch size of ``saved_activations``.
         recomputed: with checkpointing, one block's saved tensors, rebuilt in backward while that block's
             gradients are computed (held only then; part of the peak, not of what the forward leaves behind).
+        working: the gradients backward makes of the activations while it runs, at this batch size: two of the
+            size of the largest saved activation (at the loss of a language model, the gradient of the logits and
+            of their log-softmax), held at the start of backward beside every saved activation.
+        first_grads: the gradients backward makes first, while every activation is still held (the head's when
+            it trains; a tied weight's first partial gradient).
+        title: the method's label when it is not a registered method's (a method's choice, e.g. "LISA, embeddings
+            frozen").
+
+    The peak of a step is at one of two moments: the start of backward (parameters, optimizer state, every saved
+    activation, the working gradients and the first parameter gradients) or its end (parameters, optimizer state
+    and the gradients; the activations are freed by then). :attr:`total` is the larger; :attr:`held` is the plain
+    sum of the components, what a step holds if nothing were freed in backward.
 
     Example::
 
-        >>> MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2).total
-        32
+        >>> row = MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2)
+        >>> row.total, row.held  # params + optimizer + max(activations, grads); the plain sum
+        (28, 32)
     """
 
     method: str
@@ -158,6 +172,9 @@ class MemoryEstimate:
     activation_bytes_per_sample: float
     batch_size: int
     recomputed: int = 0
+    working: int = 0
+    first_grads: int = 0
+    title: str = ""
 
     @property
     def activations(self) -> int:
@@ -165,20 +182,35 @@ class MemoryEstimate:
         return self.saved_activations + self.recomputed
 
     @property
+    def backward_start(self) -> int:
+        """What the start of backward holds besides parameters and optimizer state.
+
+        Saved activations (and the recomputed block), the working gradients and the first parameter gradients.
+        """
+        return self.activations + self.working + self.first_grads
+
+    @property
     def total(self) -> int:
-        """Params + grads + optimizer state + saved activations (+ the recomputed block)."""
+        """The estimated peak: params + optimizer state + the larger of :attr:`backward_start` and grads."""
+        return self.params + self.optimizer_state + max(self.backward_start, self.grads)
+
+    @property
+    def held(self) -> int:
+        """Params + grads + optimizer state + saved activations (+ the recomputed block): the plain sum."""
         return self.params + self.grads + self.optimizer_state + self.activations
 
     def total_at(self, batch_size: int) -> int:
-        """The total at another batch size (saved activations scale linearly with the batch).
+        """The total at another batch size (saved activations and working gradients scale linearly with it).
 
         Example::
 
             >>> MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2).total_at(4)
-            48
+            44
         """
         activations = self.activations + self.activation_bytes_per_sample * (batch_size - self.batch_size)
-        return self.params + self.grads + self.optimizer_state + max(0, int(activations))
+        working = self.working * batch_size / max(1, self.batch_size)
+        start = max(0, int(activations)) + int(working) + self.first_grads
+        return self.params + self.optimizer_state + max(start, self.grads)
 
     @property
     def base_method(self) -> str:
@@ -191,9 +223,14 @@ class MemoryEstimate:
         return self.method.partition("+")[2]
 
     @property
+    def method_label(self) -> str:
+        """The method's readable name, e.g. ``"LISA"`` or ``"LISA, embeddings frozen"``."""
+        return self.title or _method_label(self.base_method)
+
+    @property
     def label(self) -> str:
         """Readable name, e.g. ``"LISA + 8-bit activations"``."""
-        label = _method_label(self.base_method)
+        label = self.method_label
         variant = self.variant
         return label + (f" + {VARIANT_LABELS.get(variant, variant)}" if variant else "")
 
@@ -212,8 +249,8 @@ class MemoryReport:
     Example::
 
         >>> report = MemoryReport("M", 2, "32-true", [MemoryEstimate("full", 4, 4, 8, 16, 0, 1, 1, 8.0, 2)])
-        >>> report.row("full").total, report.largest_batch_size("full", 48)
-        (32, 4)
+        >>> report.row("full").total, report.largest_batch_size("full", 44)
+        (28, 4)
         >>> report.smallest
         {'full': 'full'}
     """
@@ -252,18 +289,25 @@ class MemoryReport:
     def largest_batch_size(self, method: str, budget: int) -> int:
         """The largest batch size whose estimated total fits in ``budget`` bytes (0 if not even 1 fits)."""
         row = self.row(method)
-        fixed = row.params + row.grads + row.optimizer_state
-        per_sample = row.activation_bytes_per_sample
+        per_sample = row.activation_bytes_per_sample + row.working / max(1, row.batch_size)
         if per_sample <= 0:
             return row.batch_size if row.total <= budget else 0
-        # activations(b) = activations + per_sample * (b - batch_size)
-        offset = row.activations - per_sample * row.batch_size
-        return max(0, math.floor((budget - fixed - offset) / per_sample + 1e-9))
+        if row.total_at(1) > budget:
+            return 0
+        # total_at grows with the batch: double, then bisect
+        low, high = 1, 2
+        while row.total_at(high) <= budget:
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if row.total_at(middle) <= budget else (low, middle)
+        return low
 
     def to_text(self, budget: int | None = None) -> str:
         """The table (GiB / MiB per component), and with ``budget`` which rows fit and their largest batch."""
         unit, scale = ("GiB", 2**30) if max(r.total for r in self.rows) >= 2**30 else ("MiB", 2**20)
-        header = ["Method", "Trainable", "Params", "Grads", "Optimizer", "Activations", "(weight copies)", "Total"]
+        header = ["Method", "Trainable", "Params", "Grads", "Optimizer", "Activations", "(weight copies)", "Working"]
+        header += ["Total"]
         if budget is not None:
             header += [f"Fits {format_bytes(budget)}", "Largest batch"]
         table = [header]
@@ -273,6 +317,7 @@ class MemoryReport:
                 f"{row.trainable_params / max(1, row.total_params):.1%}",
                 *(f"{v / scale:.2f}" for v in (row.params, row.grads, row.optimizer_state, row.activations)),
                 f"{row.weight_copies / scale:.2f}",
+                f"{(row.working + row.first_grads) / scale:.2f}",
                 f"{row.total / scale:.2f}",
             ]
             if budget is not None:
@@ -289,7 +334,12 @@ class MemoryReport:
             lines.append("  ".join(aligned))
             if index == 0:
                 lines.append("  ".join("-" * w for w in widths))
-        lines.append("")
+        lines += [
+            "",
+            "Total = Params + Optimizer + the larger of Activations + Working (the start of backward: every saved"
+            " activation, the gradients of the largest one and the first parameter gradients) and Grads (its end).",
+            "",
+        ]
         for method in self.smallest.values():
             row = self.row(method)
             fits = (
@@ -297,9 +347,7 @@ class MemoryReport:
                 if budget is not None
                 else ""
             )
-            lines.append(
-                f"Smallest for {_method_label(row.base_method)}: {row.label} ({row.total / scale:.2f} {unit}{fits})"
-            )
+            lines.append(f"Smallest for {row.method_label}: {row.label} ({row.total / scale:.2f} {unit}{fits})")
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -437,6 +485,12 @@ class _Forward:
     saved: dict[int, _Saved] = field(default_factory=dict)
     block_inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # storage key -> (bytes, elements)
     gradient_parts: dict[int, int] = field(default_factory=dict)  # id(parameter) -> graph edges into its gradient
+    first_gradients: set[int] = field(default_factory=set)  # id(parameter) of the gradients backward makes first
+
+    @property
+    def largest_activation(self) -> int:
+        """Bytes of the largest saved activation (weight copies aside), as backward's gradients of it are."""
+        return max((s.nbytes for s in self.saved.values() if not s.weight_copy), default=0)
 
 
 class _FusedAttention(torch.overrides.TorchFunctionMode):
@@ -543,37 +597,45 @@ def _count_forward(
             hf_masks_as_in_a_real_run(padded),
         ):
             loss = loss_fn(module, batch)
-        record.gradient_parts = _gradient_parts(loss)
+        record.gradient_parts, record.first_gradients = _gradient_parts(loss)
     finally:
         for handle in handles:
             handle.remove()
     return record
 
 
-def _gradient_parts(loss: Any) -> dict[int, int]:
-    """How many partial gradients backward makes for each parameter: the graph's edges into its ``AccumulateGrad``.
+def _gradient_parts(loss: Any) -> tuple[dict[int, int], set[int]]:
+    """How many partial gradients backward makes for each parameter, and which parameters' come first.
 
-    A weight used twice in the forward (tied input embedding and LM head) gets two, which autograd holds until it
-    sums them: the first arrives at the start of backward (the head), the second at its end (the embedding).
+    The parts are the graph's edges into a parameter's ``AccumulateGrad``. A weight used twice in the forward (tied
+    input embedding and LM head) gets two, which autograd holds until it sums them: the first arrives at the start
+    of backward (the head), the second at its end (the embedding). The first gradients are those of the parameters
+    nearest the loss (fewest graph nodes between: the head's), made while every activation is still held.
     """
     parts: dict[int, int] = {}
+    first: set[int] = set()
     root = getattr(loss, "grad_fn", None)
     seen: set = set()
-    stack = [root] if root is not None else []
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is None:
+    level = [root] if root is not None else []
+    while level:  # breadth first: the level where a parameter first appears is the start of backward
+        following, reached = [], set()
+        for node in level:
+            if node in seen:
                 continue
-            variable = getattr(child, "variable", None)
-            if variable is not None:
-                parts[id(variable)] = parts.get(id(variable), 0) + 1
-            else:
-                stack.append(child)
-    return parts
+            seen.add(node)
+            for child, _ in node.next_functions:
+                if child is None:
+                    continue
+                variable = getattr(child, "variable", None)
+                if variable is not None:
+                    parts[id(variable)] = parts.get(id(variable), 0) + 1
+                    reached.add(id(variable))
+                else:
+                    following.append(child)
+        if not first:
+            first = reached
+        level = following
+    return parts, first
 
 
 def _quantized_bytes(numel: int, group_size: int) -> int:
@@ -630,16 +692,30 @@ def _optimizer_bytes(trainable: list[Tensor], eight_bit: bool, min_8bit_size: in
 def _gradient_bytes(
     trainable: list[Tensor], in_backward: bool, accumulate_grad_batches: int, parts: Mapping[int, int]
 ) -> int:
-    """Gradient bytes: every trainable parameter's; with the step in backward (no accumulation) the largest one's.
+    """Gradient bytes at the end of backward: all, or with the step in backward (no accumulation) the largest.
 
-    ``OptimizerInBackward`` steps and frees each gradient as soon as it is complete, so one gradient at a time is
-    held: the largest, counted once per partial gradient autograd holds before summing them (twice for a tied
-    embedding and head, ``parts``). With ``accumulate_grad_batches > 1`` every gradient is held from one
-    micro-batch to the next.
+    A weight used twice in the forward (a tied embedding and head) gets its partial gradients summed into a new
+    tensor while they are held: at that moment its gradient exists ``parts + 1`` times (3 for a tied embedding, as
+    measured), on top of the earlier micro-batches' ``.grad`` with accumulation. ``OptimizerInBackward`` steps and
+    frees each gradient as soon as it is complete, so one gradient at a time is held: the largest (a tied weight's
+    ``parts + 1`` copies). With ``accumulate_grad_batches > 1`` every gradient is held from one micro-batch to the
+    next, so all count.
     """
+    unique = {id(p): p for p in trainable}
+
+    def copies(key: int) -> int:
+        return parts[key] + 1 if parts.get(key, 1) > 1 else 1
+
     if not in_backward or accumulate_grad_batches > 1:
-        return _unique_bytes(trainable)
-    return max((max(1, parts.get(id(p), 1)) * p.numel() * p.element_size() for p in trainable), default=0)
+        held = 0 if accumulate_grad_batches > 1 else 1  # without accumulation the sum itself becomes `.grad`
+        extra = sum((copies(key) - held) * p.numel() * p.element_size() for key, p in unique.items() if copies(key) > 1)
+        return _unique_bytes(trainable) + extra
+    return max((copies(key) * p.numel() * p.element_size() for key, p in unique.items()), default=0)
+
+
+def _first_gradient_bytes(trainable: list[Tensor], first: set[int]) -> int:
+    """Bytes of the gradients backward makes first (:func:`_gradient_parts`), held beside every activation."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in trainable}.values() if id(p) in first)
 
 
 def variant_parts(variant: str) -> list[str]:
@@ -680,6 +756,7 @@ def estimate_memory(
     configured: bool = False,
     device: str = "cpu",
     accumulate_grad_batches: int = 1,
+    choices: bool = True,
 ) -> MemoryReport:
     """Estimate the training memory of every method for the model ``factory`` builds, without its weights.
 
@@ -708,6 +785,8 @@ def estimate_memory(
         configured: add a row for the model's trainable set as built (e.g. a module that applies LoRA itself).
         device: the device the fake tensors claim (``"cpu"`` or ``"cuda"``; autocast follows it). Nothing runs
             there.
+        choices: also make rows for each method's :attr:`~lightning_peft.methods.Method.choices` (LISA with frozen
+            embeddings, and with frozen embeddings and head), named ``f"{method}_{suffix}"``.
         accumulate_grad_batches: the Trainer's gradient accumulation. Above 1, the ``in_backward`` rows hold every
             gradient (from one micro-batch to the next), as the rows without it do.
 
@@ -742,6 +821,8 @@ def estimate_memory(
                 " register your own method with lightning_peft.methods.register_method."
             )
         chosen.append(get_method(method))
+    if choices:
+        chosen += [alternative for method in chosen for alternative in method.alternatives()]
     activation_method = get_method(activations)
     if activation_method.estimate != "activations":
         raise ValueError(
@@ -795,6 +876,7 @@ def estimate_memory(
     rows: list[MemoryEstimate] = []
     model_name = "model"
     by_name = {m.name: m for m in chosen}
+    titles = {m.name: m.label for m in chosen}
     plan = [(_CONFIGURED, v) for v in variants] if configured else []
     plan += [(m, v) for m in by_name for v in variants]
     records: dict[str, tuple[nn.Module, _Forward, _Forward]] = {}
@@ -811,7 +893,7 @@ def estimate_memory(
             if method != _CONFIGURED:
                 by_name[method].apply(module)  # the method itself says what trains (and LoRA adds its adapters)
         except Exception as error:  # noqa: BLE001 - a method that does not apply is reported, not fatal
-            notes.append(f"{_method_label(method)} left out: {type(error).__name__}: {error}")
+            notes.append(f"{titles.get(method) or _method_label(method)} left out: {type(error).__name__}: {error}")
             continue
         module.train()
         forwards = []
@@ -859,6 +941,8 @@ def estimate_memory(
                     trainable, "in_backward" in parts, accumulate_grad_batches, second.gradient_parts
                 ),
                 optimizer_state=_optimizer_bytes(trainable, "adamw8bit" in parts, min_8bit_size),
+                working=2 * first.largest_activation,
+                first_grads=_first_gradient_bytes(trainable, second.first_gradients),
                 saved_activations=saved,
                 weight_copies=copies,
                 trainable_params=sum(p.numel() for p in trainable),
@@ -866,6 +950,7 @@ def estimate_memory(
                 activation_bytes_per_sample=(saved2 + recomputed2 - saved - recomputed) / batch_size,
                 batch_size=batch_size,
                 recomputed=recomputed,
+                title=titles.get(method, ""),
             )
         )
     return MemoryReport(model_name, batch_size, precision, rows, notes)
@@ -886,6 +971,7 @@ def with_batch_size(report: MemoryReport, batch_size: int) -> MemoryReport:
             saved_activations=int(
                 row.saved_activations + row.activation_bytes_per_sample * (batch_size - row.batch_size)
             ),
+            working=int(row.working * batch_size / max(1, row.batch_size)),
             batch_size=batch_size,
         )
         for row in report.rows

@@ -81,6 +81,9 @@ class Method:
             same names as its arguments); :func:`~lightning_peft.cli.estimate.estimate_from_config` uses it.
         builtin: registered by this package (the benchmarks measure the built-in methods with their own settings,
             and every other registered method with its defaults).
+        choices: settings the memory estimate shows beside the method's own, each as a row of its own:
+            ``{suffix: (label, settings)}``; the row's method is ``f"{name}_{suffix}"`` (LISA's
+            ``lisa_embeddings_frozen``). :meth:`alternatives` builds them.
 
     Raises:
         ValueError: for a name that is not lower case letters, digits and ``_``, or an ``estimate`` other than
@@ -107,6 +110,7 @@ class Method:
     estimate: Literal["trainable", "activations", "in_backward"] | None = "trainable"
     settings_of: Callable[[Callback], Mapping[str, Any]] | None = None
     builtin: bool = False
+    choices: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name) or self.name == "configured":
@@ -153,6 +157,25 @@ class Method:
                 f" HINT: check the spelling against {self.callback.__name__ if self.callback else 'its defaults'}."
             )
         return replace(self, defaults={**self.defaults, **settings})
+
+    def alternatives(self) -> list[Method]:
+        """The method under each of its :attr:`choices` that differs from its present settings.
+
+        Each is named ``f"{name}_{suffix}"``, labelled with the choice's label and has no choices of its own.
+
+        Example::
+
+            >>> [(m.name, m.label) for m in get_method("lisa").alternatives()]  # doctest: +NORMALIZE_WHITESPACE
+            [('lisa_embeddings_frozen', 'LISA, embeddings frozen'),
+             ('lisa_embeddings_head_frozen', 'LISA, embeddings and head frozen')]
+        """
+        found = []
+        for suffix, (label, settings) in self.choices.items():
+            if all(self.defaults.get(key) == value for key, value in settings.items()):
+                continue
+            configured = self.configure(**settings)
+            found.append(replace(configured, name=f"{self.name}_{suffix}", label=label, choices={}))
+        return found
 
     def from_callback(self, callback: Callback) -> Method:
         """This method with the settings of ``callback``, a configured instance of its callback class."""
@@ -374,6 +397,16 @@ def _lora_trains(model: nn.Module, settings: Mapping[str, Any]) -> set[str]:
     return {name for name, _ in model.named_parameters() if "lora_" in name or name in heads}
 
 
+def _lisa_trains(model: nn.Module, settings: Mapping[str, Any]) -> set[str]:
+    """LISA's set in the period of its largest memory: ``"sampled"`` embeddings / head as if drawn (``"always"``).
+
+    They are drawn from a stream of their own, so the blocks are those of the previewed period either way; a period
+    that draws them needs what ``"always"`` needs, and that period is the peak the memory estimate is for.
+    """
+    peak = {**settings, **{k: "always" for k in ("embeddings", "head") if settings.get(k) == "sampled"}}
+    return set(LISA(**peak).preview(model).trainable)
+
+
 def _support_probe(name: str) -> Probe:
     """The probe ``lightning_peft.support.<name>``, imported when it runs (support imports this module)."""
 
@@ -401,8 +434,13 @@ for _method in (
         # the paper's settings; `embeddings` / `head` ("always", "sampled", "frozen") change what trains outside the
         # blocks, and `preview` (LISAPlan: `embeddings`, `head`, `*_trained`, `no_grad_blocks`) says what they do
         defaults={"n_layers": 2, "interval": 20, "embeddings": "always", "head": "always"},
+        trains=_lisa_trains,
         probe=_support_probe("check_lisa"),
         builtin=True,
+        choices={
+            "embeddings_frozen": ("LISA, embeddings frozen", {"embeddings": "frozen"}),
+            "embeddings_head_frozen": ("LISA, embeddings and head frozen", {"embeddings": "frozen", "head": "frozen"}),
+        },
     ),
     Method("hft", "Half FT", callback=HalfFineTuning, probe=_support_probe("check_hft"), builtin=True),
     Method(

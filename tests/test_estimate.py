@@ -15,6 +15,7 @@ from lightning_peft.estimate import (
     MemoryReport,
     estimate_memory,
     parse_bytes,
+    with_batch_size,
 )
 from lightning_peft.methods import get_method
 
@@ -116,7 +117,7 @@ def test_estimate_matches_the_measured_first_step_within_5_percent(report, metho
         assert value == pytest.approx(measured[key], rel=0.05), key
     # with checkpointing, one block is rebuilt in backward: part of the peak, not of what the forward leaves saved
     assert row.recomputed > 0 if "checkpointing" in method else row.recomputed == 0
-    assert row.total - row.recomputed == pytest.approx(measured["total"], rel=0.05)
+    assert row.held - row.recomputed == pytest.approx(measured["total"], rel=0.05)
 
 
 def test_variants_order_as_they_should(report):
@@ -128,13 +129,18 @@ def test_variants_order_as_they_should(report):
     assert full.activation_bytes_per_sample > 0
 
 
-def test_largest_batch_size_solves_the_linear_model():
-    report = MemoryReport("M", 2, "32-true", [MemoryEstimate("full", 100, 100, 200, 50, 0, 1, 1, 25.0, 2)])
-    # total(b) = 400 + 50 + 25 (b - 2) = 400 + 25 b
-    assert report.largest_batch_size("full", 400 + 25 * 7) == 7
-    assert report.largest_batch_size("full", 400 + 25 * 7 - 1) == 6
-    assert report.largest_batch_size("full", 100) == 0
+def test_largest_batch_size_solves_the_peak_model():
+    row = MemoryEstimate("full", 100, 100, 200, 50, 0, 1, 1, 25.0, 2, working=10)
+    report = MemoryReport("M", 2, "32-true", [row])
+    # start of backward at batch b: activations 50 + 25 (b - 2) plus working 10 b / 2 = 30 b; end: grads 100
+    # total(b) = params 100 + optimizer 200 + max(30 b, 100)
+    assert row.total == 300 + 100 and row.held == 100 + 100 + 200 + 50
+    assert row.total_at(7) == 300 + 30 * 7
+    assert report.largest_batch_size("full", 300 + 30 * 7) == 7
+    assert report.largest_batch_size("full", 300 + 30 * 7 - 1) == 6
+    assert report.largest_batch_size("full", 300 + 100 - 1) == 0  # the gradients alone do not fit
     assert "Largest batch" in report.to_text(budget=1000)
+    assert with_batch_size(report, 4).rows[0].working == 20
 
 
 def test_misconfiguration():
@@ -238,8 +244,8 @@ def test_variants_combine_every_part_and_refuse_what_cannot_run():
 
 
 def test_smallest_combination_per_method():
-    rows = [
-        MemoryEstimate("full", 10, 10, 20, 30, 0, 1, 1, 1.0, 1),
+    rows = [  # totals: 80, 60, 48, 23, 23
+        MemoryEstimate("full", 10, 50, 20, 30, 0, 1, 1, 1.0, 1),
         MemoryEstimate("full+in_backward", 10, 2, 20, 30, 0, 1, 1, 1.0, 1),
         MemoryEstimate("lisa", 10, 4, 8, 30, 0, 1, 1, 1.0, 1),
         MemoryEstimate("lisa+checkpointing", 10, 4, 8, 5, 0, 1, 1, 1.0, 1),
@@ -307,6 +313,57 @@ def test_in_backward_holds_both_partial_gradients_of_a_tied_embedding(tied):
         loss_fn=lambda model, batch: model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
     )
     embedding = 512 * 32 * 4
-    # the head's part of a tied weight's gradient is held from the start of backward until the embedding's arrives
-    assert report.row("full+in_backward").grads == (2 if tied else 1) * embedding
-    assert report.row("full").grads == report.row("full").params
+    # the head's part of a tied weight's gradient is held from the start of backward until the embedding's arrives;
+    # then both are summed into a third tensor (measured: 3 copies at that moment)
+    assert report.row("full+in_backward").grads == (3 if tied else 1) * embedding
+    full = report.row("full")
+    assert full.grads == full.params + (2 * embedding if tied else 0)
+    # the head's gradient (a tied weight's first part) is made first, beside every activation
+    assert full.first_grads == embedding
+    # the gradients of the largest activation (the fp32 log-softmax of 16 x 512 logits): two of them
+    assert full.working == 2 * 16 * 512 * 4
+    for row in (full, report.row("full+in_backward")):
+        assert row.total == row.params + row.optimizer_state + max(row.activations + row.working + embedding, row.grads)
+
+
+def _tiny_llama(tied: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=tied,
+    )
+    return lambda: LlamaForCausalLM(config)
+
+
+def _llama_loss(model, batch):
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
+def test_lisa_choices_get_rows_of_their_own_and_sampled_counts_at_its_peak():
+    batch = {"input_ids": torch.zeros(1, 16, dtype=torch.long)}
+    report = estimate_memory(_tiny_llama(), batch, methods=["lisa"], variants=[""], loss_fn=_llama_loss)
+    paper = report.row("lisa")
+    frozen = report.row("lisa_embeddings_frozen")
+    lightest = report.row("lisa_embeddings_head_frozen")
+    assert frozen.label == "LISA, embeddings frozen" and lightest.label == "LISA, embeddings and head frozen"
+    table = 512 * 32 * 4
+    assert paper.trainable_params - frozen.trainable_params == 512 * 32  # the token table
+    assert frozen.trainable_params - lightest.trainable_params == 512 * 32  # the untied head
+    assert paper.optimizer_state > frozen.optimizer_state > lightest.optimizer_state
+    assert paper.first_grads == table and lightest.first_grads < table  # the head's gradient comes first
+    assert "Smallest for LISA, embeddings frozen:" in report.to_text()
+    # `sampled` needs in the periods that draw them what `always` needs: the estimate is for that peak
+    sampled = get_method("lisa").configure(embeddings="sampled", head="sampled")
+    peak = estimate_memory(
+        _tiny_llama(), batch, methods=[sampled], variants=[""], loss_fn=_llama_loss, choices=False
+    ).row("lisa")
+    assert peak.trainable_params == paper.trainable_params and peak.total == paper.total
+    # a LISA configured with frozen embeddings gets only the choice it is not already
+    configured = get_method("lisa").configure(embeddings="frozen")
+    names = [m.name for m in configured.alternatives()]
+    assert names == ["lisa_embeddings_head_frozen"]
