@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lightning_peft.cli.estimate import estimate_from_config
-from lightning_peft.estimate import VARIANT_LABELS, MemoryReport
+from lightning_peft.estimate import VARIANT_LABELS, MemoryReport, estimated_methods
+from lightning_peft.methods import Method, get_method
 
 from .harness import RESULTS_DIR, environment, write_results
 
 CONFIG = Path(__file__).resolve().parent / "estimate" / "llama3_8b.yaml"
+ONE_BLOCK = "lisa_one_block"
 GIB = 2**30
 #: The variants of the table's columns (``""``: the method alone).
 COLUMNS = (
@@ -43,8 +46,14 @@ COLUMNS = (
     "adamw8bit+checkpointing+in_backward",
     "int8_act+adamw8bit+checkpointing+in_backward",
 )
-METHODS = ("full", "lora", "lisa", "lisa_embeddings_frozen", "lisa_embeddings_head_frozen", "hft")
+METHODS = ("full", "lora", "lisa", "lisa_embeddings_frozen", "lisa_embeddings_head_frozen", ONE_BLOCK, "hft")
 PAPER, LIGHTEST = "lisa", "lisa_embeddings_head_frozen"
+
+
+def one_block_lisa() -> Method:
+    """LISA's lightest choice with one block a period instead of two (AdamW state of one block)."""
+    lightest = get_method("lisa").configure(n_layers=1, interval=20, embeddings="frozen", head="frozen")
+    return replace(lightest, name=ONE_BLOCK, label="LISA, embeddings and head frozen, 1 block", choices={})
 
 
 def _rows(report: MemoryReport) -> dict[str, dict[str, Any]]:
@@ -79,7 +88,7 @@ def ratios(rows: dict[str, dict[str, Any]], method: str) -> dict[str, float]:
 
 def goals(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The goals, each with the variants that meet it (LISA against LoRA with the same savings)."""
-    paper, lightest = ratios(rows, PAPER), ratios(rows, LIGHTEST)
+    paper, lightest, one_block = ratios(rows, PAPER), ratios(rows, LIGHTEST), ratios(rows, ONE_BLOCK)
     checkpointed = [v for v in paper if "checkpointing" in v.split("+")]
     without = [v for v in lightest if "checkpointing" not in v.split("+")]
     full = {k: r["total"] for k, r in rows.items() if k.partition("+")[0] == "full"}
@@ -88,6 +97,11 @@ def goals(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ("LISA (paper) + checkpointing <= 1.15x LoRA + checkpointing", {v: paper[v] for v in checkpointed}, 1.15),
         ("LISA (lightest) + checkpointing <= 1.05x LoRA + checkpointing", {v: lightest[v] for v in checkpointed}, 1.05),
         ("LISA (lightest), no checkpointing <= 1.00x LoRA", {v: lightest[v] for v in without}, 1.00),
+        (
+            "LISA (lightest, 1 block) + checkpointing <= 1.05x LoRA + checkpointing",
+            {v: one_block[v] for v in checkpointed if v in one_block},
+            1.05,
+        ),
         ("Full FT <= 60 GiB", {k.partition("+")[2]: t / GIB for k, t in full.items()}, 60.0),
         ("Half FT + checkpointing <= 80 GiB", {k.partition("+")[2]: t / GIB for k, t in hft.items()}, 80.0),
     ]
@@ -119,7 +133,7 @@ def run(config: str | Path = CONFIG, chunk: int = 1024, device: str = "cuda", ou
     }
     results: dict[str, Any] = {"config": Path(config).name, "device": device, "chunk": chunk, "losses": {}}
     for name, args in losses.items():
-        report = estimate_from_config(args, device=device)
+        report = estimate_from_config(args, device=device, methods=[*estimated_methods(), one_block_lisa()])
         rows = _rows(report)
         results["losses"][name] = {"rows": rows, "goals": goals(rows), "notes": report.notes}
     results["seconds"] = time.perf_counter() - started
@@ -167,11 +181,12 @@ def render(results: dict[str, Any]) -> str:
         for goal in part["goals"]:
             unit = "x" if goal["limit"] < 10 else " GiB"
             plain = f"{goal['plain']:.2f}{unit}" if goal["plain"] is not None else "-"
-            met = (
-                ", ".join(f"{_variant_label(v)} ({goal['values'][v]:.2f}{unit})" for v in goal["meeting"][:3])
-                if goal["met"]
-                else "**not met** (best " + f"{min(goal['values'].values()):.2f}{unit})"
-            )
+            if not goal["values"]:
+                met = "no row"
+            elif goal["met"]:
+                met = ", ".join(f"{_variant_label(v)} ({goal['values'][v]:.2f}{unit})" for v in goal["meeting"][:3])
+            else:
+                met = f"**not met** (best {min(goal['values'].values()):.2f}{unit})"
             lines.append(f"| {goal['goal']} | {plain} | {met} |")
     return "\n".join(lines) + "\n"
 

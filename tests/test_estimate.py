@@ -295,22 +295,12 @@ def test_config_that_the_step_in_backward_refuses_gets_no_such_row(tmp_path, mon
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_in_backward_holds_both_partial_gradients_of_a_tied_embedding(tied):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        vocab_size=512,
-        tie_word_embeddings=tied,
-    )
     report = estimate_memory(
-        lambda: LlamaForCausalLM(config),
+        _tiny_llama(tied, layers=2),
         {"input_ids": torch.zeros(1, 16, dtype=torch.long)},
         methods=["full"],
         variants=["", "in_backward"],
-        loss_fn=lambda model, batch: model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
+        loss_fn=_llama_loss,
     )
     embedding = 512 * 32 * 4
     # the head's part of a tied weight's gradient is held from the start of backward until the embedding's arrives;
@@ -326,13 +316,13 @@ def test_in_backward_holds_both_partial_gradients_of_a_tied_embedding(tied):
         assert row.total == row.params + row.optimizer_state + max(row.activations + row.working + embedding, row.grads)
 
 
-def _tiny_llama(tied: bool = False):
+def _tiny_llama(tied: bool = False, layers: int = 4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         vocab_size=512,
         tie_word_embeddings=tied,
