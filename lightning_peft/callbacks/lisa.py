@@ -96,7 +96,10 @@ class LISA(TrainableSetCallback):
     the average and trains them a share of the time. Measured on tweet sentiment (all-MiniLM-L6-v2, 2 of 6 blocks,
     150 steps, one seed; ``benchmarks/results/fidelity_language.md``): the paper's default 0.712 accuracy at 389 MiB
     counted memory, ``embeddings="frozen"`` 0.712 at 251 MiB (LoRA r=8: 0.702 at 245 MiB), ``"sampled"`` 0.713 at
-    389 MiB, frozen embeddings with a sampled head 0.713 at 251 MiB.
+    389 MiB, frozen embeddings with a sampled head 0.713 at 251 MiB. On a causal LM (a byte-level Llama, 1 of 4
+    blocks, 3 seeds; ``benchmarks/results/lisa_choices_causal.md``) the head matters more: perplexity +0.3 % with
+    frozen embeddings, +1.4 % with a frozen head, +1.9 % with both (then behind LoRA), +0.8 % with a sampled head,
+    +0.1 % with sampled embeddings. What each choice costs and saves: ``docs/lisa.md``.
 
     **Frozen prefix.** In a period where the embeddings do not train, nothing below the lowest sampled block needs a
     gradient. With ``no_grad_prefix`` (default) the blocks below it run under ``torch.no_grad()``
