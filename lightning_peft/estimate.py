@@ -140,7 +140,8 @@ class MemoryEstimate:
         activation_bytes_per_sample: how much ``saved_activations + recomputed`` grows per added sample.
         batch_size: the batch size of ``saved_activations``.
         recomputed: with checkpointing, one block's saved tensors, rebuilt in backward while that block's
-            gradients are computed (held only then; part of the peak, not of what the forward leaves behind).
+            gradients are computed (held only then; part of the peak, not of what the forward leaves behind); with
+            ``CausalLM``'s chunked loss, one chunk's, rebuilt at the start of backward (the larger of the two).
         working: the gradients backward makes of the activations while it runs, at this batch size: two of the
             size of the largest saved activation (at the loss of a language model, the gradient of the logits and
             of their log-softmax), held at the start of backward beside every saved activation.
@@ -486,11 +487,22 @@ class _Forward:
     block_inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # storage key -> (bytes, elements)
     gradient_parts: dict[int, int] = field(default_factory=dict)  # id(parameter) -> graph edges into its gradient
     first_gradients: set[int] = field(default_factory=set)  # id(parameter) of the gradients backward makes first
+    # what each part run under `recompute_in_backward` (a chunk of the chunked loss) saves: rebuilt in backward
+    regions: list[dict[int, int]] = field(default_factory=list)
 
     @property
     def largest_activation(self) -> int:
-        """Bytes of the largest saved activation (weight copies aside), as backward's gradients of it are."""
-        return max((s.nbytes for s in self.saved.values() if not s.weight_copy), default=0)
+        """Bytes of the largest saved activation (weight copies aside, rebuilt parts included).
+
+        Backward's working gradients are of its size.
+        """
+        saved = max((s.nbytes for s in self.saved.values() if not s.weight_copy), default=0)
+        return max([saved, *(max(region.values(), default=0) for region in self.regions)])
+
+    @property
+    def largest_region(self) -> int:
+        """Bytes one rebuilt part saves (the largest): held while backward runs through it."""
+        return max((sum(region.values()) for region in self.regions), default=0)
 
 
 class _FusedAttention(torch.overrides.TorchFunctionMode):
@@ -588,6 +600,27 @@ def _count_forward(
                 item.quantized_bytes += _quantized_bytes(numel, group_size)
         return tensor
 
+    from lightning_peft.modules import _chunked_loss
+
+    def rebuilt_in_backward(function: Callable[..., Tensor], *args: Any) -> Tensor:
+        # the checkpoint keeps its inputs; what the part saves exists again only while backward runs through it
+        for arg in args:
+            if isinstance(arg, Tensor):
+                pack(arg)
+        region: dict[int, int] = {}
+
+        def pack_region(tensor: Tensor) -> Tensor:
+            if storage_id(tensor) not in params:
+                region.setdefault(storage_id(tensor), tensor.untyped_storage().nbytes())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_region, lambda t: t):
+            out = function(*args)
+        record.regions.append(region)
+        return out
+
+    recompute = _chunked_loss.recompute_in_backward
+    _chunked_loss.recompute_in_backward = rebuilt_in_backward
     try:
         device_type = next((p.device.type for p in module.parameters()), "cpu")
         with (
@@ -599,6 +632,7 @@ def _count_forward(
             loss = loss_fn(module, batch)
         record.gradient_parts, record.first_gradients = _gradient_parts(loss)
     finally:
+        _chunked_loss.recompute_in_backward = recompute
         for handle in handles:
             handle.remove()
     return record
@@ -660,7 +694,7 @@ def _activation_bytes(
         return sum(size(s) for s in items), sum(size(s) for s in items if s.weight_copy)
 
     if not checkpointing:
-        return (*total(record.saved.values()), 0)
+        return (*total(record.saved.values()), record.largest_region)
     # checkpointed blocks keep their inputs (through the same hooks: quantized with 8-bit activations); in
     # backward, one block's saved tensors exist at a time
     outside, outside_copies = total(s for s in record.saved.values() if s.block is None)
@@ -671,7 +705,7 @@ def _activation_bytes(
     blocks = {s.block for s in record.saved.values() if s.block is not None}
     per_block = [total(s for s in record.saved.values() if s.block == b) for b in blocks]
     largest, largest_copies = max(per_block, default=(0, 0))
-    return outside + inputs, outside_copies, largest
+    return outside + inputs, outside_copies, max(largest, record.largest_region)
 
 
 def _optimizer_bytes(trainable: list[Tensor], eight_bit: bool, min_8bit_size: int) -> int:

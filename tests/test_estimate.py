@@ -357,3 +357,37 @@ def test_lisa_choices_get_rows_of_their_own_and_sampled_counts_at_its_peak():
     configured = get_method("lisa").configure(embeddings="frozen")
     names = [m.name for m in configured.alternatives()]
     assert names == ["lisa_embeddings_head_frozen"]
+
+
+def test_chunked_loss_counts_one_chunk_rebuilt_in_backward():
+    from lightning_peft.modules import CausalLM
+
+    config = dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=4096,
+    )
+    batch = {"input_ids": torch.zeros(2, 64, dtype=torch.long), "labels": torch.zeros(2, 64, dtype=torch.long)}
+
+    def row(chunk):
+        report = estimate_memory(
+            lambda: CausalLM(config=config, loss_chunk_size=chunk),
+            batch,
+            methods=["lora"],
+            variants=[""],
+            choices=False,
+        )
+        return report.row("lora")
+
+    whole, chunked = row(None), row(32)
+    logits = 2 * 64 * 4096 * 4  # tokens x vocab, float32
+    # the whole logits' log-softmax is saved without chunks, and two gradients of its size work in backward
+    assert whole.saved_activations >= logits and whole.working == 2 * logits and whole.recomputed == 0
+    # with chunks of 32 tokens: only the backbone's saves stay; one chunk's are rebuilt at the start of backward
+    assert chunked.saved_activations < whole.saved_activations - logits + logits // 8
+    assert logits // 4 <= chunked.recomputed < logits // 2  # 32 of 128 tokens: a quarter of the float32 logits
+    assert chunked.working == 2 * (32 * 4096 * 4)
+    assert chunked.total < whole.total

@@ -10,6 +10,7 @@ ignored, the sum divided by the number of counted positions.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,15 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["IGNORE_INDEX", "chunked_next_token_loss"]
 
 IGNORE_INDEX = -100
+
+
+def recompute_in_backward(function: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``function(*args)`` under a non-reentrant checkpoint: only its inputs are kept, the rest rebuilt in backward.
+
+    One name for the memory estimate to find (:func:`lightning_peft.estimate.estimate_memory` counts what one chunk
+    saves as rebuilt at the start of backward).
+    """
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def _chunk_loss_sum(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
@@ -56,7 +66,7 @@ def chunked_next_token_loss(
     for start in range(0, flat.shape[0], chunk_size):
         part, part_targets = flat[start : start + chunk_size], targets[start : start + chunk_size]
         if recompute:
-            value = checkpoint(_chunk_loss_sum, head, part, part_targets, use_reentrant=False, preserve_rng_state=False)
+            value = recompute_in_backward(_chunk_loss_sum, head, part, part_targets)
         else:
             value = _chunk_loss_sum(head, part, part_targets)
         total = value if total is None else total + value
