@@ -59,6 +59,7 @@ def one_block_lisa() -> Method:
 def _rows(report: MemoryReport) -> dict[str, dict[str, Any]]:
     return {
         row.method: {
+            "largest_batch_80gib": report.largest_batch_size(row.method, 80 * GIB),
             "label": row.label,
             "params": row.params,
             "grads": row.grads,
