@@ -51,7 +51,7 @@ from torch import Tensor
 from lightning_peft.estimate import VARIANTS, estimate_memory
 from lightning_peft.methods import get_method
 
-from .harness import RESULTS_DIR, environment, write_results
+from .harness import RESULTS_DIR, environment, llama_config, write_results
 from .peers import adamw8bit, enable_checkpointing
 
 #: (hidden, layers, heads, KV heads, intermediate, vocab, tokens, tied); batch 1
@@ -99,20 +99,9 @@ class LlamaLM(pl.LightningModule):
         super().__init__()
         self.batch = make_batch(size)
         self.eight_bit = eight_bit
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        config = LlamaConfig(
-            hidden_size=size["hidden"],
-            num_hidden_layers=size["layers"],
-            num_attention_heads=size["heads"],
-            num_key_value_heads=size["kv_heads"],
-            intermediate_size=size["intermediate"],
-            vocab_size=size["vocab"],
-            max_position_embeddings=max(size["tokens"], 128),
-            tie_word_embeddings=size["tied"],
-            use_cache=False,
-            attn_implementation="sdpa",
-        )
+        config = llama_config(size, max(size["tokens"], 128), tie_word_embeddings=size["tied"], use_cache=False)
         from transformers.initialization import no_init_weights
 
         with no_init_weights():  # random initialisation costs 20 s of a busy CPU per row; the values change no byte

@@ -377,6 +377,30 @@ def environment(
     return env
 
 
+# ------------------------------------------------------------------------------------------------------- models
+
+
+def llama_config(size: dict[str, Any], positions: int, **overrides: Any) -> Any:
+    """A transformers ``LlamaConfig`` of a benchmark's size dict, ``positions`` long, with SDPA attention.
+
+    The dict names ``hidden``, ``layers``, ``heads``, ``kv_heads``, ``intermediate`` and ``vocab``; ``overrides`` go
+    to the config as they are.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=size["hidden"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv_heads"],
+        intermediate_size=size["intermediate"],
+        vocab_size=size["vocab"],
+        max_position_embeddings=positions,
+        attn_implementation="sdpa",
+        **overrides,
+    )
+
+
 # ------------------------------------------------------------------------------------------------------- writing
 
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lightning_peft.callbacks import LISA, OptimizerInBackward
 
-from .harness import RESULTS_DIR, environment, quiet_cpu_trainer, write_results
+from .harness import RESULTS_DIR, environment, llama_config, quiet_cpu_trainer, write_results
 
 METHODS = ("full", "full_in_backward", "lisa", "lisa_in_backward")
 LABELS = {
@@ -61,20 +61,9 @@ class LlamaLM(pl.LightningModule):
 
     def __init__(self, size: dict[str, int], steps: int) -> None:
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        config = LlamaConfig(
-            hidden_size=size["hidden"],
-            num_hidden_layers=size["layers"],
-            num_attention_heads=size["heads"],
-            num_key_value_heads=size["kv_heads"],
-            intermediate_size=size["intermediate"],
-            vocab_size=size["vocab"],
-            max_position_embeddings=max(size["tokens"], 128),
-            tie_word_embeddings=False,
-            use_cache=False,
-            attn_implementation="sdpa",
-        )
+        config = llama_config(size, max(size["tokens"], 128), tie_word_embeddings=False, use_cache=False)
         self.model = LlamaForCausalLM(config)
         generator = torch.Generator().manual_seed(0)
         self.tokens = torch.randint(0, size["vocab"], (size["batch"], size["tokens"]), generator=generator)

@@ -72,6 +72,7 @@ from .harness import (
     SavedTensorCounter,
     cpu_name,
     environment,
+    llama_config,
     quiet_cpu_trainer,
     write_json,
     write_markdown,
@@ -114,19 +115,9 @@ def build(family: str, size: dict[str, Any]) -> nn.Module:
             img_size=size["img_size"],
             patch_size=size["patch_size"],
         )
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=size["hidden"],
-        num_hidden_layers=size["layers"],
-        num_attention_heads=size["heads"],
-        num_key_value_heads=size["kv_heads"],
-        intermediate_size=size["intermediate"],
-        vocab_size=size["vocab"],
-        max_position_embeddings=size["seq"],
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(size, size["seq"]))
 
 
 def make_batch(family: str, size: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
