@@ -28,10 +28,12 @@ optimizer (bitsandbytes ``AdamW8bit``), activation checkpointing and the optimiz
 
 Saved activations grow linearly with the batch: two forwards (batch ``b`` and ``2b``) give the slope, from
 which :meth:`MemoryReport.largest_batch_size` solves for a memory budget; :attr:`MemoryReport.smallest` names each
-method's smallest combination. The total is the sum of the components, as if all were held at once; in a real step
-gradients grow while saved activations are freed in backward, so the peak can lie below it. Not counted: the CUDA
-context, allocator fragmentation, temporary buffers of single kernels, the data loader; on GPU, expect the allocator's
-peak a few percent to some tens of percent above the estimate.
+method's smallest combination. The total is the step's peak, at the larger of two moments: the start of backward
+(every saved activation, two gradients of the size of the largest one, and the first parameter gradients) and its
+end (the gradients; the activations are freed by then), each on top of the parameters and the optimizer state
+(:class:`MemoryEstimate`). Not counted: the CUDA context, allocator fragmentation, temporary buffers of single
+kernels, the data loader; on GPU, expect the allocator's peak a few percent to some tens of percent above the
+estimate.
 
 One file on purpose (over 600 lines): counting saved tensors, optimizer state and variants shares one fake
 forward and one report; the command line lives in :mod:`lightning_peft.cli.estimate`.
@@ -556,14 +558,22 @@ def _count_forward(
     params = {storage_id(p) for p in module.parameters()} | {storage_id(b) for b in module.buffers()}
     frozen_shapes = {p.shape for p in module.parameters() if not p.requires_grad and p.is_floating_point()}
     current: list[int | None] = [None]
+    inputs: list[Tensor] = []
     handles = []
     if stack is not None:
         for index, block in enumerate(stack):
 
-            def enter(_module: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
+            def enter(
+                _module: nn.Module, args: tuple, kwargs: dict, index: int = index, block: nn.Module = block
+            ) -> None:
                 current[0] = index
                 hidden = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-                if hidden is not None and hidden.is_floating_point():
+                # a checkpointed block keeps its input only where autograd runs through it (not in a frozen prefix)
+                through = hidden is not None and (
+                    hidden.requires_grad or any(p.requires_grad for p in block.parameters())
+                )
+                if through and hidden.is_floating_point():
+                    inputs.append(hidden)  # held, so that no later tensor's storage takes its identity
                     nbytes = hidden.untyped_storage().nbytes()
                     record.block_inputs.setdefault(storage_id(hidden), (nbytes, nbytes // hidden.element_size()))
 

@@ -8,7 +8,7 @@ def test_times_one_config_and_writes_the_tables(tmp_path):
     estimate_times.main(["--filter", "vit_digits_lisa.yaml", "--out-dir", str(tmp_path)])
     results = json.loads((tmp_path / "estimate_times_cpu.json").read_text())
     (row,) = results["rows"]
-    rows = 4 * len(VARIANTS)  # full, LoRA, LISA, Half FT, each with every variant
+    rows = 6 * len(VARIANTS)  # full, LoRA, LISA and its two lighter choices, Half FT, each with every variant
     assert row["config"] == "configs/vit_digits_lisa.yaml" and row["rows"] == rows
     assert 0 < row["estimate_seconds"] < row["wall_seconds"]
     table = (tmp_path / "estimate_times_cpu.md").read_text()

@@ -1,15 +1,18 @@
 """Each shipped config, run briefly from the CLI, leaves checkpoints that `validate --ckpt_path`,
-`load_from_checkpoint` and `export` use (pruned ones included; export refuses what its format cannot state)."""
+`load_from_checkpoint` and `export` use (pruned ones included; export refuses what its format cannot state).
 
-import shutil
-import subprocess
+`fit` runs as the console script in a fresh process, as a user runs it; `validate` and `export` run the same
+command line (`cli_main`) in this process, which saves two interpreter starts per config (the console script itself
+is tested in tests/cli/test_configs.py).
+"""
+
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import CONFIGS_DIR, run_config
 
-from lightning_peft.cli import PeftCLI
+from lightning_peft.cli import PeftCLI, cli_main
 
 # every config but FSDP2's (two processes; its resume is tested in tests/test_model_parallel.py) and those for the
 # user's own files (no data ships for them: tests/cli/test_own_data_configs.py runs them on generated files)
@@ -27,9 +30,22 @@ EXPORT_REFUSED = {
 EXTRA = {"llama_text_lisa.yaml": ["--trainer.val_check_interval=1.0"]}  # it validates every 100 steps
 
 
+def _command_line(args: list[str], capsys) -> tuple[int, str, str]:
+    """``lightning-peft ARGS`` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    message = ""
+    try:
+        cli_main(args)
+        status = 0
+    except SystemExit as exit:  # `sys.exit("text")` prints the text to stderr when the interpreter exits
+        status, message = (exit.code, "") if isinstance(exit.code, int) else (1, f"{exit.code}\n")
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err + message
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
-def test_a_short_run_leaves_checkpoints_that_validate_and_load(config, tmp_path):
+def test_a_short_run_leaves_checkpoints_that_validate_and_load(config, tmp_path, monkeypatch, capsys):
     steps = STEPS.get(config, 2)
     overrides = ["--trainer.max_epochs=1", f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=2"]
     overrides += ["--trainer.max_steps=-1", "--trainer.logger.init_args.save_dir=logs", *EXTRA.get(config, [])]
@@ -41,11 +57,11 @@ def test_a_short_run_leaves_checkpoints_that_validate_and_load(config, tmp_path)
     assert torch.load(best, weights_only=True)["global_step"] == steps
     name = next(k for k in metrics if k in ("val/acc", "val/ppl"))
 
-    command = [shutil.which("lightning-peft"), "validate", "--config", str(CONFIGS_DIR / config)]
-    command += ["--ckpt_path", str(last), "--trainer.limit_val_batches=2", "--trainer.logger=false"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert name in result.stdout
+    monkeypatch.chdir(tmp_path)
+    command = ["validate", "--config", str(CONFIGS_DIR / config), "--ckpt_path", str(last)]
+    status, out, err = _command_line([*command, "--trainer.limit_val_batches=2", "--trainer.logger=false"], capsys)
+    assert status == 0, err[-3000:]
+    assert name in out
 
     cli = PeftCLI(args=["--config", str(CONFIGS_DIR / config), "--trainer.logger=false"], run=False)
     loaded = type(cli.model).load_from_checkpoint(last, weights_only=True)
@@ -56,13 +72,12 @@ def test_a_short_run_leaves_checkpoints_that_validate_and_load(config, tmp_path)
         assert checkpoint["pruning_plan"]["heads"]
         assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in cli.model.parameters())
 
-    command = [shutil.which("lightning-peft"), "export", "--ckpt_path", str(last), "--output", str(tmp_path / "out")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    status, out, err = _command_line(["export", "--ckpt_path", str(last), "--output", str(tmp_path / "out")], capsys)
     if config in EXPORT_REFUSED:
-        assert result.returncode != 0 and EXPORT_REFUSED[config] in result.stderr and "HINT" in result.stderr
+        assert status != 0 and EXPORT_REFUSED[config] in err and "HINT" in err
         assert not (tmp_path / "out").exists()
     else:
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert status == 0, err[-3000:]
         assert list((tmp_path / "out").glob("*.safetensors")), "the model is in safetensors"
 
 
